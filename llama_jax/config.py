@@ -1,0 +1,308 @@
+"""Typed configuration: model presets, YAML files and `key=value` overrides.
+
+One config system serves every entry point: a `Config` holds the model, mesh, data, optimizer, training and
+checkpoint sections; `load_config` reads YAML and applies dotted overrides (`optim.lr=1e-3`). Unknown keys and bad
+values raise `ConfigError` with a one-line message that names the key and suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+def _nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+@dataclass
+class LlamaConfig:
+    """LLaMA 2 architecture hyperparameters (names follow Meta's params.json)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self.validate()
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """Build a named preset (`llama2-7b`, `tiny`, ...), optionally with field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset '{name}'{_nearest(name, PRESETS)}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width exactly as Meta's FeedForward derives it."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def num_params(self) -> int:
+        """Parameter count derived from the shapes (no arrays needed)."""
+        kv = self.n_kv_heads * self.head_dim
+        per_layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters (output head included) plus causal attention."""
+        kv = self.n_kv_heads * self.head_dim
+        layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
+        matmul_params = self.n_layers * layer + self.vocab_size * self.dim
+        return 6.0 * matmul_params + 6.0 * self.n_layers * self.dim * seq_len
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE; change dim or n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat '{self.remat}' is not one of {REMAT_POLICIES}{_nearest(self.remat, REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name} '{getattr(self, name)}' is not one of {DTYPES}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+
+
+_LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                       ffn_dim_multiplier=1.3),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32, max_seq_len=256),
+    "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256,
+                       tie_embeddings=True),
+    "stories110m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=32, max_seq_len=1024,
+                        tie_embeddings=True),
+}
+
+
+@dataclass
+class MeshConfig:
+    """Device-mesh axis sizes; exactly one may be -1 to take the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class DataSource:
+    """One text source: a TFDS dataset name, or local `.txt`/`.jsonl` files (comma-separated paths or a glob)."""
+
+    name: str = "tiny_shakespeare"
+    split: str = "train"
+    text_feature: str = "text"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    validation: DataSource | None = None
+    data_dir: str | None = None
+    seq_len: int = 256
+    shuffle_seed: int = 0
+    shuffle_buffer: int = 1024
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 1024
+    validation_fraction: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (Llama 2 paper defaults)."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    max_minutes: float | None = None
+    peak_flops_per_device: float | None = None
+    sample_prompt: str = ""
+    sample_tokens: int = 200
+    init_from: str | None = None
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default"
+    every: int = 500
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class Config:
+    model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a one-line ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=f"{key}.")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if hint is int and (isinstance(number, bool) or float(number) != int(number)):
+                raise ValueError
+            return hint(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a{'n integer' if hint is int else ' number'}, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with a suggestion."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data = dict(data)
+    preset = data.pop("preset", None) if cls is LlamaConfig else None
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_nearest(key, names, prefix)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    if preset is not None:
+        return LlamaConfig.preset(str(preset), **kwargs)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=1e-3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else _as_dict(child)
+                node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return raw
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    return from_dict(Config, apply_overrides(raw, overrides))

@@ -1,0 +1,223 @@
+"""LLaMA 2 in Flax NNX, exactly as Meta's reference computes it.
+
+Pre-norm decoder: `h = x + attn(attention_norm(x))`, `out = h + ffn(ffn_norm(h))`, RMSNorm in float32, RoPE on
+adjacent pairs (Meta layout: weights are stored un-permuted), grouped-query attention with kv head j serving query
+heads j*r .. (j+1)*r-1, SwiGLU, no biases. Parameters carry logical axis names (`axes` metadata) that
+`llama_jax.sharding` maps onto the mesh. The model knows nothing of optimisers, files or meshes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+from llama_jax.sharding import constrain
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer, `[layers, batch, slots, kv_heads, head_dim]`.
+
+    `index` is the next slot to write; new tokens occupy slots `index .. index+T-1` for every row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: Any = None) -> "KVCache":
+        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(jnp.ones((cfg.dim,), jnp.dtype(cfg.param_dtype)), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate adjacent pairs (2i, 2i+1) of each head by position * theta^(-2i/head_dim), as Meta does."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], head_dim // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, d, n, k, h = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std = 0.02
+        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dt, std)
+        self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, std)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq.value.astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk.value.astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv.value.astype(dt))
+        q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k_all, v_all)
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
+        scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo.value.astype(dt)), kv
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        dt, d, f = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.hidden_dim
+        self.w1 = _param(rngs, (d, f), ("embed", "mlp"), dt, 0.02)
+        self.w3 = _param(rngs, (d, f), ("embed", "mlp"), dt, 0.02)
+        self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, 0.02)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.w1.value.astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.w3.value.astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, self.w2.value.astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg)
+        self.attention = Attention(cfg, rngs)
+        self.ffn_norm = RMSNorm(cfg)
+        self.feed_forward = FeedForward(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn, kv = self.attention(self.attention_norm(x), positions, mask, kv, index)
+        h = constrain(x + attn, ("batch", "seq", "act_embed"))
+        out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("batch", "seq", "act_embed"))
+        return out, kv
+
+
+class Llama(nnx.Module):
+    """The LLaMA 2 decoder. `model(tokens)` maps int32 `[batch, seq]` tokens to float32 `[batch, seq, vocab]` logits.
+
+    With `cache=KVCache`, the tokens are written at `cache.index` and `(logits, new_cache)` is returned, so prefill
+    and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) is combined
+    with the causal mask; `positions` default to `cache.index + arange(seq)`.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = jnp.dtype(cfg.param_dtype)
+        self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, 0.02)
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, 0.02)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        cfg = self.cfg
+        b, t = tokens.shape
+        start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        slots = cache.k.shape[2] if cache is not None else t
+        causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]
+        full_mask = causal[None] if mask is None else causal[None] & mask
+
+        x = self.tok_embeddings.value.astype(jnp.dtype(cfg.dtype))[tokens]
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        x, kv = self._run_layers(x, positions, full_mask, cache)
+        x = self.norm(x)
+        head = self.tok_embeddings.value.T if cfg.tie_embeddings else self.output.value
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+        if cache is None:
+            return logits
+        return logits, KVCache(kv[0], kv[1], start + t)
+
+    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Apply the blocks (a Python loop or one `lax.scan` over stacked weights), with the remat policy."""
+        policy = self.cfg.remat
+        index = cache.index if cache is not None else None
+
+        def block_fn(graphdef: Any) -> Any:
+            def apply(state: Any, h: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
+                return nnx.merge(graphdef, state)(h, positions, mask, kv, index)
+            return apply if policy == "none" else jax.checkpoint(apply, policy=REMAT[policy])
+
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            kv_stack = (cache.k, cache.v) if cache is not None else None
+            apply = block_fn(graphdef)
+
+            def body(h: jax.Array, layer: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+                return apply(layer[0], h, layer[1])
+
+            x, kv_out = jax.lax.scan(body, x, (state, kv_stack))
+            return x, kv_out
+
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            graphdef, state = nnx.split(block)
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, kv = block_fn(graphdef)(state, x, kv)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return x, ((jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None)
+
+
+def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters carry a leading `layers` axis, for `lax.scan`."""
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    return create(rngs)

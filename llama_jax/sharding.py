@@ -1,0 +1,148 @@
+"""Device mesh and the one table that maps logical axis names onto it.
+
+Parameters carry logical axis names in their `axes` metadata (`("embed", "heads", "head_dim")`); activations are
+constrained with `constrain(x, names)`. `RULES` decides which mesh axes (`data`, `fsdp`, `tensor`) each name is split
+over. A mesh axis that does not divide a dimension is dropped for that array (it is replicated instead), so odd
+vocabulary sizes or few kv heads still run; the heads that must split are checked up front by `check_model_fits`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import ConfigError, LlamaConfig, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": (),
+    "layers": (),
+    "norm": (),
+    "seq": (),
+    "act_embed": (),
+    "cache_seq": (),
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve `-1` and check that the axis sizes multiply to the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"mesh {tuple(sizes)}: at most one of data/fsdp/tensor may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh {tuple(sizes)}: axis sizes must be positive or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh {tuple(sizes)}: {known} does not divide the {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices; "
+            "set one axis to -1 to take the rest")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Build a (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all devices)."""
+    cfg = cfg or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_model_fits(model_cfg: LlamaConfig, mesh: Mesh) -> None:
+    """Query heads and the MLP width must split evenly over the tensor axis."""
+    tensor = mesh.shape.get("tensor", 1)
+    if model_cfg.n_heads % tensor:
+        raise ConfigError(f"mesh tensor={tensor} does not divide n_heads={model_cfg.n_heads}; choose a divisor")
+    if model_cfg.hidden_dim % tensor:
+        raise ConfigError(f"mesh tensor={tensor} does not divide the MLP width {model_cfg.hidden_dim}")
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array with logical axis `names`, keeping only mesh axes that divide each dimension."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        if name is not None and name not in RULES:
+            raise KeyError(f"logical axis '{name}' has no sharding rule; add it to llama_jax.sharding.RULES")
+        axes = []
+        for axis in RULES.get(name, ()) if name else ():
+            if axis in used or axis not in mesh.shape:
+                continue
+            if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
+                axes.append(axis)
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding when a mesh is active; a no-op otherwise (plain single-device use)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, x.shape, mesh)))
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every Variable in an nnx State (from its `axes` metadata; replicated if it has none)."""
+    def one(v: Any) -> Any:
+        if not _is_variable(v):
+            return NamedSharding(mesh, PartitionSpec())
+        names = v.get_metadata().get("axes") or (None,) * len(v.shape)
+        return v.replace(NamedSharding(mesh, logical_spec(names, v.shape, mesh)))
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def abstract_init(ctor: Callable[[], nnx.Module], mesh: Mesh | None = None) -> tuple[Any, Any]:
+    """Shapes, dtypes and (with a mesh) shardings of a module's state, allocating nothing."""
+    abstract = nnx.eval_shape(ctor)
+    graphdef, state = nnx.split(abstract)
+    if mesh is not None:
+        shardings = state_shardings(state, mesh)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return graphdef, state
+
+
+def sharded_init(ctor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """Create a module with every parameter born sharded on `mesh` (a jitted init with out_shardings)."""
+    graphdef, abstract = abstract_init(ctor, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """Place host/numpy state onto `mesh` following its logical axes."""
+    shardings = state_shardings(state, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+
+
+def bytes_per_device(abstract_state: Any) -> int:
+    """Bytes one device holds for an abstract state whose leaves carry NamedShardings."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract_state):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
