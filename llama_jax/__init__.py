@@ -2,5 +2,7 @@
 
 from llama_jax.config import Config, ConfigError, LlamaConfig, load_config
 from llama_jax.model import KVCache, Llama
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.checkpoints import load_pretrained, save_pretrained
 
-__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "load_config", "load_pretrained", "save_pretrained"]

@@ -41,6 +41,7 @@ class LlamaConfig:
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
@@ -73,7 +74,9 @@ class LlamaConfig:
 
     @property
     def hidden_dim(self) -> int:
-        """SwiGLU width exactly as Meta's FeedForward derives it."""
+        """SwiGLU width exactly as Meta's FeedForward derives it, unless set explicitly (HF `intermediate_size`)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

@@ -1,0 +1,79 @@
+"""`load_pretrained` / `save_pretrained`: detect a checkpoint's format and dispatch to its reader or writer.
+
+Each format supplies a detector, a reader returning `(LlamaConfig, tensor getter by Meta name)` and a writer taking
+Meta-named tensors (see `layout.py`), so every format shares one model <-> tensor mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax.checkpoints import hf
+from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors
+from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax.model import Llama
+
+Writer = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path], tuple[LlamaConfig, TensorGetter]]
+    write: Writer
+
+
+FORMATS: dict[str, Format] = {
+    "hf": Format("hf", hf.is_hf_dir, hf.read_hf, hf.save_hf),
+}
+
+
+def detect_format(path: str | Path) -> str:
+    """Name of the format stored at `path`, or a one-line error saying what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
+    for fmt in FORMATS.values():
+        if fmt.detect(path):
+            return fmt.name
+    raise ValueError(f"'{path}' is not a known checkpoint layout; expected one of {sorted(FORMATS)} "
+                     "(e.g. an HF dir with config.json + *.safetensors)")
+
+
+def load_pretrained(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None,
+                    **overrides: Any) -> Llama:
+    """Load a checkpoint of any known format into a `Llama`, optionally sharded onto `mesh`.
+
+    `dtype` sets both parameter and compute dtype (e.g. "bfloat16"); `overrides` set other `LlamaConfig` fields
+    that do not change shapes (`scan_layers=True`, `remat="full"`, `max_seq_len=...`).
+    """
+    cfg, get_tensor = FORMATS[detect_format(path)].read(Path(path))
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {DTYPES}")
+        overrides = {"param_dtype": dtype, "dtype": dtype, **overrides}
+    cfg = dataclasses.replace(cfg, **overrides)
+    return build_model(cfg, get_tensor, mesh)
+
+
+def save_pretrained(model: Llama, path: str | Path, format: str = "hf", dtype: str | None = None,
+                    overwrite: bool = False, **options: Any) -> Path:
+    """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format '{format}'; choose one of {sorted(FORMATS)}")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory '{path}' is not empty; choose another path or pass overwrite=True")
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.cfg.param_dtype
+    tensors: Iterator[tuple[str, np.ndarray]] = iter_meta_tensors(model)
+    FORMATS[format].write(model.cfg, tensors, path, dtype, **options)
+    return path

@@ -1,0 +1,128 @@
+"""The one mapping between a `Llama`'s parameters and Meta-named, torch-layout `(out, in)` tensors.
+
+Every file format converts to and from this canonical form (Meta's names and Meta's un-permuted RoPE layout), so
+shapes and head layouts are derived in exactly one place. Tensors move one at a time to keep peak memory near the
+size of one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.sharding import abstract_init
+
+TensorGetter = Callable[[str], Any]
+
+
+def meta_names(cfg: LlamaConfig) -> list[str]:
+    """Every tensor name a Meta checkpoint of this config holds."""
+    names = ["tok_embeddings.weight"]
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.attention.w{p}.weight" for p in "qkvo"]
+        names += [f"layers.{i}.feed_forward.w{p}.weight" for p in "123"]
+        names += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
+    names.append("norm.weight")
+    if not cfg.tie_embeddings:
+        names.append("output.weight")
+    return names
+
+
+def _leaf(name: str) -> str:
+    return name.split(".")[-2]
+
+
+def to_model_layout(name: str, tensor: Any, cfg: LlamaConfig) -> Any:
+    """Meta `(out, in)` tensor -> the model's parameter layout."""
+    leaf = _leaf(name)
+    if leaf in ("wq", "wk", "wv"):
+        return tensor.T.reshape(cfg.dim, -1, cfg.head_dim)
+    if leaf == "wo":
+        return tensor.T.reshape(cfg.n_heads, cfg.head_dim, cfg.dim)
+    if leaf in ("w1", "w2", "w3", "output"):
+        return tensor.T
+    return tensor
+
+
+def to_meta_layout(name: str, param: Any, cfg: LlamaConfig) -> Any:
+    """The model's parameter layout -> Meta `(out, in)` tensor (inverse of `to_model_layout`)."""
+    leaf = _leaf(name)
+    if leaf in ("wq", "wk", "wv"):
+        return param.reshape(cfg.dim, -1).T
+    if leaf == "wo":
+        return param.reshape(-1, cfg.dim).T
+    if leaf in ("w1", "w2", "w3", "output"):
+        return param.T
+    return param
+
+
+def meta_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
+    leaf, d, kv = _leaf(name), cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "tok_embeddings": (cfg.vocab_size, d), "output": (cfg.vocab_size, d),
+        "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+        "w1": (cfg.hidden_dim, d), "w3": (cfg.hidden_dim, d), "w2": (d, cfg.hidden_dim),
+    }.get(leaf, (d,))
+
+
+def _path_name(path: tuple[Any, ...], layer: int | None) -> str:
+    """nnx state path -> Meta name, e.g. ('layers', 3, 'attention', 'wq') -> 'layers.3.attention.wq.weight'."""
+    parts = [str(p) for p in path]
+    if layer is not None:
+        parts.insert(1, str(layer))
+    if parts[-1] != "weight":
+        parts.append("weight")
+    return ".".join(parts)
+
+
+def _flat_params(state: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    return list(nnx.to_flat_state(state))
+
+
+def iter_meta_tensors(model: Llama, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(meta_name, numpy tensor)` for every parameter, one at a time (gathered to host)."""
+    cfg = model.cfg
+    for path, var in _flat_params(nnx.state(model, nnx.Param)):
+        stacked = cfg.scan_layers and path[0] == "layers"
+        for layer in range(cfg.n_layers) if stacked else [None]:
+            value = var.value[layer] if stacked else var.value
+            name = _path_name(path, layer)
+            tensor = np.asarray(jax.device_get(to_meta_layout(name, value, cfg)))
+            yield name, tensor.astype(dtype) if dtype is not None else tensor
+
+
+def check_shape(name: str, tensor: Any, cfg: LlamaConfig) -> None:
+    expected = meta_shape(name, cfg)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"tensor '{name}' has shape {tuple(tensor.shape)} but the config expects {expected}; "
+                         "the checkpoint does not match its config")
+
+
+def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = None) -> Llama:
+    """Assemble a `Llama` from Meta-named tensors fetched one by one, placing each on `mesh` if given."""
+    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def fetch(name: str) -> np.ndarray:
+        tensor = get_tensor(name)
+        check_shape(name, tensor, cfg)
+        return np.asarray(to_model_layout(name, jnp.asarray(tensor, dtype), cfg))
+
+    flat = []
+    for path, var in _flat_params(abstract):
+        stacked = cfg.scan_layers and path[0] == "layers"
+        if stacked:
+            value = np.stack([fetch(_path_name(path, i)) for i in range(cfg.n_layers)])
+        else:
+            value = fetch(_path_name(path, None))
+        sharding = getattr(var.value, "sharding", None)
+        flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else jnp.asarray(value))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
