@@ -5,4 +5,4 @@ from llama_jax.model import KVCache, Llama
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 
-__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "load_config", "load_pretrained", "save_pretrained"]
+__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "Tokenizer", "load_config", "load_pretrained", "save_pretrained"]
