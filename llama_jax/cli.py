@@ -25,7 +25,35 @@ def _run_info(args: argparse.Namespace) -> None:
     print_info(args.preset, args.config, args.overrides, args.devices)
 
 
-COMMANDS = [_add_info]
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a LLaMA-style sentencepiece BPE tokenizer or extend one's vocabulary")
+    actions = p.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="train a BPE model with LLaMA 2's settings (byte fallback, split digits)")
+    train.add_argument("--input", nargs="+", required=True, help="text files to train on")
+    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
+    train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
+    train.set_defaults(run=_run_tokenizer_train)
+    extend = actions.add_parser("extend", help="append pieces learned on a new corpus; existing ids are unchanged")
+    extend.add_argument("--base", required=True, help="the sentencepiece BPE .model to extend")
+    extend.add_argument("--corpus", nargs="+", required=True, help="text files in the new language or domain")
+    extend.add_argument("--new-pieces", type=int, required=True, help="at most this many pieces are appended")
+    extend.add_argument("--out", required=True, help="output .model path")
+    extend.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    extend.set_defaults(run=_run_tokenizer_extend)
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> None:
+    from llama_jax.tokenizer import Tokenizer
+    print(Tokenizer.train(args.input, args.vocab_size, args.out, overwrite=args.overwrite))
+
+
+def _run_tokenizer_extend(args: argparse.Namespace) -> None:
+    from llama_jax.tokenizer import Tokenizer
+    print(Tokenizer.extend(args.base, args.corpus, args.new_pieces, args.out, overwrite=args.overwrite))
+
+
+COMMANDS = [_add_info, _add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,7 +186,7 @@ def _input_options(inputs: PathLike | Sequence[PathLike] | Iterable[str]) -> dic
             raise ValueError("no training input files given")
         for f in inputs:
             if not Path(f).is_file():
-                raise FileNotFoundError(f"training input not found: {f} (to train on strings, pass an iterator)")
+                raise FileNotFoundError(f"training input file not found: {f} (pass strings as an iterator, not a list)")
         return {"input": [str(f) for f in inputs]}
     return {"sentence_iterator": (line for text in inputs for line in text.splitlines())}
 

@@ -7,6 +7,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from llama_jax import Tokenizer
+from llama_jax.cli import main
 
 ENGLISH = "Hello world! In 2023, Meta released Llama 2 -- 7B, 13B and 70B parameters.\n  Indented line.\tTab."
 CHINESE_LINES = [
@@ -120,3 +121,20 @@ def test_extend_with_chinese(tokenizer_32k: Path, shakespeare_100k: Path, tmp_pa
 
     with pytest.raises(FileExistsError, match="zh.model"):
         Tokenizer.extend(tokenizer_32k, [corpus], 150, tmp_path / "zh.model")
+
+
+def test_cli_train_and_extend(shakespeare_100k: Path, tokenizer_1k: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cli" / "shk"
+    assert main(["tokenizer", "train", "--input", str(shakespeare_100k), "--vocab-size", "400", "--out", str(out)]) == 0
+    assert Tokenizer(f"{out}.model").vocab_size == 400
+    assert main(["tokenizer", "train", "--input", str(shakespeare_100k), "--vocab-size", "400", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join(CHINESE_LINES * 10), encoding="utf-8")
+    extended = tmp_path / "zh.model"
+    args = ["tokenizer", "extend", "--base", str(tokenizer_1k), "--corpus", str(corpus), "--new-pieces", "40"]
+    assert main([*args, "--out", str(extended)]) == 0
+    assert Tokenizer(extended).vocab_size == 1040
+    assert main([*args[:3], str(tmp_path / "missing.model"), *args[4:], "--out", str(tmp_path / "x.model")]) == 2
+    assert "missing.model" in capsys.readouterr().err
