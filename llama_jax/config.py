@@ -151,12 +151,20 @@ class DataSource:
 
 @dataclass
 class DataConfig:
+    """Pretraining data: a weighted mixture of `sources`, packed into windows of `seq_len + 1` tokens.
+
+    Validation comes from `validation` (another source), or else from holding out the last `validation_fraction`
+    of the first source's text. `data_dir` is the TFDS directory (a `gs://` path works); `cache_dir` holds prepared
+    local files and tokenized corpora (default `~/.cache/llama_jax`). Without `tokenizer`, one with
+    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory.
+    """
+
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
     validation: DataSource | None = None
     data_dir: str | None = None
+    cache_dir: str | None = None
     seq_len: int = 256
     shuffle_seed: int = 0
-    shuffle_buffer: int = 1024
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1024
     validation_fraction: float = 0.0

@@ -1,0 +1,218 @@
+"""Training and validation batches: packed token windows, shuffled, mixed, sharded per process, checkpointable.
+
+Each source's packed token stream is cut into windows of `seq_len + 1` tokens with stride `seq_len` (consecutive
+windows share one token), so every token but the first is a target exactly once and only the tail is dropped.
+Everything is a random-access grain `MapDataset`: windows are shuffled globally per source (a fresh permutation
+each epoch), sources are interleaved in proportion to their weights, and global window j goes to process
+j % process_count. Global batch k is the same whatever the process count, so the position — grain's
+`{"next_index": k}` — is a tiny JSON-able state that resumes bit-identically, even on a different topology.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax.config import Config, ConfigError, DataConfig, DataSource
+from llama_jax.data.sources import cache_root, documents, open_source, source_id
+from llama_jax.data.tokenized import TokenStream, token_stream, tokenizer_hash
+from llama_jax.sharding import logical_spec
+from llama_jax.tokenizer import Tokenizer
+
+Batch = dict[str, Any]
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def window_count(n_tokens: int, seq_len: int) -> int:
+    """How many windows of `seq_len + 1` tokens, stride `seq_len`, fit in a stream of `n_tokens`."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def windows(stream: TokenStream, seq_len: int, order: grain.MapDataset, with_bytes: bool = False) -> grain.MapDataset:
+    """Map window indices (`order`) to `{"tokens": int32[seq_len + 1]}`, plus the target tokens' text bytes."""
+    def read(i: int) -> Batch:
+        start = int(i) * seq_len
+        out = {"tokens": stream.tokens[start:start + seq_len + 1].astype(np.int32)}
+        if with_bytes:
+            out["target_bytes"] = np.int32(stream.nbytes[start + 1:start + seq_len + 1].sum())
+        return out
+    return order.map(read)
+
+
+def _seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ConfigError(f"batch size {batch_size} must be a positive multiple of the {process_count} processes")
+    return batch_size // process_count
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is outside 0..{count - 1}")
+    return index, count
+
+
+def global_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's numpy batch into global arrays split over the mesh's batch axes (data, fsdp)."""
+    out = {}
+    for key, local in batch.items():
+        shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        spec = logical_spec(("batch",) + (None,) * (local.ndim - 1), shape, mesh)
+        if jax.process_count() > 1 and spec[0] is None:
+            raise ConfigError(f"global batch {shape[0]} must be divisible by mesh data*fsdp for multi-process runs")
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+    return out
+
+
+class DataIterator:
+    """Batches from a grain dataset; `state()`/`restore()` save and resume the exact position."""
+
+    def __init__(self, dataset: grain.MapDataset, mesh: Mesh | None, fingerprint: str):
+        self._iter = iter(dataset.to_iter_dataset(READ_OPTIONS))
+        self._mesh = mesh
+        self._fingerprint = fingerprint
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._iter)
+        return global_batch(batch, self._mesh) if self._mesh is not None else batch
+
+    def state(self) -> dict[str, Any]:
+        """A small JSON-able dict: the data configuration's fingerprint and the next batch index."""
+        return {"fingerprint": self._fingerprint, "position": self._iter.get_state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self._fingerprint:
+            raise ValueError("data state was saved with different data settings (sources, weights, seq_len, seed, "
+                             "batch size or tokenizer); restore with the original settings")
+        self._iter.set_state(state["position"])
+
+
+class ValidationData:
+    """A finite, unshuffled validation set; each iteration starts again from its first batch."""
+
+    def __init__(self, dataset: grain.MapDataset, mesh: Mesh | None, fingerprint: str):
+        self._dataset = dataset
+        self._mesh = mesh
+        self._fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __iter__(self) -> DataIterator:
+        return DataIterator(self._dataset, self._mesh, self._fingerprint)
+
+
+def _stream(data: DataConfig, source: DataSource, tokenizer: Tokenizer, holdout: float, tail: bool) -> TokenStream:
+    builder = open_source(source, data.data_dir, data.cache_dir)
+    key = source_id(source, builder) + (f"/{'last' if tail else 'first'}-{holdout}" if holdout else "")
+    return token_stream(documents(source, builder, holdout, tail), key, tokenizer, cache_root(data.cache_dir))
+
+
+def _holdout(data: DataConfig) -> float:
+    """The fraction of the first source held out for validation (0 when `data.validation` names a source)."""
+    if not 0 <= data.validation_fraction < 1:
+        raise ConfigError(f"data.validation_fraction must be in [0, 1), got {data.validation_fraction}")
+    if data.validation is not None and data.validation_fraction:
+        raise ConfigError("set either data.validation or data.validation_fraction, not both")
+    return data.validation_fraction
+
+
+def _check(cfg: Config, tokenizer: Tokenizer) -> None:
+    data = cfg.data
+    if not data.sources:
+        raise ConfigError("data.sources is empty; list at least one dataset")
+    if any(s.weight <= 0 for s in data.sources):
+        raise ConfigError(f"data source weights must be positive, got {[s.weight for s in data.sources]}")
+    if not 0 < data.seq_len <= cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len {data.seq_len} must be in 1..model.max_seq_len ({cfg.model.max_seq_len})")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_train_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None = None, mesh: Mesh | None = None, *,
+                     process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+    """Endless training batches `{"tokens": int32[B, seq_len + 1]}` (inputs = [:, :-1], targets = [:, 1:]).
+
+    `batch_size` is global (default `cfg.train.batch_size`); this process gets its share. With a `mesh`, batches
+    are global `jax.Array`s sharded over (data, fsdp); without one, this process's numpy arrays.
+    """
+    _check(cfg, tokenizer)
+    data = cfg.data
+    batch_size = batch_size or cfg.train.batch_size
+    index, count = _processes(process_index, process_count)
+    holdout = _holdout(data)
+    parts = []
+    for i, source in enumerate(data.sources):
+        stream = _stream(data, source, tokenizer, holdout if i == 0 else 0.0, tail=False)
+        n = window_count(len(stream), data.seq_len)
+        if n == 0:
+            raise ValueError(f"data source {source.name} has {len(stream)} tokens, fewer than seq_len + 1")
+        order = grain.MapDataset.range(n).shuffle(seed=_seed(data.shuffle_seed, i)).repeat()
+        parts.append(windows(stream, data.seq_len, order))
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in data.sources])
+    dataset = mixed[index::count].batch(_local_batch(batch_size, count))
+    fingerprint = _fingerprint([(s.name, s.split, s.text_feature, s.weight) for s in data.sources], holdout,
+                               data.seq_len, data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
+    return DataIterator(dataset, mesh, fingerprint)
+
+
+def build_validation_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None = None, mesh: Mesh | None = None,
+                          *, process_index: int | None = None,
+                          process_count: int | None = None) -> ValidationData | None:
+    """The validation set as full batches in order (the incomplete last batch is dropped), or None if none is set.
+
+    Batches hold `tokens` as in training plus `target_bytes` (int32[B]): the UTF-8 bytes of text covered by each
+    row's targets, so bits per byte = sum of target nats / ln 2 / sum of target_bytes.
+    """
+    _check(cfg, tokenizer)
+    data = cfg.data
+    holdout = _holdout(data)
+    if data.validation is None and not holdout:
+        return None
+    source = data.validation or data.sources[0]
+    batch_size = batch_size or cfg.train.batch_size
+    index, count = _processes(process_index, process_count)
+    stream = _stream(data, source, tokenizer, holdout, tail=True)
+    n = window_count(len(stream), data.seq_len) // batch_size * batch_size
+    if n == 0:
+        raise ValueError(f"validation data {source.name} has {len(stream)} tokens, less than one batch of "
+                         f"{batch_size} x {data.seq_len + 1}; use a smaller batch or seq_len or more validation text")
+    dataset = windows(stream, data.seq_len, grain.MapDataset.range(n), with_bytes=True)
+    dataset = dataset[index::count].batch(_local_batch(batch_size, count))
+    fingerprint = _fingerprint(source.name, source.split, holdout, data.seq_len, batch_size, tokenizer_hash(tokenizer))
+    return ValidationData(dataset, mesh, fingerprint)
+
+
+def provision_tokenizer(cfg: Config, run_dir: str | Path) -> Tokenizer:
+    """`data.tokenizer` if set; else `<run_dir>/tokenizer.model`, trained on the first source's training text the
+    first time (so a resumed run reuses the same tokenizer)."""
+    data = cfg.data
+    if data.tokenizer:
+        return Tokenizer(data.tokenizer)
+    path = Path(run_dir) / "tokenizer.model"
+    if path.exists():
+        return Tokenizer(path)
+    source = data.sources[0]
+    text = documents(source, open_source(source, data.data_dir, data.cache_dir), _holdout(data))
+    return Tokenizer.train(text, data.tokenizer_vocab_size, path.with_suffix(""))

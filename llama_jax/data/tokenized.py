@@ -1,0 +1,100 @@
+"""Tokenized corpora: documents -> one packed token stream (EOS after each document), cached on disk.
+
+Alongside each token we keep the number of UTF-8 bytes of source text it covers (from sentencepiece's byte
+offsets; 0 for EOS), so validation can report bits per byte exactly. The cache is keyed by (dataset, split, text
+cut, tokenizer hash), written atomically, and memory-mapped, so reruns start fast and large corpora stay on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.tokenizer import Tokenizer
+
+FORMAT = "packed-v1"
+CHUNK_CHARS = 8_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """A packed token stream and the source bytes each token covers (both memory-mapped, same length)."""
+
+    tokens: np.ndarray
+    nbytes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()[:16]
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `docs`, each followed by EOS, and the UTF-8 bytes each token covers."""
+    ids: list[int] = []
+    nbytes: list[int] = []
+    for proto in tokenizer.sp.encode(docs, return_type="proto"):
+        for piece in proto.pieces:
+            ids.append(piece.id)
+            nbytes.append(piece.end - piece.begin)
+        ids.append(tokenizer.eos_id)
+        nbytes.append(0)
+    return np.asarray(ids, np.int64), np.asarray(nbytes, np.uint32)
+
+
+def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def token_stream(docs: Iterable[str], key: str, tokenizer: Tokenizer, cache_dir: Path) -> TokenStream:
+    """The packed stream of `docs` (identified by `key`), tokenized once and then read from `cache_dir`."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+    path = cache_dir / "tokens" / f"{name}-{tokenizer_hash(tokenizer)}"
+    token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    if not (path / "meta.json").exists():
+        _write(docs, key, tokenizer, path, token_dtype)
+    count = json.loads((path / "meta.json").read_text())["tokens"]
+    return TokenStream(np.memmap(path / "tokens.bin", token_dtype, "r", shape=(count,)),
+                       np.memmap(path / "bytes.bin", np.uint32, "r", shape=(count,)))
+
+
+def _write(docs: Iterable[str], key: str, tokenizer: Tokenizer, path: Path, token_dtype: np.dtype) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    count = text_bytes = 0
+    with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "bytes.bin", "wb") as bytes_f:
+        for chunk in _chunks(docs):
+            ids, nbytes = encode_documents(tokenizer, chunk)
+            tok_f.write(ids.astype(token_dtype).tobytes())
+            bytes_f.write(nbytes.tobytes())
+            count += len(ids)
+            text_bytes += int(nbytes.sum())
+    if count == 0:
+        shutil.rmtree(tmp)
+        raise ValueError(f"data source {key} holds no text; check its name, split and text_feature")
+    meta = {"format": FORMAT, "source": key, "tokenizer": tokenizer_hash(tokenizer), "tokens": count,
+            "text_bytes": text_bytes}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished the same cache first; its copy is identical
+        shutil.rmtree(tmp)
