@@ -112,7 +112,7 @@ class Tokenizer:
         model_path = out_prefix.with_name(out_prefix.name + ".model")
         _check_writable(model_path, overwrite)
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        spm.SentencePieceTrainer.train(
+        _train_sentencepiece(
             **_input_options(inputs),
             model_prefix=str(out_prefix),
             vocab_size=vocab_size,
@@ -134,9 +134,12 @@ class Tokenizer:
         """Append up to `new_pieces` pieces learned on `corpus_files` that `base_model` lacks; write `out_path`.
 
         A BPE model is trained on the corpus; its pieces absent from the base are appended in its merge order, with
-        scores below every base score, so all existing ids stay and old merges keep priority (text without the new
-        pieces encodes exactly as before). Embeddings for the new ids must be added to the model (resize vocab).
+        scores below every ranked base merge, so existing ids stay and old merges keep priority: text in which no new
+        piece can form (e.g. English after adding Chinese) encodes exactly as before. The model's embeddings must
+        then grow to the new vocab_size.
         """
+        if new_pieces < 1:
+            raise ValueError(f"new_pieces must be a positive number of pieces to add, got {new_pieces}")
         out_path = Path(out_path)
         _check_writable(out_path, overwrite)
         base = cls(base_model)
@@ -150,7 +153,7 @@ class Tokenizer:
         # since some learned pieces are already in the base vocabulary (the limit is soft).
         corpus = _input_options(list(corpus_files))
         learned_proto = io.BytesIO()
-        spm.SentencePieceTrainer.train(
+        _train_sentencepiece(
             **corpus,
             model_writer=learned_proto,
             vocab_size=2 * new_pieces + len(_distinct_chars(corpus["input"])) + 3,
@@ -160,6 +163,8 @@ class Tokenizer:
         learned.ParseFromString(learned_proto.getvalue())
         normal = model_pb2.ModelProto.SentencePiece.NORMAL
         candidates = [p.piece for p in learned.pieces if p.type == normal and p.piece not in known]
+        if not candidates:
+            raise ValueError(f"every piece learned on {corpus['input']} is already in {base.path}; nothing to add")
 
         # Whitespace-only pieces carry a -1e9 sentinel score in LLaMA models (merged last); rank below the rest.
         score = min(p.score for p in proto.pieces if p.type == normal and p.score > -1e8)
@@ -170,6 +175,14 @@ class Tokenizer:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(proto.SerializeToString())
         return cls(out_path)
+
+
+def _train_sentencepiece(**kwargs: object) -> None:
+    """SentencePieceTrainer.train with its errors (vocab too small for the corpus' characters, ...) as ValueError."""
+    try:
+        spm.SentencePieceTrainer.train(**kwargs)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training failed: {e}") from None
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:

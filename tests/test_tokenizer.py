@@ -92,6 +92,8 @@ def test_train_refuses_to_overwrite_and_bad_input(shakespeare_100k: Path, tmp_pa
     assert Tokenizer.train(shakespeare_100k, 420, tmp_path / "t", overwrite=True).vocab_size == 420
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         Tokenizer.train([shakespeare_100k, tmp_path / "missing.txt"], 400, tmp_path / "u")
+    with pytest.raises(ValueError, match="Vocabulary size is smaller than required_chars"):
+        Tokenizer.train(shakespeare_100k, 300, tmp_path / "v")  # 3 special + 256 byte + 58 character pieces
 
 
 def test_extend_with_chinese(tokenizer_32k: Path, shakespeare_100k: Path, tmp_path: Path):
@@ -121,6 +123,11 @@ def test_extend_with_chinese(tokenizer_32k: Path, shakespeare_100k: Path, tmp_pa
 
     with pytest.raises(FileExistsError, match="zh.model"):
         Tokenizer.extend(tokenizer_32k, [corpus], 150, tmp_path / "zh.model")
+    # Asking for more than the corpus offers adds all it has (232 pieces here); after that, nothing is left.
+    full = Tokenizer.extend(tokenizer_32k, [corpus], 1000, tmp_path / "full.model")
+    assert new.vocab_size < full.vocab_size < base.vocab_size + 1000
+    with pytest.raises(ValueError, match="already in"):
+        Tokenizer.extend(full.path, [corpus], 10, tmp_path / "again.model")
 
 
 def test_cli_train_and_extend(shakespeare_100k: Path, tokenizer_1k: Path, tmp_path: Path, capsys):
