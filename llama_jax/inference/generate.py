@@ -1,0 +1,173 @@
+"""Batched autoregressive generation: one prefill pass, then a jitted decode loop over a preallocated KV cache.
+
+Prompts of different lengths are left-padded to a common length so every row writes the same cache slot each step
+(what `Llama` with a `KVCache` expects); each row gets its own positions (`slot - pad`) and a mask that hides its
+padding slots. Shapes are bucketed (prompt length and output length rounded up to powers of two), so the whole
+generation compiles once per bucket: without streaming it is a single jitted prefill + `lax.while_loop` (no Python
+per token, early exit when every row has emitted EOS); with a `stream` callback the same prefill and step functions
+are jitted separately and the step is called once per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax.inference.cache import init_cache, shard_cache
+from llama_jax.inference.sampling import Sampling, sample
+from llama_jax.model import KVCache, Llama
+from llama_jax.sharding import MESH_AXES
+
+PAD = -1  # marks "no token" (before a prompt starts, after a row has stopped)
+MIN_PROMPT_BUCKET = 16
+MIN_OUTPUT_BUCKET = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    """Everything the decode loop carries: the cache, the last sampled token per row and the outputs so far."""
+
+    cache: KVCache
+    token: jax.Array  # [B] last emitted token, PAD for rows that had already stopped
+    pad: jax.Array  # [B] number of left-padding slots per row
+    done: jax.Array  # [B] row has emitted EOS
+    step: jax.Array  # number of tokens generated so far
+    key: jax.Array
+    out: jax.Array  # [B, output bucket] generated ids, PAD-filled
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Round `n` up to a power of two (at least `minimum`) so nearby lengths share one compiled program."""
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax.Array) -> DecodeState:
+    """Sample from `[B, vocab]` logits, record the tokens of rows still running, and mark rows that hit EOS."""
+    new = sample(logits, jax.random.fold_in(state.key, state.step), sampling)
+    new = jnp.where(state.done, PAD, new)
+    out = jax.lax.dynamic_update_slice(state.out, new[:, None], (0, state.step))
+    done = state.done | (new == eos_id)
+    return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out)
+
+
+def _valid_slots(pad: jax.Array, slots: int) -> jax.Array:
+    """`[B, slots]`: True where a slot holds a real token of that row (not its left padding)."""
+    return jnp.arange(slots)[None, :] >= pad[:, None]
+
+
+def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
+             eos_id: jax.Array, sampling: Sampling, slots: int, n_out: int) -> DecodeState:
+    """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
+    model: Llama = nnx.merge(graphdef, params)
+    b, p = tokens.shape
+    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
+    mask = _valid_slots(pad, slots)[:, None, :]
+    logits, cache = model(tokens, positions=positions, mask=mask, cache=init_cache(model.cfg, b, slots))
+    state = DecodeState(shard_cache(cache), jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
+                        jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32))
+    return _emit(state, logits[:, -1], sampling, eos_id)
+
+
+def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array,
+          sampling: Sampling) -> DecodeState:
+    """Feed each row's last token at the next cache slot and sample the following one."""
+    model: Llama = nnx.merge(graphdef, params)
+    slots = state.cache.k.shape[2]
+    positions = (state.cache.index - state.pad)[:, None]
+    mask = _valid_slots(state.pad, slots)[:, None, :]
+    logits, cache = model(jnp.maximum(state.token, 0)[:, None], positions=positions, mask=mask, cache=state.cache)
+    state = DecodeState(shard_cache(cache), state.token, state.pad, state.done, state.step, state.key, state.out)
+    return _emit(state, logits[:, 0], sampling, eos_id)
+
+
+def _generate_fused(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
+                    eos_id: jax.Array, max_new: jax.Array, sampling: Sampling, slots: int, n_out: int) -> jax.Array:
+    """Prefill and the whole decode loop in one program; stops early once every row is done."""
+    state = _prefill(graphdef, params, tokens, pad, key, eos_id, sampling, slots, n_out)
+    state = jax.lax.while_loop(
+        lambda s: (s.step < max_new) & ~jnp.all(s.done),
+        lambda s: _step(graphdef, params, s, eos_id, sampling),
+        state)
+    return state.out
+
+
+prefill_jit = jax.jit(_prefill, static_argnames=("sampling", "slots", "n_out"))
+step_jit = jax.jit(_step, static_argnames=("sampling",), donate_argnames=("state",))
+generate_jit = jax.jit(_generate_fused, static_argnames=("sampling", "slots", "n_out"))
+
+
+def model_mesh(params: Any) -> Mesh | None:
+    """The (data, fsdp, tensor) mesh the parameters live on, if they were placed on one."""
+    leaves = jax.tree.leaves(params)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    if isinstance(sharding, NamedSharding) and set(MESH_AXES) <= set(sharding.mesh.axis_names):
+        return sharding.mesh
+    return None
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((len(prompts), length), np.int32)
+    pad = np.array([length - len(p) for p in prompts], np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, pad[row]:] = prompt
+    return tokens, pad
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int) -> None:
+    """Reject empty batches, empty prompts and prompts that leave no room in the context, with a one-line fix."""
+    if not prompts:
+        raise ValueError("no prompts given; pass a list of token-id lists")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; start it with at least the BOS token")
+        if len(prompt) >= max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens but the model's context is {max_seq_len}; "
+                             f"shorten it to at most {max_seq_len - 1} tokens")
+
+
+def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None,
+             seed: int = 0, stream: Callable[[np.ndarray], None] | None = None,
+             mesh: Mesh | None = None) -> list[list[int]]:
+    """Continue each prompt; return, per prompt, the new token ids (up to and including EOS, as HF does).
+
+    `max_new_tokens` is capped so the longest prompt plus its continuation fits `model.cfg.max_seq_len`.
+    `stream`, if given, is called after every step with the `[batch]` new ids (PAD = -1 for rows already stopped).
+    The mesh defaults to the one the model's parameters are sharded on; the KV cache is laid out on it too.
+    """
+    cfg = model.cfg
+    check_prompts(prompt_ids, cfg.max_seq_len)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(float(temperature), float(top_p), int(top_k))
+    longest = max(len(p) for p in prompt_ids)
+    max_new = min(max_new_tokens, cfg.max_seq_len - longest)
+    prompt_len, n_out = bucket(longest, MIN_PROMPT_BUCKET), bucket(max_new, MIN_OUTPUT_BUCKET)
+    tokens, pad = _left_pad(prompt_ids, prompt_len)
+    graphdef, params = nnx.split(model)
+    mesh = mesh or model_mesh(params)
+    key = jax.random.key(seed)
+    eos = jnp.int32(PAD if eos_id is None else eos_id)
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if stream is None:
+            out = generate_jit(graphdef, params, tokens, pad, key, eos, jnp.int32(max_new),
+                               slots=prompt_len + n_out, n_out=n_out, sampling=sampling)
+        else:
+            state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
+                                sampling=sampling)
+            stream(np.asarray(state.token))
+            while int(state.step) < max_new and not bool(jnp.all(state.done)):
+                state = step_jit(graphdef, params, state, eos, sampling=sampling)
+                stream(np.asarray(state.token))
+            out = state.out
+    return [[int(t) for t in row if t != PAD] for row in np.asarray(out)]
