@@ -78,8 +78,10 @@ def test_packing_eos_between_documents_and_contiguous_windows(tmp_path, tok1k):
 
 
 def test_long_single_document_is_packed(tmp_path, tok1k):
-    stream = token_stream([_text(3, ["long", "document", "words"], n=3000)], "long", tok1k, tmp_path)
-    assert window_count(len(stream), SEQ) > 100
+    text = _text(3, ["long", "document", "words"], n=3000)
+    stream = token_stream([text], "long", tok1k, tmp_path)
+    n_tokens = len(tok1k.encode(text)) + 1
+    assert len(stream) == n_tokens and window_count(len(stream), SEQ) == (n_tokens - 1) // SEQ > 100
 
 
 def test_same_seed_same_batches_other_seed_differs(corpus, tok1k):
