@@ -53,7 +53,40 @@ def _run_tokenizer_extend(args: argparse.Namespace) -> None:
     print(Tokenizer.extend(args.base, args.corpus, args.new_pieces, args.out, overwrite=args.overwrite))
 
 
-COMMANDS = [_add_info, _add_tokenizer]
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint (format detected) to orbax, hf, meta or llama2c")
+    p.add_argument("--input", required=True, help="checkpoint directory (or llama2.c .bin file)")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--format", required=True, choices=["orbax", "hf", "meta", "llama2c"])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the input's dtype")
+    p.add_argument("--num-shards", type=int, help="meta only: number of consolidated.NN.pth files (default 1)")
+    p.add_argument("--tokenizer", help="llama2c only: sentencepiece .model to also write as tokenizer.bin")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from llama_jax.checkpoints.convert import convert
+    options = {k: v for k, v in (("num_shards", args.num_shards), ("tokenizer", args.tokenizer)) if v is not None}
+    print(convert(args.input, args.output, args.format, args.dtype, args.overwrite, **options))
+
+
+def _add_resize_vocab(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resize-vocab", help="grow a checkpoint's vocabulary to an extended tokenizer's size")
+    p.add_argument("--checkpoint", required=True, help="input checkpoint (any format)")
+    p.add_argument("--tokenizer", required=True, help="the extended sentencepiece .model")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--format", choices=["orbax", "hf", "meta", "llama2c"], help="default: the input's format")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(run=_run_resize_vocab)
+
+
+def _run_resize_vocab(args: argparse.Namespace) -> None:
+    from llama_jax.checkpoints.resize import resize_checkpoint
+    print(resize_checkpoint(args.checkpoint, args.tokenizer, args.output, args.format, args.overwrite))
+
+
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab]
 
 
 def build_parser() -> argparse.ArgumentParser:

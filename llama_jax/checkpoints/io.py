@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints import hf
+from llama_jax.checkpoints import hf, llama2c, meta, orbax_format
 from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.model import Llama
@@ -29,10 +29,15 @@ class Format:
     detect: Callable[[Path], bool]
     read: Callable[[Path], tuple[LlamaConfig, TensorGetter]]
     write: Writer
+    restore: Callable[[Path, LlamaConfig, Mesh | None], Llama | None] | None = None  # direct load, skipping tensors
 
 
 FORMATS: dict[str, Format] = {
     "hf": Format("hf", hf.is_hf_dir, hf.read_hf, hf.save_hf),
+    "meta": Format("meta", meta.is_meta_dir, meta.read_meta, meta.save_meta),
+    "llama2c": Format("llama2c", llama2c.is_llama2c, llama2c.read_llama2c, llama2c.save_llama2c),
+    "orbax": Format("orbax", orbax_format.is_orbax_dir, orbax_format.read_orbax, orbax_format.save_orbax,
+                    orbax_format.restore_orbax),
 }
 
 
@@ -55,25 +60,39 @@ def load_pretrained(path: str | Path, dtype: str | None = None, mesh: Mesh | Non
     `dtype` sets both parameter and compute dtype (e.g. "bfloat16"); `overrides` set other `LlamaConfig` fields
     that do not change shapes (`scan_layers=True`, `remat="full"`, `max_seq_len=...`).
     """
-    cfg, get_tensor = FORMATS[detect_format(path)].read(Path(path))
+    fmt = FORMATS[detect_format(path)]
+    cfg, get_tensor = fmt.read(Path(path))
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {DTYPES}")
+        check_dtype(dtype)
         overrides = {"param_dtype": dtype, "dtype": dtype, **overrides}
     cfg = dataclasses.replace(cfg, **overrides)
-    return build_model(cfg, get_tensor, mesh)
+    model = fmt.restore(Path(path), cfg, mesh) if fmt.restore else None
+    return model if model is not None else build_model(cfg, get_tensor, mesh)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {DTYPES}")
 
 
 def save_pretrained(model: Llama, path: str | Path, format: str = "hf", dtype: str | None = None,
                     overwrite: bool = False, **options: Any) -> Path:
     """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`."""
+    return write_tensors(model.cfg, iter_meta_tensors(model), path, format, dtype or model.cfg.param_dtype,
+                         overwrite, **options)
+
+
+def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: str | Path, format: str,
+                  dtype: str, overwrite: bool = False, **options: Any) -> Path:
+    """Write Meta-named tensors in `format` to the directory `path` (created; refused if non-empty)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; choose one of {sorted(FORMATS)}")
+    check_dtype(dtype)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output '{path}' is a file; choose a directory path")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory '{path}' is not empty; choose another path or pass overwrite=True")
     path.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.cfg.param_dtype
-    tensors: Iterator[tuple[str, np.ndarray]] = iter_meta_tensors(model)
-    FORMATS[format].write(model.cfg, tensors, path, dtype, **options)
+    FORMATS[format].write(cfg, tensors, path, dtype, **options)
     return path

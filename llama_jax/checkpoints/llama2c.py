@@ -1,0 +1,127 @@
+"""llama2.c's version-0 float32 checkpoint (what `run.c` reads) and its `tokenizer.bin`.
+
+`model.bin`: a header of 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len; a
+negative vocab_size means an unshared classifier follows), then float32 tensors grouped by kind and stacked over
+layers: tok_emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, freq_cis_real, freq_cis_imag
+(max_seq_len * head_dim/2 each), then wcls when unshared. Matrices are torch `(out, in)` row-major in Meta's RoPE
+layout, i.e. exactly our canonical tensors. The file is grouped by kind, not by layer, so the writer collects
+all tensors first (fine: the format is float32-only and meant for small models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from llama_jax.checkpoints.layout import meta_shape
+from llama_jax.config import LlamaConfig
+
+MODEL = "model.bin"
+TOKENIZER = "tokenizer.bin"
+HEADER = 7 * 4
+_LAYER_KINDS = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+
+
+def _model_file(path: Path) -> Path:
+    return path / MODEL if path.is_dir() else path
+
+
+def _sections(cfg: LlamaConfig) -> tuple[list[str], list[str]]:
+    """Meta names in file order before the freq_cis tables, and after them (the unshared classifier)."""
+    layers = [f"layers.{i}.{kind}.weight" for kind in _LAYER_KINDS for i in range(cfg.n_layers)]
+    return ["tok_embeddings.weight", *layers, "norm.weight"], [] if cfg.tie_embeddings else ["output.weight"]
+
+
+def freq_cis(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables `[max_seq_len, head_dim/2]` of Meta's RoPE (run.c skips them; v0 still stores them)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    angles = np.outer(np.arange(cfg.max_seq_len), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def header(cfg: LlamaConfig) -> np.ndarray:
+    vocab = cfg.vocab_size if cfg.tie_embeddings else -cfg.vocab_size
+    return np.array([cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab, cfg.max_seq_len],
+                    np.int32)
+
+
+def save_llama2c(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str,
+                 tokenizer: str | Path | None = None) -> None:
+    """Write `model.bin` (always float32: the v0 format has no other dtype) and, given a sentencepiece model,
+    `tokenizer.bin`."""
+    collected = {name: np.asarray(t, np.float32) for name, t in tensors}
+    body, head = _sections(cfg)
+    cos, sin = freq_cis(cfg)
+    with open(path / MODEL, "wb") as f:
+        f.write(header(cfg).tobytes())
+        for name in body:
+            f.write(collected.pop(name).tobytes())
+        f.write(cos.tobytes())
+        f.write(sin.tobytes())
+        for name in head:
+            f.write(collected.pop(name).tobytes())
+    if tokenizer is not None:
+        save_tokenizer_bin(tokenizer, path / TOKENIZER)
+
+
+def save_tokenizer_bin(model_file: str | Path, out: Path) -> None:
+    """llama2.c's tokenizer.bin: uint32 max_token_length, then per id float32 score, int32 length, UTF-8 bytes."""
+    if not Path(model_file).is_file():
+        raise FileNotFoundError(f"tokenizer model '{model_file}' does not exist; pass a sentencepiece .model file")
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    pieces = [sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8") for i in range(sp.get_piece_size())]
+    with open(out, "wb") as f:
+        f.write(np.uint32(max(len(p) for p in pieces)).tobytes())
+        for i, piece in enumerate(pieces):
+            f.write(np.float32(sp.get_score(i)).tobytes() + np.int32(len(piece)).tobytes() + piece)
+
+
+def _read_header(file: Path) -> LlamaConfig | None:
+    """The config a v0 file describes, or None when the header does not describe exactly this file's size."""
+    if not file.is_file() or file.stat().st_size < HEADER:
+        return None
+    dim, hidden, layers, heads, kv_heads, vocab, seq = (int(x) for x in np.fromfile(file, np.int32, 7))
+    if min(dim, hidden, layers, heads, kv_heads, abs(vocab), seq) <= 0 or dim % heads or heads % kv_heads:
+        return None
+    cfg = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, vocab_size=abs(vocab),
+                      ffn_hidden_dim=hidden, max_seq_len=seq, tie_embeddings=vocab > 0)
+    return cfg if _offsets(cfg)[1] == file.stat().st_size else None
+
+
+def _offsets(cfg: LlamaConfig) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+    """Byte offset and shape of every tensor by Meta name, and the total file size."""
+    body, head = _sections(cfg)
+    offsets, pos = {}, HEADER
+    for name in body + ["freq_cis"] + head:
+        shape = (2, cfg.max_seq_len, cfg.head_dim // 2) if name == "freq_cis" else meta_shape(name, cfg)
+        offsets[name] = (pos, shape)
+        pos += 4 * int(np.prod(shape))
+    return offsets, pos
+
+
+def is_llama2c(path: Path) -> bool:
+    return _read_header(_model_file(path)) is not None
+
+
+def read_llama2c(path: Path) -> tuple[LlamaConfig, "Llama2cReader"]:
+    file = _model_file(path)
+    cfg = _read_header(file)
+    if cfg is None:
+        raise ValueError(f"{file} is not a llama2.c v0 float32 checkpoint (header does not match the file size)")
+    return cfg, Llama2cReader(file, cfg)
+
+
+class Llama2cReader:
+    """Tensor getter by Meta name over a memory-mapped `model.bin`."""
+
+    def __init__(self, file: Path, cfg: LlamaConfig):
+        self.data = np.memmap(file, np.uint8, mode="r")
+        self.offsets = _offsets(cfg)[0]
+
+    def __call__(self, meta_name: str) -> np.ndarray:
+        start, shape = self.offsets[meta_name]
+        return self.data[start:start + 4 * int(np.prod(shape))].view(np.float32).reshape(shape)

@@ -1,0 +1,88 @@
+"""Our own pretrained-weights format: `llama_config.json` (every LlamaConfig field) + `params/` (an Orbax
+StandardCheckpointer save of the parameter tree in the model's layout, layers unstacked).
+
+Because the stored tree is the model's own, `restore_orbax` restores every array straight into its sharding on a
+mesh (no host copy of the whole model); a `scan_layers=True` request goes through the generic Meta-tensor path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama_jax.checkpoints.layout import build_model, to_meta_layout
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.sharding import abstract_init
+
+CONFIG = "llama_config.json"
+PARAMS = "params"
+
+
+def is_orbax_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / PARAMS).is_dir()
+
+
+def _stored_config(cfg: LlamaConfig, dtype: str) -> LlamaConfig:
+    return dataclasses.replace(cfg, scan_layers=False, remat="none", param_dtype=dtype)
+
+
+def _restore(path: Path, cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
+    """(graphdef, param state) of `cfg` restored from `path/params`, each array placed as `mesh` shards it."""
+    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore((path / PARAMS).absolute(), nnx.to_pure_dict(abstract))
+    nnx.replace_by_pure_dict(abstract, restored)
+    return graphdef, abstract
+
+
+def restore_orbax(path: Path, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
+    """The model restored directly (sharded on `mesh`), or None when `cfg` stacks layers unlike the stored tree."""
+    if cfg.scan_layers:
+        return None
+    return nnx.merge(*_restore(path, cfg, mesh))
+
+
+class OrbaxReader:
+    """Tensor getter by Meta name; restores the stored tree once, on first use."""
+
+    def __init__(self, path: Path, cfg: LlamaConfig):
+        self.path, self.cfg, self.tree = path, cfg, None
+
+    def __call__(self, meta_name: str) -> np.ndarray:
+        if self.tree is None:
+            self.tree = nnx.to_pure_dict(_restore(self.path, self.cfg, None)[1])
+        node = self.tree
+        for part in meta_name.split("."):
+            if not isinstance(node, dict):
+                break
+            node = node[int(part) if part.isdigit() else part]
+        return np.asarray(to_meta_layout(meta_name, node, self.cfg))
+
+
+def read_orbax(path: Path) -> tuple[LlamaConfig, OrbaxReader]:
+    try:
+        cfg = LlamaConfig(**json.loads((path / CONFIG).read_text()))
+    except TypeError as err:
+        raise ValueError(f"{path / CONFIG} is not a LlamaConfig: {err}") from None
+    return cfg, OrbaxReader(path, cfg)
+
+
+def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str) -> None:
+    stored = _stored_config(cfg, dtype)
+    model = build_model(stored, dict(tensors).pop)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((path / PARAMS).absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    (path / CONFIG).write_text(json.dumps(dataclasses.asdict(stored), indent=2))
