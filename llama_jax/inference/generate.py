@@ -59,20 +59,27 @@ def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax
     return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out)
 
 
-def _valid_slots(pad: jax.Array, slots: int) -> jax.Array:
-    """`[B, slots]`: True where a slot holds a real token of that row (not its left padding)."""
-    return jnp.arange(slots)[None, :] >= pad[:, None]
+def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Logits for `[B, T]` tokens written at `cache.index`, for rows left-padded by `pad` slots.
+
+    Row b's real tokens start at slot `pad[b]`, so its positions are `slot - pad[b]` and its padding slots are
+    masked out; prefill (T = prompt length, index 0) and decode steps (T = 1) are the same call.
+    """
+    b, t = tokens.shape
+    slots = cache.k.shape[2]
+    positions = jnp.maximum(cache.index + jnp.arange(t)[None, :] - pad[:, None], 0)
+    mask = jnp.broadcast_to((jnp.arange(slots)[None, :] >= pad[:, None])[:, None, :], (b, t, slots))
+    logits, cache = model(tokens, positions=positions, mask=mask, cache=cache)
+    return logits, shard_cache(cache)
 
 
 def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
              eos_id: jax.Array, sampling: Sampling, slots: int, n_out: int) -> DecodeState:
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
-    b, p = tokens.shape
-    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
-    mask = _valid_slots(pad, slots)[:, None, :]
-    logits, cache = model(tokens, positions=positions, mask=mask, cache=init_cache(model.cfg, b, slots))
-    state = DecodeState(shard_cache(cache), jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
+    b = tokens.shape[0]
+    logits, cache = forward_padded(model, tokens, pad, init_cache(model.cfg, b, slots))
+    state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32))
     return _emit(state, logits[:, -1], sampling, eos_id)
 
@@ -81,11 +88,8 @@ def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.A
           sampling: Sampling) -> DecodeState:
     """Feed each row's last token at the next cache slot and sample the following one."""
     model: Llama = nnx.merge(graphdef, params)
-    slots = state.cache.k.shape[2]
-    positions = (state.cache.index - state.pad)[:, None]
-    mask = _valid_slots(state.pad, slots)[:, None, :]
-    logits, cache = model(jnp.maximum(state.token, 0)[:, None], positions=positions, mask=mask, cache=state.cache)
-    state = DecodeState(shard_cache(cache), state.token, state.pad, state.done, state.step, state.key, state.out)
+    logits, cache = forward_padded(model, jnp.maximum(state.token, 0)[:, None], state.pad, state.cache)
+    state = DecodeState(cache, state.token, state.pad, state.done, state.step, state.key, state.out)
     return _emit(state, logits[:, 0], sampling, eos_id)
 
 

@@ -1,0 +1,1 @@
+"""Inference: sharded KV cache, sampling, batched generation, text helpers and the chat session."""

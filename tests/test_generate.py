@@ -1,0 +1,127 @@
+"""Generation: token-for-token parity with transformers, cache-vs-full-forward logits, EOS, context, compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_reference import make_hf_model, save_hf_model
+
+import llama_jax
+from llama_jax import KVCache, Llama, LlamaConfig, generate
+from llama_jax.inference import generate as gen
+from llama_jax.sharding import make_mesh
+from llama_jax.config import MeshConfig
+
+PROMPTS = [[1, 17, 42, 99, 5], [1, 7], [1, 88, 3, 64, 120, 33, 9, 71, 12, 100, 4], [1, 50, 51]]
+NEW = 32
+
+
+def hf_greedy(hf, prompts, new_tokens, pad_id=0):
+    """transformers greedy generate with left padding + attention_mask; returns new ids per row up to EOS."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=attn, do_sample=False, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id, eos_token_id=None)
+    return out[:, width:].tolist()
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def hf_pair(request, tmp_path_factory):
+    hf = make_hf_model(kv_heads=request.param)
+    path = save_hf_model(hf, tmp_path_factory.mktemp(f"hf{request.param}"))
+    return hf, llama_jax.load_pretrained(path)
+
+
+def test_greedy_matches_transformers_token_for_token(hf_pair):
+    hf, model = hf_pair
+    assert generate(model, PROMPTS, max_new_tokens=NEW) == hf_greedy(hf, PROMPTS, NEW)
+
+
+def test_stops_each_row_at_eos_and_includes_it(hf_pair):
+    _, model = hf_pair
+    free = generate(model, PROMPTS, max_new_tokens=NEW)
+    eos = free[0][5]
+    stopped = generate(model, PROMPTS, max_new_tokens=NEW, eos_id=eos)
+    for row, got in zip(free, stopped):
+        expected = row[:row.index(eos) + 1] if eos in row else row
+        assert got == expected
+    assert len(stopped[0]) <= 6
+
+
+def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
+    _, model = hf_pair
+    steps = 6
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(0, 128, n)) for n in (3, 9, 6)]
+    continuation = rng.integers(0, 128, (len(rows), steps))
+    width = max(map(len, rows))
+    tokens, pad = gen._left_pad(rows, width)
+    cache = KVCache.create(model.cfg, len(rows), width + steps)
+    logits, cache = gen.forward_padded(model, jnp.asarray(tokens), jnp.asarray(pad), cache)
+    got = [logits[:, -1]]
+    for i in range(steps - 1):
+        logits, cache = gen.forward_padded(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
+        got.append(logits[:, 0])
+    got = np.stack(got, axis=1)
+    for b, row in enumerate(rows):
+        full = model(jnp.asarray([row + list(continuation[b, :steps - 1])]))[0]
+        want = np.asarray(full[len(row) - 1:])
+        np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=40)
+    return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def test_decode_loop_compiles_once_per_bucket(tiny):
+    fused_before = gen.generate_jit._cache_size()
+    a = generate(tiny, [[1, 2, 3]], max_new_tokens=9)
+    b = generate(tiny, [[1, 2, 3, 4, 5, 6, 7], [4, 5]], max_new_tokens=13, temperature=0.0)
+    generate(tiny, [[9, 8, 7, 6, 5], [1, 2]], max_new_tokens=16)
+    assert gen.generate_jit._cache_size() - fused_before == 2  # batch 1 and batch 2; lengths share buckets
+    assert len(a[0]) == 9 and [len(r) for r in b] == [13, 13]
+
+    step_before = gen.step_jit._cache_size()
+    seen = []
+    streamed = generate(tiny, [[1, 2, 3], [5]], max_new_tokens=12, stream=lambda t: seen.append(t.tolist()))
+    assert gen.step_jit._cache_size() - step_before == 1  # one compile for all 11 steps
+    assert [list(col) for col in zip(*seen)] == streamed
+    assert streamed == generate(tiny, [[1, 2, 3], [5]], max_new_tokens=12)
+
+
+def test_context_bounds(tiny):
+    assert len(generate(tiny, [list(range(1, 36))], max_new_tokens=50)[0]) == 5  # 35 + 5 = max_seq_len 40
+    with pytest.raises(ValueError, match="prompt 1 has 40 tokens but the model's context is 40"):
+        generate(tiny, [[1], list(range(40))], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(tiny, [[1]], max_new_tokens=0)
+
+
+def test_sampling_is_seeded(tiny):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=40)
+    first = generate(tiny, [[1, 2], [3]], seed=7, **kwargs)
+    assert generate(tiny, [[1, 2], [3]], seed=7, **kwargs) == first
+    assert generate(tiny, [[1, 2], [3]], seed=8, **kwargs) != first
+
+
+def test_sharded_generation_matches_and_cache_is_sharded(hf_pair, tmp_path):
+    hf, _ = hf_pair
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    path = save_hf_model(hf, tmp_path / "hf")
+    model = llama_jax.load_pretrained(path, mesh=mesh)
+    prompts = PROMPTS
+    assert generate(model, prompts, max_new_tokens=8) == hf_greedy(hf, prompts, 8)
+
+    graphdef, params = nnx.split(model)
+    tokens, pad = gen._left_pad(prompts, 16)
+    with jax.set_mesh(mesh):
+        state = gen.prefill_jit(graphdef, params, tokens, pad, jax.random.key(0), jnp.int32(-1),
+                                sampling=gen.Sampling(), slots=32, n_out=16)
+    spec = state.cache.k.sharding.spec
+    assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
