@@ -32,7 +32,7 @@ def describe(cfg: LlamaConfig, mesh) -> list[str]:
     lines = [f"{'parameter':42s} {'shape':>22s} {'axes':>36s} {'per-device shard':>22s}"]
     total = 0
     for path, var in nnx.to_flat_state(state):
-        leaf = var.value
+        leaf = var.get_value()
         total += int(np.prod(leaf.shape))
         axes = ",".join(str(a) for a in var.get_metadata().get("axes", ()))
         shard = leaf.sharding.shard_shape(leaf.shape)

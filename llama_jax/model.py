@@ -55,7 +55,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -84,9 +84,9 @@ class Attention(nnx.Module):
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq.value.astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk.value.astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv.value.astype(dt))
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -103,7 +103,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo.value.astype(dt)), kv
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), kv
 
 
 class FeedForward(nnx.Module):
@@ -115,10 +115,10 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.w1.value.astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.w3.value.astype(dt))
+        gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.w2.value.astype(dt))
+        return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -168,11 +168,11 @@ class Llama(nnx.Module):
         causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]
         full_mask = causal[None] if mask is None else causal[None] & mask
 
-        x = self.tok_embeddings.value.astype(jnp.dtype(cfg.dtype))[tokens]
+        x = self.tok_embeddings[...].astype(jnp.dtype(cfg.dtype))[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
         x, kv = self._run_layers(x, positions, full_mask, cache)
         x = self.norm(x)
-        head = self.tok_embeddings.value.T if cfg.tie_embeddings else self.output.value
+        head = self.tok_embeddings[...].T if cfg.tie_embeddings else self.output[...]
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         if cache is None:

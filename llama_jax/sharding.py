@@ -82,7 +82,7 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) 
             raise KeyError(f"logical axis '{name}' has no sharding rule; add it to llama_jax.sharding.RULES")
         axes = []
         for axis in RULES.get(name, ()) if name else ():
-            if axis in used or axis not in mesh.shape:
+            if axis in used or mesh.shape.get(axis, 1) == 1:
                 continue
             if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
                 axes.append(axis)

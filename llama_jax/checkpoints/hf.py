@@ -100,6 +100,10 @@ class HFReader:
             with safe_open(path / SINGLE, framework="flax") as f:
                 self.files = {k: path / SINGLE for k in f.keys()}
 
+    @staticmethod
+    def file_name(meta_name: str) -> str:
+        return hf_name(meta_name)
+
     def __call__(self, meta_name: str) -> np.ndarray:
         name = hf_name(meta_name)
         if name not in self.files:

@@ -21,6 +21,7 @@ from llama_jax.model import Llama
 from llama_jax.sharding import abstract_init
 
 TensorGetter = Callable[[str], Any]
+"""Returns a tensor by Meta name; may also offer `file_name(meta_name)` to name it as the file does in errors."""
 
 
 def meta_names(cfg: LlamaConfig) -> list[str]:
@@ -93,16 +94,17 @@ def iter_meta_tensors(model: Llama, dtype: Any = None) -> Iterator[tuple[str, np
     for path, var in _flat_params(nnx.state(model, nnx.Param)):
         stacked = cfg.scan_layers and path[0] == "layers"
         for layer in range(cfg.n_layers) if stacked else [None]:
-            value = var.value[layer] if stacked else var.value
+            value = var.get_value()[layer] if stacked else var.get_value()
             name = _path_name(path, layer)
             tensor = np.asarray(jax.device_get(to_meta_layout(name, value, cfg)))
             yield name, tensor.astype(dtype) if dtype is not None else tensor
 
 
-def check_shape(name: str, tensor: Any, cfg: LlamaConfig) -> None:
+def check_shape(name: str, tensor: Any, cfg: LlamaConfig, file_name: str | None = None) -> None:
+    """One-line error naming the tensor (as the file calls it) when its shape does not match the config."""
     expected = meta_shape(name, cfg)
     if tuple(tensor.shape) != expected:
-        raise ValueError(f"tensor '{name}' has shape {tuple(tensor.shape)} but the config expects {expected}; "
+        raise ValueError(f"tensor '{file_name or name}' has shape {tuple(tensor.shape)} but the config expects {expected}; "
                          "the checkpoint does not match its config")
 
 
@@ -111,9 +113,11 @@ def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = 
     graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
     dtype = jnp.dtype(cfg.param_dtype)
 
+    file_name = getattr(get_tensor, "file_name", lambda name: name)
+
     def fetch(name: str) -> np.ndarray:
         tensor = get_tensor(name)
-        check_shape(name, tensor, cfg)
+        check_shape(name, tensor, cfg, file_name(name))
         return np.asarray(to_model_layout(name, jnp.asarray(tensor, dtype), cfg))
 
     flat = []
@@ -123,6 +127,6 @@ def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = 
             value = np.stack([fetch(_path_name(path, i)) for i in range(cfg.n_layers)])
         else:
             value = fetch(_path_name(path, None))
-        sharding = getattr(var.value, "sharding", None)
+        sharding = getattr(var.get_value(), "sharding", None)
         flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
