@@ -66,7 +66,8 @@ def test_tokenizer_bin_parses(tokenizer_1k, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_1k))
     max_len, pos, pieces = int(np.frombuffer(raw[:4], np.uint32)[0]), 4, []
     while pos < len(raw):
-        score, length = float(np.frombuffer(raw[pos:pos + 4], np.float32)[0]), int(np.frombuffer(raw[pos + 4:pos + 8], np.int32)[0])
+        score = float(np.frombuffer(raw[pos:pos + 4], np.float32)[0])
+        length = int(np.frombuffer(raw[pos + 4:pos + 8], np.int32)[0])
         pieces.append((score, raw[pos + 8:pos + 8 + length].decode("utf-8")))
         pos += 8 + length
     assert len(pieces) == sp.get_piece_size() == 1000

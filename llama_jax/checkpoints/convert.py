@@ -27,6 +27,8 @@ def _checked(cfg: LlamaConfig, get_tensor: TensorGetter) -> Iterator[tuple[str, 
 def convert(src: str | Path, dst: str | Path, format: str, dtype: str | None = None, overwrite: bool = False,
             **options: Any) -> Path:
     """Convert the checkpoint at `src` (format detected) to `format` at `dst`; `dtype` defaults to the source's."""
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError(f"output '{dst}' is the input checkpoint; write the conversion to another directory")
     cfg, get_tensor = FORMATS[detect_format(src)].read(Path(src))
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; choose one of {sorted(FORMATS)}")

@@ -80,9 +80,23 @@ def read_orbax(path: Path) -> tuple[LlamaConfig, OrbaxReader]:
     return cfg, OrbaxReader(path, cfg)
 
 
+class _Stream:
+    """Getter over a tensor stream: tensors that arrive before they are asked for wait in a stash (at most about
+    one layer plus the embedding, since the stream and the model visit layers in the same order)."""
+
+    def __init__(self, tensors: Iterator[tuple[str, np.ndarray]]):
+        self.tensors, self.stash = tensors, {}
+
+    def __call__(self, meta_name: str) -> np.ndarray:
+        while meta_name not in self.stash:
+            name, tensor = next(self.tensors)
+            self.stash[name] = tensor
+        return self.stash.pop(meta_name)
+
+
 def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str) -> None:
     stored = _stored_config(cfg, dtype)
-    model = build_model(stored, dict(tensors).pop)
+    model = build_model(stored, _Stream(tensors))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((path / PARAMS).absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     (path / CONFIG).write_text(json.dumps(dataclasses.asdict(stored), indent=2))
