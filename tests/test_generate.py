@@ -9,10 +9,10 @@ from flax import nnx
 from hf_reference import make_hf_model, save_hf_model
 
 import llama_jax
-from llama_jax import KVCache, Llama, LlamaConfig, generate
+from llama_jax import KVCache, generate
 from llama_jax.inference import generate as gen
-from llama_jax.sharding import make_mesh
 from llama_jax.config import MeshConfig
+from llama_jax.sharding import make_mesh
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 7], [1, 88, 3, 64, 120, 33, 9, 71, 12, 100, 4], [1, 50, 51]]
 NEW = 32
@@ -29,10 +29,16 @@ def hf_greedy(hf, prompts, new_tokens, pad_id=0):
     return out[:, width:].tolist()
 
 
-@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
-def hf_pair(request, tmp_path_factory):
-    hf = make_hf_model(kv_heads=request.param)
-    path = save_hf_model(hf, tmp_path_factory.mktemp(f"hf{request.param}"))
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Random transformers models (MHA with 4 kv heads, GQA with 2), each with its saved directory."""
+    models = {kv: make_hf_model(kv_heads=kv) for kv in (4, 2)}
+    return {kv: (hf, save_hf_model(hf, tmp_path_factory.mktemp(f"hf{kv}"))) for kv, hf in models.items()}
+
+
+@pytest.fixture(params=[4, 2], ids=["mha", "gqa"])
+def hf_pair(request, hf_dirs):
+    hf, path = hf_dirs[request.param]
     return hf, llama_jax.load_pretrained(path)
 
 
@@ -61,22 +67,24 @@ def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
     width = max(map(len, rows))
     tokens, pad = gen._left_pad(rows, width)
     cache = KVCache.create(model.cfg, len(rows), width + steps)
-    logits, cache = gen.forward_padded(model, jnp.asarray(tokens), jnp.asarray(pad), cache)
+    forward = nnx.jit(gen.forward_padded)
+    logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(pad), cache)
     got = [logits[:, -1]]
     for i in range(steps - 1):
-        logits, cache = gen.forward_padded(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
+        logits, cache = forward(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
         got.append(logits[:, 0])
     got = np.stack(got, axis=1)
+    full_forward = nnx.jit(lambda m, t: m(t))
     for b, row in enumerate(rows):
-        full = model(jnp.asarray([row + list(continuation[b, :steps - 1])]))[0]
+        full = full_forward(model, jnp.asarray([row + list(continuation[b, :steps - 1])]))[0]
         want = np.asarray(full[len(row) - 1:])
         np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=40)
-    return Llama(cfg, rngs=nnx.Rngs(0))
+@pytest.fixture
+def tiny(hf_dirs):
+    """The GQA model with a 40-token context (loading avoids compiling a random init)."""
+    return llama_jax.load_pretrained(hf_dirs[2][1], max_seq_len=40)
 
 
 def test_decode_loop_compiles_once_per_bucket(tiny):
@@ -110,16 +118,14 @@ def test_sampling_is_seeded(tiny):
     assert generate(tiny, [[1, 2], [3]], seed=8, **kwargs) != first
 
 
-def test_sharded_generation_matches_and_cache_is_sharded(hf_pair, tmp_path):
-    hf, _ = hf_pair
+def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
+    hf, path = hf_dirs[2]
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    path = save_hf_model(hf, tmp_path / "hf")
     model = llama_jax.load_pretrained(path, mesh=mesh)
-    prompts = PROMPTS
-    assert generate(model, prompts, max_new_tokens=8) == hf_greedy(hf, prompts, 8)
+    assert generate(model, PROMPTS, max_new_tokens=8) == hf_greedy(hf, PROMPTS, 8)
 
     graphdef, params = nnx.split(model)
-    tokens, pad = gen._left_pad(prompts, 16)
+    tokens, pad = gen._left_pad(PROMPTS, 16)
     with jax.set_mesh(mesh):
         state = gen.prefill_jit(graphdef, params, tokens, pad, jax.random.key(0), jnp.int32(-1),
                                 sampling=gen.Sampling(), slots=32, n_out=16)
