@@ -1,0 +1,68 @@
+"""Sampling follows its definitions on fixed logits: greedy, temperature, top-k, Meta's top-p, seeding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.inference.sampling import Sampling, filter_logits, sample
+
+# Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 stored in a shuffled vocabulary order.
+PROBS = np.array([0.1, 0.4, 0.05, 0.3, 0.15])
+LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))[None]
+DRAWS = 20000
+
+
+def frequencies(sampling: Sampling, seed: int = 0) -> np.ndarray:
+    """Empirical token frequencies from DRAWS rows sampled in one call."""
+    tokens = sample(jnp.repeat(LOGITS, DRAWS, axis=0), jax.random.key(seed), sampling)
+    return np.bincount(np.asarray(tokens), minlength=PROBS.size) / DRAWS
+
+
+def test_greedy_is_argmax():
+    logits = jax.random.normal(jax.random.key(1), (6, 50))
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), Sampling()), np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_scales_the_distribution(temperature):
+    expected = PROBS ** (1 / temperature) / np.sum(PROBS ** (1 / temperature))
+    np.testing.assert_allclose(frequencies(Sampling(temperature=temperature)), expected, atol=0.015)
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    kept = np.isfinite(np.asarray(filter_logits(LOGITS, Sampling(temperature=1.0, top_k=2))[0]))
+    np.testing.assert_array_equal(kept, [False, True, False, True, False])
+    freq = frequencies(Sampling(temperature=1.0, top_k=3))
+    assert freq[0] == 0 and freq[2] == 0
+    np.testing.assert_allclose(freq[[1, 3, 4]], np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.015)
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.35, [1]), (0.5, [1, 3]), (0.7, [1, 3]), (0.8, [1, 3, 4]),
+                                         (0.9, [1, 3, 4, 0])])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    freq = frequencies(Sampling(temperature=1.0, top_p=top_p))
+    outside = np.setdiff1d(np.arange(PROBS.size), kept)
+    assert np.all(freq[outside] == 0), "mass outside the nucleus was sampled"
+    np.testing.assert_allclose(freq[kept], PROBS[kept] / PROBS[kept].sum(), atol=0.015)
+
+
+def test_top_k_then_top_p_then_renormalise():
+    # Top-3 renormalised is .47, .35, .18, so p = 0.8 keeps two; on the raw probabilities (.4, .3) it would keep three.
+    freq = frequencies(Sampling(temperature=1.0, top_k=3, top_p=0.8))
+    np.testing.assert_array_equal(freq > 0, [False, True, False, True, False])
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = jax.random.normal(jax.random.key(3), (64, 100))
+    sampling = Sampling(temperature=1.0, top_p=0.9, top_k=50)
+    a = sample(logits, jax.random.key(5), sampling)
+    np.testing.assert_array_equal(a, sample(logits, jax.random.key(5), sampling))
+    assert np.any(np.asarray(a) != np.asarray(sample(logits, jax.random.key(6), sampling)))
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                                             (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k")])
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
