@@ -7,6 +7,7 @@ Meta-named tensors (see `layout.py`), so every format shares one model <-> tenso
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], p
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; choose one of {sorted(FORMATS)}")
     check_dtype(dtype)
+    unknown = sorted(set(options) - set(inspect.signature(FORMATS[format].write).parameters))
+    if unknown:
+        raise ValueError(f"format '{format}' has no option {', '.join(unknown)}; drop it or choose another format")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output '{path}' is a file; choose a directory path")

@@ -146,7 +146,7 @@ def save_meta(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path:
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     embedding = None
     for name, tensor in tensors:
-        t = torch.from_numpy(np.array(tensor, np.float32)).to(_TORCH_DTYPES[dtype])
+        t = _to_torch(tensor).to(_TORCH_DTYPES[dtype])
         if name == "tok_embeddings.weight" and cfg.tie_embeddings:
             embedding = t
         _split_into(shards, name, t)
@@ -155,6 +155,16 @@ def save_meta(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path:
     for rank, shard in enumerate(shards):
         torch.save(shard, path / f"consolidated.{rank:02d}.pth")
     (path / PARAMS).write_text(json.dumps(meta_params(cfg), indent=2))
+
+
+def _to_torch(tensor: np.ndarray) -> torch.Tensor:
+    """Inverse of `_to_numpy` (copying only read-only arrays, which torch cannot wrap)."""
+    array = np.asarray(tensor)
+    if not array.flags.writeable:
+        array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _split_into(shards: list[dict[str, torch.Tensor]], name: str, tensor: torch.Tensor) -> None:
