@@ -86,7 +86,50 @@ def _run_resize_vocab(args: argparse.Namespace) -> None:
     print(resize_checkpoint(args.checkpoint, args.tokenizer, args.output, args.format, args.overwrite))
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab]
+def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help="stop after this many tokens (or at EOS)")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a text prompt, streaming the new text")
+    _add_decoding_args(p, temperature=0.0, top_p=1.0, max_new=256)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from llama_jax import Tokenizer, generate_text, load_pretrained
+    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    print(args.prompt, end="", flush=True)
+    generate_text(model, tokenizer, [args.prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                  args.seed, on_text=lambda _, piece: print(piece, end="", flush=True))
+    print()
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    from llama_jax.chat import CHAT_TEMPERATURE, CHAT_TOP_P
+    p = sub.add_parser("chat", help="interactive Llama-2-chat conversation on stdin (/reset, /exit)")
+    _add_decoding_args(p, temperature=CHAT_TEMPERATURE, top_p=CHAT_TOP_P, max_new=512)
+    p.add_argument("--system", help="system prompt, kept for the whole conversation")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from llama_jax import Tokenizer, load_pretrained
+    from llama_jax.inference.chat_session import chat
+    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    chat(model, tokenizer, sys.stdin, lambda text: print(text, end="", flush=True), args.system,
+         args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+
+
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,67 @@
+"""`python -m llama_jax generate` and `chat` end to end on a tiny saved HF model with a real tokenizer."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hf_reference import make_hf_model, save_hf_model
+
+import llama_jax
+from llama_jax.chat import encode_dialog
+from llama_jax.cli import main
+from llama_jax.inference.chat_session import HELP, PROMPT
+from llama_jax.inference.text import complete
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_hf_model(make_hf_model(vocab=1000), tmp_path_factory.mktemp("hf1000"))
+
+
+def test_generate_streams_the_greedy_continuation(checkpoint, tokenizer_1k, capsys):
+    prompt = "It was a fine morning and"
+    args = ["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k), "--prompt", prompt,
+            "--max-new-tokens", "20"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    model, tok = llama_jax.load_pretrained(checkpoint), llama_jax.Tokenizer(tokenizer_1k)
+    (expected,) = llama_jax.generate_text(model, tok, [prompt], max_new_tokens=20)
+    assert len(expected) > 20
+    assert printed == prompt + expected + "\n"
+    assert tok.decode(tok.encode(prompt) + llama_jax.generate(model, [tok.encode(prompt, bos=True)],
+                                                               max_new_tokens=20)[0]) == prompt + expected
+
+
+def test_generate_rejects_a_prompt_longer_than_the_context(checkpoint, tokenizer_1k, capsys):
+    args = ["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k), "--prompt", "a b " * 2100]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: prompt 0 has") and "context is 2048" in err and "\n" not in err
+
+
+def test_chat_keeps_history_resets_and_exits_on_piped_stdin(checkpoint, tokenizer_1k):
+    lines = ["Hello there", "How are you?", "/reset", "How are you?", "/exit", "never read"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    run = subprocess.run(
+        [sys.executable, "-m", "llama_jax", "chat", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k),
+         "--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief."],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    model, tok = llama_jax.load_pretrained(checkpoint), llama_jax.Tokenizer(tokenizer_1k)
+
+    def reply(dialog):
+        ids = encode_dialog(tok, [{"role": "system", "content": "Be brief."}, *dialog])
+        return complete(model, tok, [ids], context_tokens=0, max_new_tokens=12)[0]
+
+    first = reply([{"role": "user", "content": "Hello there"}])
+    second = reply([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "How are you?"}])
+    fresh = reply([{"role": "user", "content": "How are you?"}])
+    assert second != fresh  # the history changes the answer, so the check below can tell them apart
+    expected = (HELP + PROMPT + first + "\n" + PROMPT + second + "\n" + PROMPT + "(history cleared)\n"
+                + PROMPT + fresh + "\n" + PROMPT + "\n")
+    assert run.stdout == expected
