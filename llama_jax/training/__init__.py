@@ -1,0 +1,1 @@
+"""Pretraining: optimizer, jitted sharded train step, loop, metrics and evaluation."""

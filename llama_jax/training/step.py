@@ -1,0 +1,110 @@
+"""The jitted, sharded train step and the train state it carries; `token_losses` is shared with evaluation.
+
+A `TrainState` holds the model's parameters (an nnx State split from a `Llama`), the optax state and the step
+counter. `Trainer` owns the graphdef, the optimizer and the mesh; its step is compiled once with explicit in/out
+shardings from `llama_jax.sharding.state_shardings`, and the train step donates the state it consumes.
+Batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.data` yields them): inputs are `tokens[:, :-1]`,
+targets `tokens[:, 1:]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import Config
+from llama_jax.model import Llama
+from llama_jax.sharding import logical_spec, sharded_init, state_shardings
+from llama_jax.training.optim import accumulate_gradients, make_optimizer
+
+Batch = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy (nats, float32) and the number of targets."""
+    tokens = batch["tokens"]
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1]).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.sum(losses), jnp.float32(losses.size)
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Batch rows split over the data and fsdp axes (as far as they divide), sequence replicated."""
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+class Trainer:
+    """Builds and runs the train step of one config on one mesh."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, total_steps: int | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.tx, self.schedule = make_optimizer(cfg.optim, total_steps or cfg.train.steps)
+        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(self._ctor))
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        self.state_sharding = TrainState(
+            step=NamedSharding(mesh, PartitionSpec()),
+            params=state_shardings(abstract_params, mesh),
+            opt_state=state_shardings(abstract_opt, mesh))
+        self._train: Callable[..., Any] | None = None
+
+    def _ctor(self) -> Llama:
+        return Llama(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state (a restore target), allocating nothing."""
+        shapes = jax.eval_shape(lambda: self.init_state_from(nnx.state(self._ctor())))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, self.state_sharding)
+
+    def init_state(self, params: Any | None = None) -> TrainState:
+        """A fresh state with sharded parameters (random from the seed, or the given ones) and zero moments."""
+        if params is None:
+            params = nnx.state(sharded_init(self._ctor, self.mesh))
+        else:
+            params = jax.device_put(params, self.state_sharding.params)
+        with jax.set_mesh(self.mesh):
+            init = jax.jit(self.init_state_from, out_shardings=self.state_sharding)
+            return init(params)
+
+    def init_state_from(self, params: Any) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    def model(self, params: Any) -> Llama:
+        return nnx.merge(self.graphdef, params)
+
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        grad_fn = jax.value_and_grad(functools.partial(token_losses, self.graphdef), has_aux=True)
+        grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
+                   "lr": self.schedule(state.step), "tokens": count}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update (over `optim.grad_accum_steps` microbatches); `state` is donated."""
+        if self._train is None:
+            self._train = jax.jit(self._train_step, donate_argnums=0,
+                                  in_shardings=(self.state_sharding, self._batch_shardings(batch)),
+                                  out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())))
+        with jax.set_mesh(self.mesh):
+            return self._train(state, batch)
+
+    def _batch_shardings(self, batch: Batch) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(self.mesh, v.shape) for k, v in batch.items()}
