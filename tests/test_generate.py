@@ -88,11 +88,13 @@ def tiny(hf_dirs):
 
 
 def test_decode_loop_compiles_once_per_bucket(tiny):
-    fused_before = gen.generate_jit._cache_size()
+    loop_before, prefill_before = gen.decode_loop_jit._cache_size(), gen.prefill_jit._cache_size()
     a = generate(tiny, [[1, 2, 3]], max_new_tokens=9)
     b = generate(tiny, [[1, 2, 3, 4, 5, 6, 7], [4, 5]], max_new_tokens=13, temperature=0.0)
     generate(tiny, [[9, 8, 7, 6, 5], [1, 2]], max_new_tokens=16)
-    assert gen.generate_jit._cache_size() - fused_before == 2  # batch 1 and batch 2; lengths share buckets
+    # Batch 1 and batch 2; prompt lengths 3..7 and 9..16 new tokens share buckets.
+    assert gen.decode_loop_jit._cache_size() - loop_before == 2
+    assert gen.prefill_jit._cache_size() - prefill_before == 2
     assert len(a[0]) == 9 and [len(r) for r in b] == [13, 13]
 
     step_before = gen.step_jit._cache_size()

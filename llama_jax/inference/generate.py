@@ -3,9 +3,9 @@
 Prompts of different lengths are left-padded to a common length so every row writes the same cache slot each step
 (what `Llama` with a `KVCache` expects); each row gets its own positions (`slot - pad`) and a mask that hides its
 padding slots. Shapes are bucketed (prompt length and output length rounded up to powers of two), so the whole
-generation compiles once per bucket: without streaming it is a single jitted prefill + `lax.while_loop` (no Python
-per token, early exit when every row has emitted EOS); with a `stream` callback the same prefill and step functions
-are jitted separately and the step is called once per token.
+generation compiles once per bucket: a jitted prefill, then either one jitted `lax.while_loop` over the decode step
+(no Python per token, early exit once every row has emitted EOS) or, with a `stream` callback, the same step jitted
+on its own and called once per token.
 """
 
 from __future__ import annotations
@@ -93,20 +93,18 @@ def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.A
     return _emit(state, logits[:, 0], sampling, eos_id)
 
 
-def _generate_fused(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
-                    eos_id: jax.Array, max_new: jax.Array, sampling: Sampling, slots: int, n_out: int) -> jax.Array:
-    """Prefill and the whole decode loop in one program; stops early once every row is done."""
-    state = _prefill(graphdef, params, tokens, pad, key, eos_id, sampling, slots, n_out)
-    state = jax.lax.while_loop(
+def _decode_loop(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array, max_new: jax.Array,
+                 sampling: Sampling) -> DecodeState:
+    """Decode steps inside one program until `max_new` tokens or every row is done (no Python per token)."""
+    return jax.lax.while_loop(
         lambda s: (s.step < max_new) & ~jnp.all(s.done),
         lambda s: _step(graphdef, params, s, eos_id, sampling),
         state)
-    return state.out
 
 
 prefill_jit = jax.jit(_prefill, static_argnames=("sampling", "slots", "n_out"))
 step_jit = jax.jit(_step, static_argnames=("sampling",), donate_argnames=("state",))
-generate_jit = jax.jit(_generate_fused, static_argnames=("sampling", "slots", "n_out"))
+decode_loop_jit = jax.jit(_decode_loop, static_argnames=("sampling",), donate_argnames=("state",))
 
 
 def model_mesh(params: Any) -> Mesh | None:
@@ -163,15 +161,13 @@ def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     eos = jnp.int32(PAD if eos_id is None else eos_id)
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
+                            sampling=sampling)
         if stream is None:
-            out = generate_jit(graphdef, params, tokens, pad, key, eos, jnp.int32(max_new),
-                               slots=prompt_len + n_out, n_out=n_out, sampling=sampling)
+            state = decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
         else:
-            state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
-                                sampling=sampling)
             stream(np.asarray(state.token))
             while int(state.step) < max_new and not bool(jnp.all(state.done)):
                 state = step_jit(graphdef, params, state, eos, sampling=sampling)
                 stream(np.asarray(state.token))
-            out = state.out
-    return [[int(t) for t in row if t != PAD] for row in np.asarray(out)]
+    return [[int(t) for t in row if t != PAD] for row in np.asarray(state.out)]
