@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints import hf, llama2c, meta, orbax_format
+from llama_jax.checkpoints import hf, llama2c, manager, meta, orbax_format
 from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.model import Llama
@@ -39,6 +39,8 @@ FORMATS: dict[str, Format] = {
     "llama2c": Format("llama2c", llama2c.is_llama2c, llama2c.read_llama2c, llama2c.save_llama2c),
     "orbax": Format("orbax", orbax_format.is_orbax_dir, orbax_format.read_orbax, orbax_format.save_orbax,
                     orbax_format.restore_orbax),
+    "run": Format("run", manager.is_checkpoint, manager.read_checkpoint, manager.write_checkpoint,
+                  manager.restore_checkpoint),
 }
 
 
