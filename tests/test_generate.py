@@ -1,5 +1,10 @@
 """Generation: token-for-token parity with transformers, cache-vs-full-forward logits, EOS, context, compilation."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +15,8 @@ from hf_reference import make_hf_model, save_hf_model
 
 import llama_jax
 from llama_jax import KVCache, generate
-from llama_jax.inference import generate as gen
 from llama_jax.config import MeshConfig
+from llama_jax.inference import generate as gen
 from llama_jax.sharding import make_mesh
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 7], [1, 88, 3, 64, 120, 33, 9, 71, 12, 100, 4], [1, 50, 51]]
@@ -65,7 +70,7 @@ def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
     rows = [list(rng.integers(0, 128, n)) for n in (3, 9, 6)]
     continuation = rng.integers(0, 128, (len(rows), steps))
     width = max(map(len, rows))
-    tokens, pad = gen._left_pad(rows, width)
+    tokens, pad = gen.left_pad(rows, width)
     cache = KVCache.create(model.cfg, len(rows), width + steps)
     forward = nnx.jit(gen.forward_padded)
     logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(pad), cache)
@@ -127,9 +132,19 @@ def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
     assert generate(model, PROMPTS, max_new_tokens=8) == hf_greedy(hf, PROMPTS, 8)
 
     graphdef, params = nnx.split(model)
-    tokens, pad = gen._left_pad(PROMPTS, 16)
+    tokens, pad = gen.left_pad(PROMPTS, 16)
     with jax.set_mesh(mesh):
         state = gen.prefill_jit(graphdef, params, tokens, pad, jax.random.key(0), jnp.int32(-1),
                                 sampling=gen.Sampling(), slots=32, n_out=16)
     spec = state.cache.k.sharding.spec
     assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
+
+
+def test_bench_decode_runs_in_short_form():
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_decode.py"
+    run = subprocess.run([sys.executable, str(script), "--models", "tiny", "--batch-sizes", "2", "--prompt-len", "8",
+                          "--new-tokens", "4", "--repeats", "1"],
+                         capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=300)
+    assert run.returncode == 0, run.stderr
+    row = run.stdout.strip().splitlines()[-1].split()
+    assert row[:3] == ["tiny", "1.0M", "2"] and all(float(v.replace(",", "")) > 0 for v in row[3:])

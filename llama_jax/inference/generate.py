@@ -116,7 +116,8 @@ def model_mesh(params: Any) -> Mesh | None:
     return None
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, length]` tokens with each prompt right-aligned, and each row's number of padding slots."""
     tokens = np.zeros((len(prompts), length), np.int32)
     pad = np.array([length - len(p) for p in prompts], np.int32)
     for row, prompt in enumerate(prompts):
@@ -154,7 +155,7 @@ def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     longest = max(len(p) for p in prompt_ids)
     max_new = min(max_new_tokens, cfg.max_seq_len - longest)
     prompt_len, n_out = bucket(longest, MIN_PROMPT_BUCKET), bucket(max_new, MIN_OUTPUT_BUCKET)
-    tokens, pad = _left_pad(prompt_ids, prompt_len)
+    tokens, pad = left_pad(prompt_ids, prompt_len)
     graphdef, params = nnx.split(model)
     mesh = mesh or model_mesh(params)
     key = jax.random.key(seed)
