@@ -129,7 +129,43 @@ def _run_chat(args: argparse.Namespace) -> None:
          args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain (or resume) a model from a YAML config; see experiments/configs/")
+    p.add_argument("--config", required=True, help="YAML config, e.g. experiments/configs/shakespeare.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100 optim.lr=1e-3")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from llama_jax.config import load_config
+    cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
+    from llama_jax.training.loop import train
+    print(train(cfg).report())
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", required=True, help="a training run dir, a step dir, or any load_pretrained format")
+    p.add_argument("--data", required=True, help="TFDS dataset name or comma-separated .txt/.jsonl files")
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: tokenizer.model of the training run)")
+    p.add_argument("--split", default="validation", help="dataset split (local files: train)")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per evaluated window")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (global)")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole split)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. mesh.tensor=2")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from llama_jax.training.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.tokenizer, args.split, args.data_dir, args.seq_len,
+                                 args.batch_size, args.max_batches, args.overrides)
+    print(result.report())
+
+
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
+            _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

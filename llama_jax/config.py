@@ -197,6 +197,7 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     sample_prompt: str = ""
     sample_tokens: int = 200
+    sample_temperature: float = 0.8
     init_from: str | None = None
     distributed: bool = False
     coordinator_address: str | None = None

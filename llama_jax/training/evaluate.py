@@ -1,0 +1,92 @@
+"""Validation loss, perplexity and bits per byte of a model over a validation stream.
+
+Bits per byte = total target nats / ln 2 / total UTF-8 bytes of the target text, so it compares models with
+different tokenizers. Batches are `{"tokens": int32[B, T+1], "target_bytes": int32[B]}` as `llama_jax.data` yields
+them (already sharded over the mesh); one jitted loss-sum program serves every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama_jax.checkpoints import load_pretrained
+from llama_jax.config import DataSource, load_config
+from llama_jax.data import build_validation_data
+from llama_jax.model import Llama
+from llama_jax.sharding import check_model_fits, make_mesh
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.training.step import token_losses
+
+_loss_sums = jax.jit(token_losses)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+
+    def scalars(self) -> dict[str, float]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+    def report(self) -> str:
+        return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  bits/byte {self.bits_per_byte:.4f}  "
+                f"({self.tokens} tokens, {self.bytes} bytes)")
+
+
+def evaluate(model: Llama, batches: Iterable[dict[str, Any]], mesh: Mesh | None = None,
+             max_batches: int | None = None) -> EvalResult:
+    """Mean next-token loss, perplexity and bits per byte over (at most `max_batches` of) `batches`."""
+    graphdef, params = nnx.split(model)
+    nats, tokens, n_bytes = 0.0, 0.0, 0.0
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        for batch in itertools.islice(batches, max_batches):
+            loss_sum, count = _loss_sums(graphdef, params, {"tokens": batch["tokens"]})
+            nats += float(loss_sum)
+            tokens += float(count)
+            n_bytes += float(jnp.sum(batch["target_bytes"]))
+    if tokens == 0:
+        raise ValueError("the validation stream yielded no batches; provide more validation text or a smaller batch")
+    loss = nats / tokens
+    return EvalResult(loss, math.exp(min(loss, 700.0)), nats / math.log(2) / max(n_bytes, 1.0), int(tokens),
+                      int(n_bytes))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str, tokenizer: str | Path | None = None,
+                        split: str = "validation", data_dir: str | None = None, seq_len: int = 256,
+                        batch_size: int = 8, max_batches: int | None = None,
+                        overrides: Sequence[str] = ()) -> EvalResult:
+    """Load any supported checkpoint and evaluate it on a dataset split (a TFDS name or local text files).
+
+    The tokenizer defaults to `tokenizer.model` in a training run directory; `overrides` are config `key=value`
+    strings (e.g. `mesh.tensor=2`, `data.cache_dir=...`).
+    """
+    cfg = load_config(None, [f"data.seq_len={seq_len}", f"train.batch_size={batch_size}", *overrides])
+    cfg.data.validation = DataSource(name=data, split=split)
+    cfg.data.data_dir = data_dir or cfg.data.data_dir
+    mesh = make_mesh(cfg.mesh)
+    model = load_pretrained(checkpoint, mesh=mesh)
+    cfg.model = model.cfg
+    check_model_fits(model.cfg, mesh)
+    batches = build_validation_data(cfg, Tokenizer(tokenizer or _run_tokenizer(Path(checkpoint))), mesh=mesh)
+    return evaluate(model, batches, mesh, max_batches)
+
+
+def _run_tokenizer(checkpoint: Path) -> Path:
+    for directory in (checkpoint, checkpoint.parent):
+        if (directory / "tokenizer.model").is_file():
+            return directory / "tokenizer.model"
+    raise FileNotFoundError(f"no tokenizer.model next to '{checkpoint}'; pass --tokenizer FILE")

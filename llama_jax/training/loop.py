@@ -1,0 +1,193 @@
+"""Pretraining loop: config -> mesh, tokenizer, data, model, optimizer -> steps, metrics, validation, checkpoints.
+
+A run lives in `checkpoint.dir`: tokenizer, checkpoints, TensorBoard events and the loss curve. Starting a run whose
+directory already holds checkpoints resumes from the newest readable one (parameters, optimizer, step and data
+position), so a killed or preempted job continues where it stopped. SIGTERM saves a checkpoint at the next step
+boundary and returns normally. The host blocks on a step result at least every 16 steps: on CPU devices more than
+~50 queued collective programs deadlock, and it bounds how far the progress bar runs ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from llama_jax.checkpoints import load_pretrained
+from llama_jax.checkpoints.manager import Checkpointer
+from llama_jax.config import Config, ConfigError, LlamaConfig
+from llama_jax.distributed import initialize
+from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
+from llama_jax.distributed import initialize
+from llama_jax.sharding import check_model_fits, make_mesh
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.training.evaluate import EvalResult, evaluate
+from llama_jax.training.metrics import MetricsLogger, Throughput, peak_flops_per_device
+from llama_jax.training.step import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+SYNC_EVERY = 16
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stopped: str  # "steps", "time" or "signal"
+    train_loss: float | None
+    validation: EvalResult | None
+    sample: str | None
+
+    def report(self) -> str:
+        """Human-readable summary: where the run stopped, the final validation metrics and the sample."""
+        lines = [f"run {self.run_dir}: stopped at step {self.step} ({self.stopped})"
+                 + (f", last train loss {self.train_loss:.4f}" if self.train_loss is not None else "")]
+        if self.validation is not None:
+            lines.append(f"validation: {self.validation.report()}")
+        if self.sample is not None:
+            lines += ["sample:", self.sample]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (TPU preemption) while the block runs; the previous handler is restored after."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _all_processes(flag: bool) -> bool:
+    """True if `flag` is set on any process (so every process stops at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _check_shapes(run: LlamaConfig, loaded: LlamaConfig, path: str) -> None:
+    diff = [f"{k}: {getattr(loaded, k)} vs {getattr(run, k)}" for k in SHAPE_FIELDS
+            if getattr(loaded, k) != getattr(run, k)]
+    if diff:
+        raise ConfigError(f"train.init_from '{path}' does not match the model section ({'; '.join(diff)}); "
+                          "set the model fields to the checkpoint's")
+
+
+def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
+    """Resume from the newest readable checkpoint; else start from `train.init_from` or a fresh init."""
+    target = trainer.abstract_state()
+    restored = ckpt.restore_latest(target.params, target.opt_state)
+    if restored is not None:
+        data.restore(restored.data_state)
+        log.info("resumed from %s step %d", ckpt.directory, restored.step)
+        step = jax.device_put(np.int32(restored.step), trainer.state_sharding.step)
+        return TrainState(step, restored.params, restored.opt_state)
+    if cfg.train.init_from:
+        m = cfg.model
+        model = load_pretrained(cfg.train.init_from, mesh=trainer.mesh, param_dtype=m.param_dtype, dtype=m.dtype,
+                                remat=m.remat, scan_layers=m.scan_layers, max_seq_len=m.max_seq_len)
+        _check_shapes(m, model.cfg, cfg.train.init_from)
+        return trainer.init_state(nnx.state(model))
+    return trainer.init_state()
+
+
+def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) -> str | None:
+    if cfg.train.sample_tokens <= 0:
+        return None
+    from llama_jax.inference.generate import generate
+
+    prompt = tokenizer.encode(cfg.train.sample_prompt, bos=True)
+    out = generate(trainer.model(params), [prompt], max_new_tokens=cfg.train.sample_tokens,
+                   temperature=cfg.train.sample_temperature, eos_id=tokenizer.eos_id, seed=cfg.train.seed,
+                   mesh=trainer.mesh)
+    return tokenizer.decode(prompt + out[0])
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
+    t = cfg.train
+    initialize(t)
+    run_dir = Path(cfg.checkpoint.dir)
+    mesh = make_mesh(cfg.mesh)
+    check_model_fits(cfg.model, mesh)
+    tokenizer = provision_tokenizer(cfg, run_dir)
+    data = build_train_data(cfg, tokenizer, mesh=mesh)
+    validation = build_validation_data(cfg, tokenizer, mesh=mesh)
+    trainer = Trainer(cfg, mesh)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    state = _initial_state(cfg, trainer, ckpt, data)
+    step = first_step = int(state.step)
+
+    main = jax.process_index() == 0
+    logger = MetricsLogger(run_dir, t.steps, step, enabled=main)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    peak = peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+    speed = Throughput(cfg.model.flops_per_token(cfg.data.seq_len), peak)
+    deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
+    pending: list[dict[str, jax.Array]] = []
+    train_loss, stopped = None, "steps"
+
+    def run_eval(at: int, max_batches: int | None) -> EvalResult | None:
+        if validation is None:
+            return None
+        result = evaluate(trainer.model(state.params), validation, mesh, max_batches)
+        logger.log(at, result.scalars(), prefix="eval")
+        return result
+
+    with _sigterm_flag() as sigterm:
+        while step < t.steps:
+            state, metrics = trainer.train_step(state, next(data))
+            step += 1
+            pending.append(metrics)
+            if step == first_step + 1:
+                jax.block_until_ready(metrics)
+                speed.reset()  # the first step's time is mostly compilation
+            else:
+                speed.add(tokens_per_step)
+            logger.advance(1)
+            if step % t.log_every == 0 or step % SYNC_EVERY == 0 or step == t.steps:
+                fetched = jax.device_get(pending)
+                pending = []
+                train_loss = float(np.mean([m["loss"] for m in fetched]))
+                if step % t.log_every == 0 or step == t.steps:
+                    rate, mfu = speed.update()
+                    last = fetched[-1]
+                    logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
+                                      "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                run_eval(step, t.eval_batches)
+                speed.reset()
+            if ckpt.due(step):
+                ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
+                speed.reset()
+            if _all_processes(sigterm.is_set()):
+                stopped = "signal"
+                break
+            if deadline is not None and _all_processes(time.monotonic() > deadline):
+                stopped = "time"
+                break
+        ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
+        ckpt.close()
+
+    validation_result = run_eval(step, None) if stopped != "signal" else None
+    sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None
+    logger.plot()
+    logger.close()
+    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample)

@@ -1,0 +1,139 @@
+"""Training metrics: throughput and MFU, a console progress bar, TensorBoard events and a loss-curve PNG.
+
+MFU = achieved model FLOPs/s (`LlamaConfig.flops_per_token` x tokens/s) over the devices' peak. The peak per device
+comes from a small table of dense bf16 peaks (override with `train.peak_flops_per_device`); on CPU, where no table
+applies, a float32 matmul is timed once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+PEAK_FLOPS = {  # dense bf16 FLOP/s per chip, matched by substring of `device.device_kind` (most specific first)
+    "v5p": 459e12, "v5 lite": 197e12, "v5e": 197e12, "v6 lite": 918e12, "v6e": 918e12, "v4": 275e12, "v3": 123e12,
+    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12,
+}
+
+
+@functools.cache
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 n x n matmul on the first device (best of `repeats`)."""
+    x = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(override: float | None = None) -> float:
+    """Peak FLOP/s of one device: the override, the table entry for its kind, or a measured matmul on CPU."""
+    if override:
+        return float(override)
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    if device.platform == "cpu":
+        return measured_matmul_flops() / jax.local_device_count()
+    raise ValueError(f"no peak FLOP/s known for device kind '{device.device_kind}'; "
+                     "set train.peak_flops_per_device")
+
+
+class Throughput:
+    """Tokens/s and MFU between consecutive `update` calls (each one after a blocking read of a step result)."""
+
+    def __init__(self, flops_per_token: float, peak_flops_total: float):
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_total
+        self._time = time.perf_counter()
+        self._tokens = 0.0
+
+    def add(self, tokens: float) -> None:
+        self._tokens += tokens
+
+    def reset(self) -> None:
+        """Start a new window, discarding time spent on compilation, evaluation or checkpointing."""
+        self._time, self._tokens = time.perf_counter(), 0.0
+
+    def update(self) -> tuple[float, float]:
+        """(tokens/s, MFU) since the previous update, then restart the window."""
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._time, 1e-9)
+        self._time, self._tokens = now, 0.0
+        return rate, rate * self.flops_per_token / self.peak
+
+
+class MetricsLogger:
+    """Console progress bar, TensorBoard scalars (process 0 only) and history for the loss-curve plot."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                              disable=not enabled)
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def advance(self, steps: int) -> None:
+        self._bar.update(steps)
+
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        """Record scalars at `step` in TensorBoard and the history; print one line above the progress bar."""
+        for name, value in scalars.items():
+            self.history.setdefault(f"{prefix}/{name}", []).append((step, value))
+            if self._writer is not None:
+                self._writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.enabled:
+            self._bar.write(f"{prefix} step {step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+            if prefix == "train":
+                self._bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.3f}")
+
+    def plot(self, path: str | Path | None = None) -> Path | None:
+        """Write the train (and validation) loss curves as a PNG; returns its path."""
+        if not self.enabled or "train/loss" not in self.history:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path or self.run_dir / "loss.png")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("train/loss", "train"), ("eval/loss", "validation")):
+            if key in self.history:
+                steps, values = zip(*self.history[key])
+                ax.plot(steps, values, label=label, marker="o" if key.startswith("eval") else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _fmt(value: float) -> str:
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
