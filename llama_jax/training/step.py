@@ -99,12 +99,16 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update (over `optim.grad_accum_steps` microbatches); `state` is donated."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted_train_step(batch)(state, batch)
+
+    def jitted_train_step(self, batch: Batch) -> Any:
+        """The jitted step for batches shaped like `batch` (arrays or ShapeDtypeStructs); `plan` lowers it AOT."""
         if self._train is None:
             self._train = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self._batch_shardings(batch)),
                                   out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())))
-        with jax.set_mesh(self.mesh):
-            return self._train(state, batch)
+        return self._train
 
     def _batch_shardings(self, batch: Batch) -> dict[str, NamedSharding]:
         return {k: batch_sharding(self.mesh, v.shape) for k, v in batch.items()}

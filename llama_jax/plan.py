@@ -1,0 +1,214 @@
+"""Will this config fit? AOT-compile the real train step for a TPU slice (or N GPUs) on this machine and report memory.
+
+For TPUs, libtpu describes the named slice's chips without any TPU present (`jax.experimental.topologies`); the
+`Trainer`'s jitted step is lowered on abstract inputs (ShapeDtypeStructs carrying the mesh's NamedShardings) and
+compiled by the TPU compiler, whose memory analysis gives the bytes each chip needs: arguments (parameters,
+optimizer state, batch), temporaries (activations, gradients, gathered weights) and code. Nothing is allocated.
+For GPUs there is no such compiler here, so the step is compiled for N CPU devices: an estimate of the same program's
+per-device memory, not a GPU measurement.
+
+Slice names follow Cloud TPU accelerator types: the suffix counts TensorCores for v4 and v5p (2 per chip, `v5p-128`
+= 64 chips) and chips for v5e (`v5litepod-16`, `v5e-16`) and v6e (`v6e-8`). An explicit topology (`v5p:4x4x8`,
+`v5e:4x8`) is accepted too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from llama_jax.config import Config, ConfigError, load_config
+from llama_jax.sharding import bytes_per_device, check_model_fits, make_mesh
+from llama_jax.training.metrics import PEAK_FLOPS
+from llama_jax.training.step import Trainer, batch_sharding
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One TPU generation: topology prefix, whether the name counts TensorCores, chip layout, HBM per chip."""
+
+    prefix: str
+    cores_per_chip_in_name: int
+    dims: int
+    chip_config: str
+    hbm_gib: float
+
+
+GENERATIONS = {
+    "v4": Generation("v4", 2, 3, "megacore", 32),
+    "v5p": Generation("v5p", 2, 3, "megacore", 95),
+    "v5e": Generation("v5e", 1, 2, "default", 16),
+    "v6e": Generation("v6e", 1, 2, "default", 32),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
+NAME_HELP = "e.g. v4-8, v5p-128, v5e-16 (or v5litepod-16), v6e-8, or an explicit topology such as v5p:4x4x8"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to compile for: devices, their memory, and words for the report."""
+
+    devices: list[Any]
+    memory_bytes: float
+    description: str
+    peak_flops: float | None
+    estimate_note: str = ""
+
+
+def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """Cloud TPU's shape for a power-of-two chip count: from one host's 2x2(x1) chips, double the smallest axis,
+    the last one first (v5p: 4 chips 2x2x1, 16 2x2x4, 64 4x4x4, 128 4x4x8; v5e: 8 chips 2x4, 16 4x4)."""
+    shape = [1] * dims if chips == 1 and dims == 2 else [2, 2] + [1] * (dims - 2)
+    while math.prod(shape) < chips:
+        i = max(j for j in range(dims) if shape[j] == min(shape))
+        shape[i] *= 2
+    if math.prod(shape) != chips:
+        raise ConfigError(f"{chips} chips has no standard slice shape; pass an explicit topology, {NAME_HELP}")
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> tuple[Generation, str, int]:
+    """(generation, libtpu topology string, chips) for an accelerator type or explicit topology name."""
+    m = re.fullmatch(r"(v\d+[a-z]*)([-:])(\d+(?:x\d+)*)", name.strip().lower())
+    gen_name = ALIASES.get(m[1], m[1]) if m else None
+    if gen_name not in GENERATIONS:
+        raise ConfigError(f"unknown TPU topology '{name}'; use one of {sorted(GENERATIONS)}: {NAME_HELP}")
+    gen = GENERATIONS[gen_name]
+    if m[2] == ":":
+        shape = tuple(int(d) for d in m[3].split("x"))
+        if len(shape) != gen.dims:
+            raise ConfigError(f"topology '{name}' must have {gen.dims} dimensions for {gen.prefix}, e.g. "
+                              f"{gen.prefix}:{'x'.join(['2'] * gen.dims)}")
+    else:
+        count = int(m[3])
+        if count % gen.cores_per_chip_in_name:
+            raise ConfigError(f"'{name}': {gen.prefix}-N counts TensorCores ({gen.cores_per_chip_in_name} per chip), "
+                              "so N must be even")
+        shape = slice_shape(count // gen.cores_per_chip_in_name, gen.dims)
+    return gen, f"{gen.prefix}:{'x'.join(map(str, shape))}", math.prod(shape)
+
+
+def tpu_target(name: str) -> Target:
+    """The abstract chips of a TPU slice (needs libtpu; no TPU needed)."""
+    gen, topology, chips = parse_topology(name)
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f'planning for TPU needs libtpu: pip install "jax[tpu]=={jax.__version__}" '
+                          "(or pip install -r requirements-tpu-plan.txt)")
+    # libtpu looks for a TPU VM's metadata unless told the slice (these two only quiet its warnings), and takes a
+    # machine-wide lock that any JAX process probing for TPUs may hold; describing a topology needs neither.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen.prefix}-{chips * gen.cores_per_chip_in_name}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=gen.chip_config)
+    return Target(list(desc.devices), gen.hbm_gib * GIB,
+                  f"{name} (topology {topology}, {chips} chips of {desc.devices[0].device_kind}, "
+                  f"{gen.hbm_gib:g} GiB HBM each)", PEAK_FLOPS.get(gen.prefix))
+
+
+def gpu_target(count: int, memory_gib: float) -> Target:
+    """`count` CPU devices standing in for GPUs with `memory_gib` each."""
+    if count < 1 or memory_gib <= 0:
+        raise ConfigError(f"--gpus ({count}) must be >= 1 and --gpu-memory-gib ({memory_gib}) positive")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the CPU backend already started (e.g. in a test process): use the devices it has
+        pass
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise ConfigError(f"planning for {count} GPUs needs {count} CPU devices but this process has "
+                          f"{len(devices)}; run plan in a fresh process or set "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+    return Target(devices[:count], memory_gib * GIB, f"{count} GPUs with {memory_gib:g} GiB each", None,
+                  "estimate: compiled by the CPU compiler for simulated devices; GPU fusion and kernels differ")
+
+
+@dataclass
+class Plan:
+    target: Target
+    mesh_shape: dict[str, int]
+    batch: tuple[int, int]
+    params_bytes: int
+    opt_bytes: int
+    batch_bytes: int
+    temp_bytes: int
+    other_bytes: int
+    flops_per_step: float
+    compile_s: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.opt_bytes + self.batch_bytes + self.temp_bytes + self.other_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.target.memory_bytes
+
+    def report(self) -> str:
+        per = "chip" if self.target.peak_flops else "device"
+        mesh = " x ".join(f"{k} {v}" for k, v in self.mesh_shape.items())
+        rows = [("parameters", self.params_bytes), ("optimizer state", self.opt_bytes), ("batch", self.batch_bytes),
+                ("activations + temporaries", self.temp_bytes), ("outputs + code", self.other_bytes)]
+        lines = [f"plan: {self.target.description}", f"mesh: {mesh}; global batch {self.batch[0]} x {self.batch[1]} "
+                 f"tokens; compiled in {self.compile_s:.1f} s", f"memory per {per}:"]
+        lines += [f"  {name:<27}{b / GIB:9.2f} GiB" for name, b in rows]
+        verdict = "fits" if self.fits else "does not fit"
+        lines.append(f"  {'total':<27}{self.total_bytes / GIB:9.2f} GiB of {self.target.memory_bytes / GIB:g} GiB "
+                     f"({100 * self.total_bytes / self.target.memory_bytes:.0f}%): {verdict}")
+        flops = f"model FLOPs per step: {self.flops_per_step:.3e}"
+        if self.target.peak_flops:
+            ideal = self.flops_per_step / (self.target.peak_flops * len(self.target.devices))
+            flops += f" ({ideal:.2f} s per step at 100% MFU)"
+        lines.append(flops)
+        if self.target.estimate_note:
+            lines.append(self.target.estimate_note)
+        return "\n".join(lines)
+
+
+def plan_step(cfg: Config, target: Target) -> Plan:
+    """Compile `cfg`'s train step for `target`'s devices on `cfg.mesh` and measure its memory per device."""
+    mesh = make_mesh(cfg.mesh, target.devices)
+    check_model_fits(cfg.model, mesh)
+    trainer = Trainer(cfg, mesh)
+    state = trainer.abstract_state()
+    shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
+    batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))}
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = trainer.jitted_train_step(batch).lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    params, opt, data = (bytes_per_device(x) for x in (state.params, state.opt_state, batch))
+    other = (memory.argument_size_in_bytes - params - opt - data + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.generated_code_size_in_bytes)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return Plan(target, dict(_mesh_sizes(mesh)), (cfg.train.batch_size, cfg.data.seq_len), params, opt, data,
+                memory.temp_size_in_bytes, other, cfg.model.flops_per_token(cfg.data.seq_len) * tokens, seconds)
+
+
+def _mesh_sizes(mesh: Mesh) -> list[tuple[str, int]]:
+    return [(name, mesh.shape[name]) for name in mesh.axis_names]
+
+
+def plan(config: str | None, overrides: list[str], topology: str | None = None, gpus: int | None = None,
+         gpu_memory_gib: float = 80.0) -> Plan:
+    """Plan `config` (+ overrides) for a TPU `topology` or for `gpus` GPUs of `gpu_memory_gib` each."""
+    if (topology is None) == (gpus is None):
+        raise ConfigError("give exactly one of --topology (e.g. v5p-128) or --gpus N")
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")  # the host side; TPU chips come from libtpu's description
+    cfg = load_config(config, overrides)
+    target = tpu_target(topology) if topology is not None else gpu_target(gpus, gpu_memory_gib)
+    return plan_step(cfg, target)
