@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.checkpoints.manager import Checkpointer
 from llama_jax.config import Config, ConfigError, LlamaConfig
-from llama_jax.distributed import initialize
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
 from llama_jax.distributed import initialize
 from llama_jax.sharding import check_model_fits, make_mesh
