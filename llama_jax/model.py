@@ -80,9 +80,10 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, std)
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, std)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                 layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
+        of the layer's slots (`mask` hides the unused ones)."""
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
@@ -90,12 +91,13 @@ class Attention(nnx.Module):
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if kv is not None:
-            start = (0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k_all, v_all)
-            k, v = k_all.astype(dt), v_all.astype(dt)
+        if cache is not None:
+            start = (layer, 0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start)
+            cache = KVCache(k_all, v_all, cache.index)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
         b, t = x.shape[:2]
         q = q.reshape(b, t, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
         scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
@@ -103,7 +105,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), kv
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
 
 
 class FeedForward(nnx.Module):
@@ -128,13 +130,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg)
         self.feed_forward = FeedForward(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        attn, kv = self.attention(self.attention_norm(x), positions, mask, kv, index)
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                 layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        attn, cache = self.attention(self.attention_norm(x), positions, mask, cache, layer)
         h = constrain(x + attn, ("batch", "seq", "act_embed"))
         out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("batch", "seq", "act_embed"))
-        return out, kv
+        return out, cache
 
 
 class Llama(nnx.Module):
@@ -170,46 +171,42 @@ class Llama(nnx.Module):
 
         x = self.tok_embeddings[...].astype(jnp.dtype(cfg.dtype))[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x, kv = self._run_layers(x, positions, full_mask, cache)
+        x, cache = self._run_layers(x, positions, full_mask, cache)
         x = self.norm(x)
         head = self.tok_embeddings[...].T if cfg.tie_embeddings else self.output[...]
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         if cache is None:
             return logits
-        return logits, KVCache(kv[0], kv[1], start + t)
+        return logits, KVCache(cache.k, cache.v, start + t)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None
-                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Apply the blocks (a Python loop or one `lax.scan` over stacked weights), with the remat policy."""
+                    ) -> tuple[jax.Array, KVCache | None]:
+        """Apply the blocks (a Python loop or one `lax.scan` over stacked weights), with the remat policy.
+
+        The cache travels through the layers whole, so each layer updates its slots in place (no per-step copy).
+        """
         policy = self.cfg.remat
-        index = cache.index if cache is not None else None
 
         def block_fn(graphdef: Any) -> Any:
-            def apply(state: Any, h: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
-                return nnx.merge(graphdef, state)(h, positions, mask, kv, index)
+            def apply(state: Any, h: jax.Array, kv: KVCache | None, layer: Any) -> tuple[jax.Array, Any]:
+                return nnx.merge(graphdef, state)(h, positions, mask, kv, layer)
             return apply if policy == "none" else jax.checkpoint(apply, policy=REMAT[policy])
 
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            kv_stack = (cache.k, cache.v) if cache is not None else None
             apply = block_fn(graphdef)
 
-            def body(h: jax.Array, layer: tuple[Any, Any]) -> tuple[jax.Array, Any]:
-                return apply(layer[0], h, layer[1])
+            def body(carry: tuple[jax.Array, Any], layer: tuple[Any, jax.Array]) -> tuple[Any, None]:
+                return apply(layer[0], carry[0], carry[1], layer[1]), None
 
-            x, kv_out = jax.lax.scan(body, x, (state, kv_stack))
-            return x, kv_out
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.cfg.n_layers)))
+            return x, cache
 
-        new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = block_fn(graphdef)(state, x, kv)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        return x, ((jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None)
+            x, cache = block_fn(graphdef)(state, x, cache, i)
+        return x, cache
 
 
 def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
