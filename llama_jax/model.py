@@ -169,7 +169,9 @@ class Llama(nnx.Module):
         causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]
         full_mask = causal[None] if mask is None else causal[None] & mask
 
-        x = self.tok_embeddings[...].astype(jnp.dtype(cfg.dtype))[tokens]
+        # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
+        table = constrain(self.tok_embeddings[...], (None, "embed"))
+        x = table.astype(jnp.dtype(cfg.dtype))[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
         x, cache = self._run_layers(x, positions, full_mask, cache)
         x = self.norm(x)

@@ -8,23 +8,33 @@ Names and the (un-permuted) RoPE layout are already our canonical form (`layout.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
-import torch
 
 from llama_jax.config import LlamaConfig
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _ROW_SPLIT = {"wq", "wk", "wv", "w1", "w3", "output"}
 _COL_SPLIT = {"wo", "w2", "tok_embeddings"}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _torch() -> Any:
+    """torch, imported on first use: only Meta's `.pth` files need it (it is a convert extra, not a core dependency)."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        raise ImportError("reading or writing Meta .pth checkpoints needs torch: pip install torch==2.13.0") from None
 
 
 def split_axis(meta_name: str) -> int | None:
@@ -49,6 +59,7 @@ def is_meta_dir(path: Path) -> bool:
 
 def _to_numpy(tensor: torch.Tensor, where: str) -> np.ndarray:
     """Zero-copy numpy view of a CPU tensor; bfloat16 is reinterpreted as ml_dtypes.bfloat16."""
+    torch = _torch()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     if tensor.dtype not in (torch.float16, torch.float32):
@@ -61,7 +72,7 @@ class MetaReader:
 
     def __init__(self, path: Path):
         self.files = shard_files(path)
-        self.shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in self.files]
+        self.shards = [_torch().load(f, map_location="cpu", weights_only=True, mmap=True) for f in self.files]
 
     def shape(self, meta_name: str) -> tuple[int, ...]:
         axis = split_axis(meta_name)
@@ -143,10 +154,11 @@ def save_meta(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path:
     Meta's model has no tied classifier, so a tied model is written with `output.weight` = the embedding.
     """
     _check_divisible(cfg, num_shards)
+    torch = _torch()
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     embedding = None
     for name, tensor in tensors:
-        t = _to_torch(tensor).to(_TORCH_DTYPES[dtype])
+        t = _to_torch(tensor).to(getattr(torch, dtype))
         if name == "tok_embeddings.weight" and cfg.tie_embeddings:
             embedding = t
         _split_into(shards, name, t)
@@ -159,6 +171,7 @@ def save_meta(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path:
 
 def _to_torch(tensor: np.ndarray) -> torch.Tensor:
     """Inverse of `_to_numpy` (copying only read-only arrays, which torch cannot wrap)."""
+    torch = _torch()
     array = np.asarray(tensor)
     if not array.flags.writeable:
         array = array.copy()
