@@ -10,7 +10,6 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from llama_jax.checkpoints import hf, llama2c, manager, meta, orbax_format
 from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.model import Llama
+from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
 
 Writer = Callable[..., None]
 
@@ -27,10 +27,11 @@ Writer = Callable[..., None]
 @dataclass(frozen=True)
 class Format:
     name: str
-    detect: Callable[[Path], bool]
-    read: Callable[[Path], tuple[LlamaConfig, TensorGetter]]
+    detect: Callable[[AnyPath], bool]
+    read: Callable[[AnyPath], tuple[LlamaConfig, TensorGetter]]
     write: Writer
-    restore: Callable[[Path, LlamaConfig, Mesh | None], Llama | None] | None = None  # direct load, skipping tensors
+    restore: Callable[[AnyPath, LlamaConfig, Mesh | None], Llama | None] | None = None  # direct load, skipping tensors
+    remote: bool = False  # reads and writes gs:// (etc.) URIs through epath; other formats need local files
 
 
 FORMATS: dict[str, Format] = {
@@ -38,25 +39,33 @@ FORMATS: dict[str, Format] = {
     "meta": Format("meta", meta.is_meta_dir, meta.read_meta, meta.save_meta),
     "llama2c": Format("llama2c", llama2c.is_llama2c, llama2c.read_llama2c, llama2c.save_llama2c),
     "orbax": Format("orbax", orbax_format.is_orbax_dir, orbax_format.read_orbax, orbax_format.save_orbax,
-                    orbax_format.restore_orbax),
+                    orbax_format.restore_orbax, remote=True),
     "run": Format("run", manager.is_checkpoint, manager.read_checkpoint, manager.write_checkpoint,
-                  manager.restore_checkpoint),
+                  manager.restore_checkpoint, remote=True),
 }
 
 
-def detect_format(path: str | Path) -> str:
+def _local_only(path: PathLike) -> ValueError:
+    local = sorted(name for name, fmt in FORMATS.items() if not fmt.remote)
+    return ValueError(f"'{path}' is not a llama_jax run or orbax checkpoint, and the {'/'.join(local)} formats read "
+                      "and write local paths only; copy it to local disk first (e.g. gcloud storage cp -r)")
+
+
+def detect_format(path: PathLike) -> str:
     """Name of the format stored at `path`, or a one-line error saying what was expected."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path '{path}' does not exist")
     for fmt in FORMATS.values():
-        if fmt.detect(path):
+        if (fmt.remote or not is_remote(path)) and fmt.detect(path):
             return fmt.name
+    if is_remote(path):
+        raise _local_only(path)
     raise ValueError(f"'{path}' is not a known checkpoint layout; expected one of {sorted(FORMATS)} "
                      "(e.g. an HF dir with config.json + *.safetensors)")
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None,
+def load_pretrained(path: PathLike, dtype: str | None = None, mesh: Mesh | None = None,
                     **overrides: Any) -> Llama:
     """Load a checkpoint of any known format into a `Llama`, optionally sharded onto `mesh`.
 
@@ -64,12 +73,13 @@ def load_pretrained(path: str | Path, dtype: str | None = None, mesh: Mesh | Non
     that do not change shapes (`scan_layers=True`, `remat="full"`, `max_seq_len=...`).
     """
     fmt = FORMATS[detect_format(path)]
-    cfg, get_tensor = fmt.read(Path(path))
+    path = as_path(path)
+    cfg, get_tensor = fmt.read(path)
     if dtype is not None:
         check_dtype(dtype)
         overrides = {"param_dtype": dtype, "dtype": dtype, **overrides}
     cfg = dataclasses.replace(cfg, **overrides)
-    model = fmt.restore(Path(path), cfg, mesh) if fmt.restore else None
+    model = fmt.restore(path, cfg, mesh) if fmt.restore else None
     return model if model is not None else build_model(cfg, get_tensor, mesh)
 
 
@@ -78,15 +88,15 @@ def check_dtype(dtype: str) -> None:
         raise ValueError(f"dtype '{dtype}' is not one of {DTYPES}")
 
 
-def save_pretrained(model: Llama, path: str | Path, format: str = "hf", dtype: str | None = None,
-                    overwrite: bool = False, **options: Any) -> Path:
+def save_pretrained(model: Llama, path: PathLike, format: str = "hf", dtype: str | None = None,
+                    overwrite: bool = False, **options: Any) -> AnyPath:
     """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`."""
     return write_tensors(model.cfg, iter_meta_tensors(model), path, format, dtype or model.cfg.param_dtype,
                          overwrite, **options)
 
 
-def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: str | Path, format: str,
-                  dtype: str, overwrite: bool = False, **options: Any) -> Path:
+def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: PathLike, format: str,
+                  dtype: str, overwrite: bool = False, **options: Any) -> AnyPath:
     """Write Meta-named tensors in `format` to the directory `path` (created; refused if non-empty)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; choose one of {sorted(FORMATS)}")
@@ -94,7 +104,9 @@ def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], p
     unknown = sorted(set(options) - set(inspect.signature(FORMATS[format].write).parameters))
     if unknown:
         raise ValueError(f"format '{format}' has no option {', '.join(unknown)}; drop it or choose another format")
-    path = Path(path)
+    path = as_path(path)
+    if is_remote(path) and not FORMATS[format].remote:
+        raise _local_only(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output '{path}' is a file; choose a directory path")
     if path.exists() and any(path.iterdir()) and not overwrite:

@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import Mesh
 from llama_jax.checkpoints.layout import TensorGetter, iter_meta_tensors
 from llama_jax.config import CheckpointConfig, Config, LlamaConfig, from_dict
 from llama_jax.model import Llama
+from llama_jax.paths import AnyPath, PathLike, absolute, as_path
 from llama_jax.sharding import abstract_init
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def _warn(message: str) -> None:
 class Checkpointer:
     """Saves every `cfg.every` steps (async, keeping `cfg.max_to_keep`) and restores the newest usable step."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: PathLike, cfg: CheckpointConfig):
+        self.directory = absolute(directory)
         self.cfg = cfg
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
@@ -109,7 +109,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def _step_dir(path: Path) -> Path:
+def _step_dir(path: AnyPath) -> AnyPath:
     """`path` itself if it is one saved step, else the newest step directory inside a run directory."""
     if (path / "params").is_dir():
         return path
@@ -120,49 +120,49 @@ def _step_dir(path: Path) -> Path:
     return path / str(steps[0])
 
 
-def is_checkpoint(path: Path) -> bool:
+def is_checkpoint(path: PathLike) -> bool:
     """True for a run directory or a step directory written by `Checkpointer`."""
     try:
-        step = _step_dir(Path(path))
+        step = _step_dir(as_path(path))
     except FileNotFoundError:
         return False
     return (step / "config").is_dir()
 
 
-def read_config(path: str | Path) -> Config:
+def read_config(path: PathLike) -> Config:
     """The run config stored with a checkpoint (run directory or step directory)."""
-    raw = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(_step_dir(Path(path)).absolute() / "config")
+    raw = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(absolute(_step_dir(as_path(path))) / "config")
     return from_dict(Config, raw)
 
 
-def _restore_params(step: Path, model_cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+def _restore_params(step: AnyPath, model_cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, abstract = abstract_init(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)), mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     with ocp.StandardCheckpointer() as checkpointer:
-        return graphdef, checkpointer.restore(step.absolute() / "params", abstract)
+        return graphdef, checkpointer.restore(absolute(step) / "params", abstract)
 
 
-def load_params(path: str | Path, mesh: Mesh | None = None) -> tuple[LlamaConfig, nnx.State]:
+def load_params(path: PathLike, mesh: Mesh | None = None) -> tuple[LlamaConfig, nnx.State]:
     """Model config and parameters of a training checkpoint, sharded onto `mesh` (default: the first device)."""
-    step = _step_dir(Path(path))
+    step = _step_dir(as_path(path))
     model_cfg = read_config(step).model
     return model_cfg, _restore_params(step, model_cfg, mesh)[1]
 
 
-def restore_checkpoint(path: Path, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
+def restore_checkpoint(path: PathLike, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
     """`load_pretrained` fast path: restore straight onto `mesh`, or None if `cfg` stores params differently."""
-    step = _step_dir(path)
+    step = _step_dir(as_path(path))
     stored = read_config(step).model
     if (cfg.scan_layers, cfg.param_dtype) != (stored.scan_layers, stored.param_dtype):
         return None
     return nnx.merge(*_restore_params(step, cfg, mesh))
 
 
-def read_checkpoint(path: Path) -> tuple[LlamaConfig, TensorGetter]:
+def read_checkpoint(path: PathLike) -> tuple[LlamaConfig, TensorGetter]:
     """`load_pretrained` reader: the model config and a Meta-named tensor getter (params read on first use)."""
-    step = _step_dir(path)
+    step = _step_dir(as_path(path))
     model_cfg = read_config(step).model
 
     @functools.cache

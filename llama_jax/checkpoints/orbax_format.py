@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,13 +21,15 @@ from jax.sharding import Mesh
 from llama_jax.checkpoints.layout import build_model, to_meta_layout
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
+from llama_jax.paths import AnyPath, PathLike, absolute, as_path
 from llama_jax.sharding import abstract_init
 
 CONFIG = "llama_config.json"
 PARAMS = "params"
 
 
-def is_orbax_dir(path: Path) -> bool:
+def is_orbax_dir(path: PathLike) -> bool:
+    path = as_path(path)
     return (path / CONFIG).is_file() and (path / PARAMS).is_dir()
 
 
@@ -36,29 +37,29 @@ def _stored_config(cfg: LlamaConfig, dtype: str) -> LlamaConfig:
     return dataclasses.replace(cfg, scan_layers=False, remat="none", param_dtype=dtype)
 
 
-def _restore(path: Path, cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
+def _restore(path: AnyPath, cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
     """(graphdef, param state) of `cfg` restored from `path/params`, each array placed as `mesh` shards it."""
     graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore((path / PARAMS).absolute(), nnx.to_pure_dict(abstract))
+        restored = ckptr.restore(absolute(path / PARAMS), nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, restored)
     return graphdef, abstract
 
 
-def restore_orbax(path: Path, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
+def restore_orbax(path: PathLike, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
     """The model restored directly (sharded on `mesh`), or None when `cfg` stacks layers unlike the stored tree."""
     if cfg.scan_layers:
         return None
-    return nnx.merge(*_restore(path, cfg, mesh))
+    return nnx.merge(*_restore(as_path(path), cfg, mesh))
 
 
 class OrbaxReader:
     """Tensor getter by Meta name; restores the stored tree once, on first use."""
 
-    def __init__(self, path: Path, cfg: LlamaConfig):
+    def __init__(self, path: AnyPath, cfg: LlamaConfig):
         self.path, self.cfg, self.tree = path, cfg, None
 
     def __call__(self, meta_name: str) -> np.ndarray:
@@ -72,7 +73,8 @@ class OrbaxReader:
         return np.asarray(to_meta_layout(meta_name, node, self.cfg))
 
 
-def read_orbax(path: Path) -> tuple[LlamaConfig, OrbaxReader]:
+def read_orbax(path: PathLike) -> tuple[LlamaConfig, OrbaxReader]:
+    path = as_path(path)
     try:
         cfg = LlamaConfig(**json.loads((path / CONFIG).read_text()))
     except TypeError as err:
@@ -94,9 +96,10 @@ class _Stream:
         return self.stash.pop(meta_name)
 
 
-def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str) -> None:
+def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: PathLike, dtype: str) -> None:
+    path = as_path(path)
     stored = _stored_config(cfg, dtype)
     model = build_model(stored, _Stream(tensors))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((path / PARAMS).absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        ckptr.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     (path / CONFIG).write_text(json.dumps(dataclasses.asdict(stored), indent=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from llama_jax.config import Config, ConfigError, DataConfig, DataSource
 from llama_jax.data.sources import cache_root, documents, open_source, source_id
 from llama_jax.data.tokenized import TokenStream, token_stream, tokenizer_hash
+from llama_jax.paths import PathLike, as_path, is_remote, local_copy_path
 from llama_jax.sharding import logical_spec
 from llama_jax.tokenizer import Tokenizer
 
@@ -204,15 +204,30 @@ def build_validation_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | N
     return ValidationData(dataset, mesh, fingerprint)
 
 
-def provision_tokenizer(cfg: Config, run_dir: str | Path) -> Tokenizer:
+def provision_tokenizer(cfg: Config, run_dir: PathLike) -> Tokenizer:
     """`data.tokenizer` if set; else `<run_dir>/tokenizer.model`, trained on the first source's training text the
-    first time (so a resumed run reuses the same tokenizer)."""
+    first time (so a resumed run reuses the same tokenizer).
+
+    sentencepiece reads and writes local files only, so for a remote run dir (gs://...) the model is trained into,
+    or fetched to, a local copy under `data.cache_dir`, and process 0 uploads a newly trained one (all hosts share
+    the run dir).
+    """
     data = cfg.data
     if data.tokenizer:
         return Tokenizer(data.tokenizer)
-    path = Path(run_dir) / "tokenizer.model"
+    path = as_path(run_dir) / "tokenizer.model"
+    local = local_copy_path(path, cache_root(data.cache_dir))
+    remote = is_remote(path)
     if path.exists():
-        return Tokenizer(path)
+        if remote:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(path.read_bytes())
+        return Tokenizer(local)
     source = data.sources[0]
     text = documents(source, open_source(source, data.data_dir, data.cache_dir), _holdout(data))
-    return Tokenizer.train(text, data.tokenizer_vocab_size, path.with_suffix(""))
+    tokenizer = Tokenizer.train(text, data.tokenizer_vocab_size, local.with_suffix(""), overwrite=remote)
+    if remote and jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".model", ".vocab"):
+            path.with_suffix(suffix).write_bytes(local.with_suffix(suffix).read_bytes())
+    return tokenizer

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ from llama_jax.checkpoints.manager import Checkpointer
 from llama_jax.config import Config, ConfigError, LlamaConfig
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
 from llama_jax.distributed import initialize
+from llama_jax.paths import AnyPath, as_path
 from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.evaluate import EvalResult, evaluate
@@ -42,7 +42,7 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidde
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: AnyPath
     step: int
     stopped: str  # "steps", "time" or "signal"
     train_loss: float | None
@@ -123,7 +123,7 @@ def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
     t = cfg.train
     initialize(t)
-    run_dir = Path(cfg.checkpoint.dir)
+    run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     tokenizer = provision_tokenizer(cfg, run_dir)

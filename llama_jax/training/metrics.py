@@ -8,14 +8,18 @@ applies, a float32 matmul is timed once.
 from __future__ import annotations
 
 import functools
+import io
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import tqdm
+
+from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per chip, matched by substring of `device.device_kind` (most specific first)
     "v5p": 459e12, "v5 lite": 197e12, "v5e": 197e12, "v6 lite": 918e12, "v6e": 918e12, "v4": 275e12, "v3": 123e12,
@@ -77,18 +81,26 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Console progress bar, TensorBoard scalars (process 0 only) and history for the loss-curve plot."""
+    """Console progress bar, TensorBoard scalars (process 0 only) and history for the loss-curve plot.
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True):
-        self.run_dir = Path(run_dir)
+    For a remote run dir (gs://...) the events are written to a local temporary directory and uploaded to
+    `<run_dir>/tensorboard` by `close()`: tensorboardX writes gs:// only through google-cloud-storage, which this
+    project does not install, and rewrites the whole file on every flush.
+    """
+
+    def __init__(self, run_dir: PathLike, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.run_dir = as_path(run_dir)
         self.enabled = enabled
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                               disable=not enabled)
         self._writer = None
+        self._staging: Path | None = None
         if enabled:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            if is_remote(self.run_dir):
+                self._staging = Path(tempfile.mkdtemp(prefix="llama_jax_tensorboard_"))
+            self._writer = SummaryWriter(str(self._staging or self.run_dir / "tensorboard"))
 
     def advance(self, steps: int) -> None:
         self._bar.update(steps)
@@ -104,7 +116,7 @@ class MetricsLogger:
             if prefix == "train":
                 self._bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.3f}")
 
-    def plot(self, path: str | Path | None = None) -> Path | None:
+    def plot(self, path: PathLike | None = None) -> AnyPath | None:
         """Write the train (and validation) loss curves as a PNG; returns its path."""
         if not self.enabled or "train/loss" not in self.history:
             return None
@@ -112,7 +124,7 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        path = Path(path or self.run_dir / "loss.png")
+        path = as_path(path or self.run_dir / "loss.png")
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, label in (("train/loss", "train"), ("eval/loss", "validation")):
             if key in self.history:
@@ -123,14 +135,23 @@ class MetricsLogger:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        path.write_bytes(png.getvalue())
         return path
 
     def close(self) -> None:
         self._bar.close()
         if self._writer is not None:
             self._writer.close()
+        if self._staging is not None:
+            events = self.run_dir / "tensorboard"
+            events.mkdir(parents=True, exist_ok=True)
+            for file in self._staging.iterdir():
+                (events / file.name).write_bytes(file.read_bytes())
+            shutil.rmtree(self._staging)
+            self._staging = None
 
 
 def _fmt(value: float) -> str:
