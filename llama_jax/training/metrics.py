@@ -138,6 +138,7 @@ class MetricsLogger:
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png.getvalue())
         return path
 
