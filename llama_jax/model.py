@@ -43,7 +43,13 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, std: float) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, fan_in: int) -> nnx.Param:
+    """A parameter drawn from N(0, 1/fan_in) (LeCun normal, as MaxText initialises LLaMA) carrying its logical axes.
+
+    Small models trained from scratch learn much faster with this than with a flat std of 0.02 (measured on the
+    tiny_shakespeare demo: 2.70 vs 3.17 validation bits per byte after 60 steps).
+    """
+    std = fan_in ** -0.5
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
 
@@ -74,11 +80,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         dt, d, n, k, h = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        std = 0.02
-        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dt, std)
-        self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, std)
-        self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, std)
-        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, std)
+        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dt, d)
+        self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, n * h)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
@@ -111,9 +116,9 @@ class Attention(nnx.Module):
 class FeedForward(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         dt, d, f = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.hidden_dim
-        self.w1 = _param(rngs, (d, f), ("embed", "mlp"), dt, 0.02)
-        self.w3 = _param(rngs, (d, f), ("embed", "mlp"), dt, 0.02)
-        self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, 0.02)
+        self.w1 = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.w3 = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -149,14 +154,17 @@ class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dt = jnp.dtype(cfg.param_dtype)
-        self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, 0.02)
+        # Unit-variance embeddings (the first RMSNorm rescales them); a tied table doubles as the output projection,
+        # so it takes that projection's 1/dim variance instead.
+        embed_fan_in = cfg.dim if cfg.tie_embeddings else 1
+        self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, embed_fan_in)
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, rngs)
         else:
             self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
-            self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, 0.02)
+            self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, cfg.dim)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
                  cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:

@@ -51,17 +51,17 @@ def test_cli_train_logs_metrics_and_sigterm_saves_then_exits_cleanly(overrides, 
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "train step 8:" in line:
+        if "train step 12:" in line:
             proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, "".join(lines)
     out = "".join(lines)
     logged = {int(s): dict(re.findall(r"(\w+) ([-\d.e+]+)", rest))
               for s, rest in re.findall(r"train step (\d+): (.*)", out)}
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(logged[4])
-    assert float(logged[8]["loss"]) < float(logged[2]["loss"]) - 0.3
-    assert 0 < float(logged[8]["mfu"]) < 1 and float(logged[8]["tokens_per_s"]) > 0
+    assert float(logged[12]["loss"]) < float(logged[2]["loss"]) - 0.3
+    assert 0 < float(logged[12]["mfu"]) < 1 and float(logged[12]["tokens_per_s"]) > 0
     stop = int(re.search(r"stopped at step (\d+) \(signal\)", out).group(1))
-    assert 8 <= stop < 1000
+    assert 12 <= stop < 1000
     assert (tmp_path / "run" / str(stop) / "params").is_dir()  # the preemption checkpoint
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
