@@ -12,7 +12,19 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+    """Contents of the README's fenced code blocks whose info string is `lang` (fences opened and closed in order)."""
+    blocks, current, current_lang = [], None, None
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, current_lang = [], line[3:].strip()
+            else:
+                if current_lang == lang:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
 def test_python_examples_run(tmp_path, monkeypatch):
@@ -26,7 +38,7 @@ def test_python_examples_run(tmp_path, monkeypatch):
 
 def _cli_lines() -> list[str]:
     lines = []
-    for block in _blocks("bash") + _blocks(""):
+    for block in _blocks("bash"):
         for line in block.splitlines():
             match = re.search(r"python -m llama_jax (.*)$", line.split(" #")[0])
             if match:
