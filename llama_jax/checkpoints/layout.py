@@ -108,6 +108,15 @@ def check_shape(name: str, tensor: Any, cfg: LlamaConfig, file_name: str | None 
                          "the checkpoint does not match its config")
 
 
+def restore_target(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
+    """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0."""
+    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return graphdef, abstract
+
+
 def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = None) -> Llama:
     """Assemble a `Llama` from Meta-named tensors fetched one by one, placing each on `mesh` if given."""
     graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)

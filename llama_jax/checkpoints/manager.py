@@ -20,11 +20,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints.layout import TensorGetter, iter_meta_tensors
+from llama_jax.checkpoints.layout import TensorGetter, iter_meta_tensors, restore_target
 from llama_jax.config import CheckpointConfig, Config, LlamaConfig, from_dict
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, absolute, as_path
-from llama_jax.sharding import abstract_init
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +135,7 @@ def read_config(path: PathLike) -> Config:
 
 
 def _restore_params(step: AnyPath, model_cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
-    graphdef, abstract = abstract_init(lambda: Llama(model_cfg, rngs=nnx.Rngs(0)), mesh)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    graphdef, abstract = restore_target(model_cfg, mesh)
     with ocp.StandardCheckpointer() as checkpointer:
         return graphdef, checkpointer.restore(absolute(step) / "params", abstract)
 

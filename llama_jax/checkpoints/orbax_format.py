@@ -12,17 +12,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints.layout import build_model, to_meta_layout
+from llama_jax.checkpoints.layout import build_model, restore_target, to_meta_layout
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, absolute, as_path
-from llama_jax.sharding import abstract_init
 
 CONFIG = "llama_config.json"
 PARAMS = "params"
@@ -39,10 +37,7 @@ def _stored_config(cfg: LlamaConfig, dtype: str) -> LlamaConfig:
 
 def _restore(path: AnyPath, cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
     """(graphdef, param state) of `cfg` restored from `path/params`, each array placed as `mesh` shards it."""
-    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    graphdef, abstract = restore_target(cfg, mesh)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(absolute(path / PARAMS), nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, restored)
