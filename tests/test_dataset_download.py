@@ -100,7 +100,7 @@ def test_recipe_without_the_dataset_fails_fast_on_every_host(tmp_path, tokenizer
     data_dir = tmp_path / "tensorflow_datasets"
     data_dir.mkdir()
     port = 20000 + os.getpid() % 20000
-    recipe = REPO / "experiments" / "configs" / "llama2_7b_v4_8.yaml"
+    recipe = REPO / "experiments" / "configs" / "llama2_7b_v4_16.yaml"
     command = [sys.executable, "-m", "llama_jax", "train", "--config", str(recipe), f"data.data_dir={data_dir}",
                f"data.tokenizer={tokenizer_32k}", f"checkpoint.dir={tmp_path / 'run'}"]
     start = time.monotonic()

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from llama_jax.chips import CHIPS, chip_for_device_kind
 from llama_jax.config import ConfigError, load_config
 from llama_jax.plan import GIB, parse_topology, plan
+from llama_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -50,7 +52,8 @@ def test_small_model_on_v5p_8():
     assert result.opt_bytes == pytest.approx(2 * result.params_bytes, rel=0.01)
     assert 0 < result.temp_bytes < GIB
     assert result.flops_per_step == pytest.approx(load_config(None, SMALL).model.flops_per_token(256) * 8 * 256)
-    assert "fits" in result.report() and "of 95 GiB" in result.report()
+    assert "of 95.74 GiB usable (95 GiB nominal)" in result.report() and "fits (" in result.report()
+    assert result.target.memory_bytes == 95.74 * GIB  # XLA's limit on a v5p chip, not the nominal size
 
 
 @needs_libtpu
@@ -61,10 +64,50 @@ def test_mesh_that_does_not_divide_the_chips():
 
 def test_gpu_estimate_against_a_memory_budget():
     result = plan(None, SMALL + ["train.batch_size=8"], gpus=8, gpu_memory_gib=80)
-    assert result.fits and len(result.target.devices) == 8 and result.mesh_shape["fsdp"] == 8
-    assert "CPU compiler" in result.report()
-    tight = dataclasses.replace(result, target=dataclasses.replace(result.target, memory_bytes=result.total_bytes - 1))
-    assert not tight.fits and "does not fit" in tight.report()
+    assert result.fits and result.fits_with_headroom and len(result.target.devices) == 8
+    assert result.mesh_shape["fsdp"] == 8 and "CPU compiler" in result.report()
+    assert result.headroom == 0.05 and "of 80 GiB (" in result.report()  # no separate nominal size for GPUs
+
+    def with_memory(gib: float):
+        return dataclasses.replace(result, target=dataclasses.replace(result.target, memory_bytes=gib * GIB))
+    total = result.total_bytes / GIB
+    over = with_memory(total - 0.25)
+    assert not over.fits and not over.fits_with_headroom
+    assert f"does not fit: needs {total:.2f} GiB per chip, 0.25 GiB more than the {total - 0.25:g} GiB usable" \
+        in over.report()
+    tight = with_memory(total / 0.97)  # 3% free: fits, under the 5% headroom
+    assert tight.fits and not tight.fits_with_headroom
+    assert "fits, but warning: only 3.0% (" in tight.report() and "under the 5% headroom" in tight.report()
+    roomy = dataclasses.replace(tight, headroom=0.02)
+    assert roomy.fits_with_headroom and "fits (3% free)" in roomy.report()
+
+
+def test_headroom_must_be_a_fraction():
+    with pytest.raises(ConfigError, match=re.escape("--headroom must be a fraction in [0, 1), e.g. 0.05, got 5")):
+        plan(None, SMALL, gpus=1, headroom=5)
+
+
+@pytest.mark.parametrize("kind, name", [
+    ("TPU v4", "v4"), ("TPU v5", "v5p"), ("TPU v5p", "v5p"), ("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"),
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", None),
+])
+def test_one_chip_table_for_device_kinds(kind, name):
+    """JAX's device kinds (libtpu names a v5p chip "TPU v5") map to one table entry each."""
+    chip = chip_for_device_kind(kind)
+    assert (chip and chip.name) == name
+
+
+def test_usable_hbm_table():
+    usable = {c.name: (c.usable_hbm_gib, c.hbm_gib) for c in CHIPS if c.usable_hbm_gib}
+    assert usable == {"v4": (30.75, 32), "v5e": (15.75, 16), "v5p": (95.74, 95), "v6e": (31.25, 32)}
+
+
+def test_mfu_peak_comes_from_the_chip_table(monkeypatch):
+    class Device:
+        device_kind, platform = "TPU v5", "tpu"
+    monkeypatch.setattr(metrics.jax, "devices", lambda: [Device()])
+    assert metrics.peak_flops_per_device() == 459e12
+    assert metrics.peak_flops_per_device(1e12) == 1e12
 
 
 def test_exactly_one_target():
@@ -82,7 +125,7 @@ def test_cli_unknown_topology_is_one_line():
 @pytest.mark.slow
 @needs_libtpu
 def test_llama2_7b_on_v5p_8_fits_but_not_on_v5e_4():
-    recipe = str(CONFIGS / "llama2_7b_v4_8.yaml")
+    recipe = str(CONFIGS / "llama2_7b_v4_16.yaml")
     result = plan(recipe, [], topology="v5p-8")
     assert result.fits and result.params_bytes == pytest.approx(6.74e9 * 4 / 4, rel=0.01)
     small_hbm = plan(recipe, [], topology="v5litepod-4")  # 16 B/param / 4 chips > 16 GiB before any activation

@@ -25,7 +25,7 @@ SETTINGS = {
     "RUNTIME_VERSION": "tpu-ubuntu2204-base",
     "GCS_BUCKET": "gs://my-bucket/",
     "REPO": "https://github.com/me/llama_jax.git",
-    "CONFIG": "experiments/configs/llama2_7b_v4_8.yaml",
+    "CONFIG": "experiments/configs/llama2_7b_v4_16.yaml",
 }
 
 
@@ -112,7 +112,7 @@ def test_train_starts_the_same_command_on_all_workers(tmp_path):
     (cmd,) = commands("train.sh", "optim.lr=1e-4", "train.steps=10", env=env_file(tmp_path))
     assert cmd[:-1] == SSH + ["--worker=all"]
     line = remote(cmd)
-    train = ("-m llama_jax train --config experiments/configs/llama2_7b_v4_8.yaml train.distributed=true "
+    train = ("-m llama_jax train --config experiments/configs/llama2_7b_v4_16.yaml train.distributed=true "
              "checkpoint.dir=gs://my-bucket/runs/llama-test data.data_dir=gs://my-bucket/tensorflow_datasets "
              "optim.lr=1e-4 train.steps=10")
     assert (f"PYTHONUNBUFFERED=1 setsid nohup $HOME/llama_jax_venv/bin/python {train} "

@@ -33,7 +33,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 require PROJECT ZONE TPU_NAME CONFIG
-[[ -f $REPO_ROOT/$CONFIG ]] || die "config '$CONFIG' not found in $REPO_ROOT; give a path inside the repository, e.g. experiments/configs/llama2_7b_v4_8.yaml"
+[[ -f $REPO_ROOT/$CONFIG ]] || die "config '$CONFIG' not found in $REPO_ROOT; give a path inside the repository, e.g. experiments/configs/llama2_7b_v4_16.yaml"
 ckpt=$(checkpoint_uri)
 data_dir=$(data_dir_uri)
 
