@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.config import load_config
-from llama_jax.plan import GENERATIONS, parse_topology
-from llama_jax.sharding import mesh_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "tpu_setup"
