@@ -42,19 +42,18 @@ def processes(monkeypatch, index: int, count: int) -> None:
     monkeypatch.setattr(jax, "process_count", lambda: count)
 
 
-@pytest.mark.parametrize("allow, count, reason", [
-    (False, 1, "data.allow_download is false"),
-    (None, 2, "this run has 2 processes and data.allow_download is unset"),
+@pytest.mark.parametrize("name, allow, count, reason", [
+    ("tiny_shakespeare:1.0.0", False, 1, "data.allow_download is false"),
+    ("tiny_shakespeare", None, 2, "this run has 2 processes and data.allow_download is unset"),
 ])
-def test_missing_dataset_is_one_line_and_builds_nothing(tmp_path, monkeypatch, no_builds, allow, count, reason):
+def test_missing_dataset_is_one_line_and_builds_nothing(tmp_path, monkeypatch, no_builds, name, allow, count, reason):
     processes(monkeypatch, 0, count)
     with pytest.raises(FileNotFoundError) as err:
-        prepared_builder("tiny_shakespeare:1.0.0", str(tmp_path), allow)
+        prepared_builder(name, str(tmp_path), allow)
     message = str(err.value)
     assert "\n" not in message and reason in message
-    assert f"not prepared in data_dir {tmp_path} (no {tmp_path}/tiny_shakespeare/1.0.0)" in message
-    assert f"gcloud storage cp -r gs://SOURCE/tensorflow_datasets/tiny_shakespeare/1.0.0 {tmp_path}/tiny_shakespeare/" \
-        in message
+    assert f"'{name}' is not prepared in data_dir {tmp_path} (no {tmp_path}/tiny_shakespeare/1.0.0)" in message
+    assert f"gcloud storage cp -r SOURCE_DATA_DIR/tiny_shakespeare/1.0.0 {tmp_path}/tiny_shakespeare/" in message
     assert ("data.allow_download=true" in message) == (allow is None)
     assert list(tmp_path.iterdir()) == []
 

@@ -288,11 +288,25 @@ def test_recover_reads_the_real_state_outside_dry_runs(tmp_path):
     assert result.returncode == 1 and "--state is only for --dry-run" in result.stderr
 
 
+def readme_blocks() -> list[list[str]]:
+    """The command lines of each bash block in tpu_setup/README.md (the first is the first-run walkthrough)."""
+    blocks = [block.split("```", 1)[0] for block in (TPU / "README.md").read_text().split("```bash\n")[1:]]
+    return [[code for code in (line.split(" #")[0].strip() for line in block.splitlines()) if code]
+            for block in blocks]
+
+
 def walkthrough() -> list[str]:
-    """The command lines of tpu_setup/README.md's first-run walkthrough (its first bash block), comments removed."""
-    text = (TPU / "README.md").read_text()
-    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line.split(" #")[0].strip() for line in block.splitlines() if line.split(" #")[0].strip()]
+    return readme_blocks()[0]
+
+
+def test_every_readme_command_runs_dry(tmp_path):
+    env = env_file(tmp_path, QUEUED="true", ACCELERATOR_TYPE="v5p-128", RUNTIME_VERSION="v2-alpha-tpuv5")
+    lines = [line for block in readme_blocks()[1:] for line in block]
+    assert lines
+    for line in lines:
+        script, *args = shlex.split(line)
+        assert script.startswith("tpu_setup/"), line
+        assert commands(script.removeprefix("tpu_setup/"), *args, env=env), line
 
 
 def test_the_readme_walkthrough_runs_dry(tmp_path):

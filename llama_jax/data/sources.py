@@ -70,18 +70,18 @@ def _find_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder |
 
 
 def missing_dataset_message(name: str, data_dir: str | None, allow_download: bool | None, process_count: int,
-                            buildable: bool = True) -> str:
+                            builder: tfds.core.DatasetBuilder | None) -> str:
     """One line: which dataset is missing where, where to copy a prepared one from, and how to build it instead."""
     root = str(data_dir or constants.DATA_DIR).rstrip("/")
-    name_dir = name.replace(":", "/")
-    why = ("tfds cannot build this version" if not buildable else
+    relative = builder.info.full_name if builder is not None else name.replace(":", "/")  # e.g. c4/en/3.0.1
+    why = ("tfds cannot build this version" if builder is None else
            "data.allow_download is false" if allow_download is False else
            f"this run has {process_count} processes and data.allow_download is unset")
-    fix = "" if not buildable or allow_download is not None else (
+    fix = "" if builder is None or allow_download is not None else (
         "; or set data.allow_download=true to build it (process 0 builds, the others wait)")
-    return (f"dataset '{name}' is not prepared in data_dir {root} (no {root}/{name_dir}) and {why}; copy a prepared "
-            f"TFDS directory there, e.g. gcloud storage cp -r gs://SOURCE/tensorflow_datasets/{name_dir} "
-            f"{root}/{name_dir.rsplit('/', 1)[0]}/ (tpu_setup/data.sh dataset does this){fix}")
+    return (f"dataset '{name}' is not prepared in data_dir {root} (no {root}/{relative}) and {why}; copy a prepared "
+            f"TFDS directory there, e.g. gcloud storage cp -r SOURCE_DATA_DIR/{relative} "
+            f"{root}/{relative.rsplit('/', 1)[0]}/ (tpu_setup/data.sh dataset does this){fix}")
 
 
 def prepared_builder(name: str, data_dir: str | None, allow_download: bool | None) -> tfds.core.DatasetBuilder:
@@ -92,7 +92,7 @@ def prepared_builder(name: str, data_dir: str | None, allow_download: bool | Non
     index, count = jax.process_index(), jax.process_count()
     role = download_role(allow_download, index, count)
     if builder is None or role == "refuse":
-        raise FileNotFoundError(missing_dataset_message(name, data_dir, allow_download, count, builder is not None))
+        raise FileNotFoundError(missing_dataset_message(name, data_dir, allow_download, count, builder))
     if role == "prepare":
         builder.download_and_prepare()
     if count > 1:
