@@ -22,7 +22,7 @@ CONFIGS = REPO / "experiments" / "configs"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -r requirements-tpu-plan.txt)")
 # A small model with the recipes' settings (scan + full remat, bf16 compute): compiles in seconds.
-SMALL = ["model.preset=tiny", "model.scan_layers=true", "model.remat=full", "model.dtype=bfloat16",
+SMALL = ["model.preset=tiny", "execution.scan_layers=true", "execution.remat=full", "execution.dtype=bfloat16",
          "data.seq_len=256", "mesh.fsdp=-1"]
 
 
@@ -148,7 +148,7 @@ def counted_bytes(cfg, chips: int) -> dict[str, float]:
     embeddings = 2 * m.vocab_size * m.dim
     layer = (m.num_params() - embeddings) / m.n_layers
     return {"state": 16 * m.num_params() / (fsdp * tensor),
-            "saved": m.n_layers * b * seq * m.dim * jnp.dtype(m.dtype).itemsize,
+            "saved": m.n_layers * b * seq * m.dim * jnp.dtype(cfg.execution.dtype).itemsize,
             "scores": 2 * b * m.n_heads / tensor * seq**2 * 4,
             "weights": (2 * layer + embeddings) * 4 / tensor,
             "logits": 3 * b * seq * m.vocab_size / tensor * 4}
@@ -165,7 +165,7 @@ def test_recipes_fit_their_slice_by_count(name):
     data, fsdp, tensor = mesh_shape(cfg.mesh, chips)
     assert cfg.train.batch_size % (data * fsdp) == 0
     assert cfg.model.n_heads % tensor == 0 and cfg.model.n_kv_heads % tensor == 0
-    assert cfg.model.remat == "full" and cfg.model.scan_layers and cfg.train.distributed
+    assert cfg.execution.remat == "full" and cfg.execution.scan_layers and cfg.train.distributed
     assert cfg.data.seq_len <= cfg.model.max_seq_len
     counted = counted_bytes(cfg, chips)
     assert sum(counted.values()) <= usable_with_headroom(RECIPE_SLICES[name]), {k: v / GIB for k, v in counted.items()}
