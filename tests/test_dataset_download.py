@@ -80,7 +80,7 @@ def test_other_processes_wait_for_process_0(tmp_path, tfds_dir, monkeypatch, no_
     monkeypatch.setattr(sources.multihost_utils, "sync_global_devices", barrier)
     builder = prepared_builder("tiny_shakespeare", str(tmp_path), True)
     assert barriers == ["llama_jax prepared tiny_shakespeare"] and builder.is_prepared()
-    assert builder.as_dataset(split="train").cardinality() == 1
+    assert builder.info.splits["train"].num_examples == 1
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
