@@ -3,6 +3,7 @@ process 0 alone, the others waiting), and otherwise fails at once with one line 
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -98,7 +99,9 @@ def test_recipe_without_the_dataset_fails_fast_on_every_host(tmp_path, tokenizer
     seconds of start-up and nothing is written there."""
     data_dir = tmp_path / "tensorflow_datasets"
     data_dir.mkdir()
-    port = 20000 + os.getpid() % 20000
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     recipe = REPO / "experiments" / "configs" / "llama2_7b_v4_16.yaml"
     command = [sys.executable, "-m", "llama_jax", "train", "--config", str(recipe), f"data.data_dir={data_dir}",
                f"data.tokenizer={tokenizer_32k}", f"checkpoint.dir={tmp_path / 'run'}"]
