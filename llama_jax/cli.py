@@ -171,13 +171,15 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--topology", help="TPU slice: v4-8, v5p-128, v5e-16 / v5litepod-16, v6e-8, or v5p:4x4x8")
     target.add_argument("--gpus", type=int, help="number of GPUs (a CPU-compiled estimate)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU for --gpus (default 80)")
+    p.add_argument("--headroom", type=float, default=0.05, help="warn when less than this fraction of the usable "
+                   "memory per chip stays free (default 0.05)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.batch_size=128")
     p.set_defaults(run=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
     from llama_jax.plan import plan
-    print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib).report())
+    print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib, args.headroom).report())
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train, _add_eval,
