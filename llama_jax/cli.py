@@ -180,8 +180,21 @@ def _run_plan(args: argparse.Namespace) -> None:
     print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib).report())
 
 
+def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with our model registered as `--model llama_jax`",
+                       description="Runs lm_eval's own command line; everything after `lm-eval` goes to it, e.g. "
+                                   "run --model llama_jax --model_args checkpoint=DIR,tokenizer=FILE --tasks hellaswag")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval arguments (see `lm-eval run --help`)")
+    p.set_defaults(run=_run_lm_eval)
+
+
+def _run_lm_eval(args: argparse.Namespace) -> None:
+    from llama_jax.evaluation.lm_eval_adapter import run_cli
+    run_cli(args.lm_eval_args)
+
+
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train, _add_eval,
-            _add_plan]
+            _add_plan, _add_lm_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Benchmark evaluation: batched continuation log-likelihoods and the lm-evaluation-harness adapter."""
