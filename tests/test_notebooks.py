@@ -39,10 +39,11 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     nb = _with_parameters(
         nbformat.read(REPO / "experiments" / "notebooks" / "quickstart.ipynb", as_version=4),
         INSTALL=False, CONFIG=str(REPO / "experiments" / "configs" / "tiny_ci.yaml"), TRAIN_STEPS=12,
-        TRAIN_MINUTES=2.0, RUN_DIR=str(run_dir), CHECKPOINT=str(tmp_path / "run-hf"),
+        TRAIN_MINUTES=2.0, RUN_DIR=str(run_dir), NEW_TOKENS=16, CHECKPOINT=str(tmp_path / "run-hf"),
         CHECKPOINT_TOKENIZER=str(run_dir / "tokenizer.model"),
         OVERRIDES=[f"data.sources=[{{name: {corpus}}}]", "data.validation=null", "data.validation_fraction=0.1",
-                   f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer_vocab_size=320", "model.vocab_size=320"])
+                   f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer_vocab_size=320", "model.vocab_size=320",
+                   "model.max_seq_len=256"])  # room for the chat turns
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
 
     def text(i: int) -> str:
@@ -55,4 +56,4 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     assert any(o.output_type == "display_data" and "image/png" in o.data for c in nb.cells if c.cell_type == "code"
                for o in c.outputs)
     assert (tmp_path / "run-hf" / "config.json").is_file()
-    assert "['user', 'assistant', 'user', 'assistant']" in joined
+    assert "['system', 'user', 'assistant', 'user', 'assistant']" in joined

@@ -2,8 +2,11 @@
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -19,6 +22,7 @@ from llama_jax.serving.engine import BatchingConfig, Engine, Job, QueueFull
 from tiny_lm import TEXT, make_tiny_lm
 
 MAX_SEQ_LEN = 64
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
@@ -172,3 +176,20 @@ def test_engine_queue_bound_and_cancel():
     engine.cancel(jobs[0])
     engine.submit(jobs[2])
     assert engine.waiting == 2
+
+
+@pytest.mark.e2e
+def test_benchmark_script_runs_the_cli_server(tmp_path):
+    """experiments/bench_serve.py, shortened: `python -m llama_jax serve` in a subprocess under 1 and 4 clients."""
+    make_tiny_lm(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "bench_serve.py"), "--tokenizer", str(tmp_path / "tok.model"),
+         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 4 |")]
+    assert [int(r[1]) for r in rows] == [1, 4]
+    for r in rows:
+        requests_per_s, tokens_per_s, p50, p99 = map(float, r[2:6])
+        assert requests_per_s > 0 and 0 < tokens_per_s <= 4.05 * requests_per_s and p99 >= p50 > 0
