@@ -189,8 +189,8 @@ def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_lm_eval(args: argparse.Namespace) -> None:
-    from llama_jax.evaluation.lm_eval_adapter import run_cli
-    run_cli(args.lm_eval_args)
+    from llama_jax.evaluation import run_lm_eval
+    run_lm_eval(args.lm_eval_args)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -1,13 +1,12 @@
 """lm-evaluation-harness backed by llama_jax: `lm_eval --model llama_jax --model_args checkpoint=DIR,tokenizer=FILE`.
 
 Importing this module registers the model name `llama_jax` in lm_eval's registry (lm_eval has no plugin discovery,
-so `python -m llama_jax lm-eval ...` imports it and then runs lm_eval's own CLI). Log-likelihoods come from
+so `python -m llama_jax lm-eval ...` imports it and then runs lm_eval's own CLI: `llama_jax.evaluation.run_lm_eval`). Log-likelihoods come from
 `score_continuations` (batched, sharded forward passes), generation from `llama_jax.generate` with stop sequences.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,9 +99,3 @@ class LlamaJaxLM(LM):
         temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample", False) else 0.0
         return stops, max_new, temperature, float(gen_kwargs.get("top_p", 1.0))
 
-
-def run_cli(argv: Sequence[str]) -> None:
-    """lm_eval's own command line (`lm_eval run ...` arguments) with the `llama_jax` model registered."""
-    from lm_eval.__main__ import cli_evaluate
-    sys.argv = ["lm_eval", *argv]
-    cli_evaluate()

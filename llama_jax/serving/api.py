@@ -137,8 +137,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 engine.cancel(job)
 
     def emitter(events: asyncio.Queue) -> Callable[[int, Event], None]:
+        """Hand events from the engine thread to this request's queue on the server's event loop."""
         loop = asyncio.get_running_loop()
-        return lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+        def emit(i: int, event: Event) -> None:
+            if not loop.is_closed():  # after shutdown nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, (i, event))
+        return emit
 
     def usage(jobs: list[Job], completion_tokens: int) -> dict[str, int]:
         prompt_tokens = sum(len(j.prompt) for j in jobs)

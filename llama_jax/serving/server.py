@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llama_jax.extras import require
 from llama_jax.inference.load import load_sharded
 from llama_jax.serving.engine import BatchingConfig, Engine
 from llama_jax.tokenizer import Tokenizer
@@ -12,6 +13,7 @@ from llama_jax.tokenizer import Tokenizer
 def serve(checkpoint: str, tokenizer: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
           model_name: str | None = None, batching: BatchingConfig = BatchingConfig(), tensor: int = 1) -> None:
     """Serve `checkpoint` (any format) under `model_name` (default: the checkpoint directory's name)."""
+    require("fastapi", "uvicorn", extra="serve")
     import uvicorn
 
     from llama_jax.serving.api import create_app
