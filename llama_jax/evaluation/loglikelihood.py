@@ -18,7 +18,7 @@ from flax import nnx
 
 from llama_jax.inference.generate import MIN_PROMPT_BUCKET, bucket, model_mesh
 from llama_jax.model import Llama
-from llama_jax.training.step import batch_sharding
+from llama_jax.sharding import batch_sharding
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
