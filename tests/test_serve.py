@@ -166,6 +166,23 @@ def test_full_queue_is_503_and_a_disconnect_frees_its_slot(live):
         thread.join(timeout=10)
 
 
+def test_a_client_leaving_mid_stream_ends_its_row(live, monkeypatch):
+    ids = live.tok.encode("Water boils", bos=True)
+    max_tokens = MAX_SEQ_LEN - len(ids)
+    assert len(generate(live.model, [ids], max_new_tokens=max_tokens, eos_id=live.tok.eos_id)[0]) == max_tokens
+    jobs = []
+    submit = live.engine.submit
+    monkeypatch.setattr(live.engine, "submit", lambda job: (jobs.append(job), submit(job))[1])
+    body = {"model": "tiny", "prompt": "Water boils", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # the first token arrived; now hang up
+    for _ in range(200):
+        if jobs[0].finished and httpx.get(live.url + "/health").json()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert jobs[0].cancelled and jobs[0].finished and jobs[0].tokens < max_tokens
+
+
 def test_engine_queue_bound_and_cancel():
     engine = Engine(SimpleNamespace(cfg=SimpleNamespace(max_seq_len=32)), None, BatchingConfig(max_queue=2))
     jobs = [Job([1, 2], 4, lambda e: None) for _ in range(3)]
