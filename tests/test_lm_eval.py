@@ -137,12 +137,11 @@ def test_lm_eval_task_accuracy_equals_direct_computation(tiny):
 
 @pytest.mark.e2e
 def test_cli_runs_lm_eval_with_our_model(tiny):
-    tasks = _write_task(tiny.root, QUESTIONS)
+    tasks, out = _write_task(tiny.root, QUESTIONS), tiny.root / "cli_results"
     result = subprocess.run(
         [sys.executable, "-m", "llama_jax", "lm-eval", "run", "--model", "llama_jax", "--model_args",
          f"checkpoint={tiny.hf_dir},tokenizer={tiny.tok_path}", "--tasks", "tiny_mc", "--include_path", tasks,
-         "--batch_size", "4"], capture_output=True, text=True, timeout=300)
+         "--batch_size", "4", "--output_path", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    acc, _ = _expected_accuracies(tiny, QUESTIONS)
-    row = next(line for line in result.stdout.splitlines() if "|acc " in line)
-    assert float(row.split("|")[-3]) == pytest.approx(acc, abs=1e-4)
+    got = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
+    assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx(_expected_accuracies(tiny, QUESTIONS), abs=1e-9)
