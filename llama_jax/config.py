@@ -141,7 +141,9 @@ class MeshConfig:
 
 @dataclass
 class DataSource:
-    """One text source: a TFDS dataset name, or local `.txt`/`.jsonl` files (comma-separated paths or a glob)."""
+    """One text source, by the form of its `name`: a TFDS dataset (`c4/en`); local `.txt`/`.jsonl`/`.parquet` files
+    (comma-separated paths or globs); or a Hugging Face dataset `hf:ORG/NAME[:config]` / `hf:/path` (a directory
+    written by `Dataset.save_to_disk`, or of data files), read in streaming mode (`data.streaming`)."""
 
     name: str = "tiny_shakespeare"
     split: str = "train"
@@ -157,6 +159,11 @@ class DataConfig:
     of the first source's text. `data_dir` is the TFDS directory (a `gs://` path works); `cache_dir` holds prepared
     local files and tokenized corpora (default `~/.cache/llama_jax`). Without `tokenizer`, one with
     `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory.
+
+    With `streaming`, training sources are read lazily (tokenized on the fly, nothing prepared up front) as
+    `streams` independent shard streams, each packing its own documents and shuffling them through a buffer of
+    `shuffle_buffer` windows. The batch order depends on `streams`, never on the process count, which must divide
+    `streams` (times `workers`, grain worker processes per host; 0 reads in background threads).
     """
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
@@ -168,6 +175,10 @@ class DataConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1024
     validation_fraction: float = 0.0
+    streaming: bool = False
+    streams: int = 8
+    shuffle_buffer: int = 1024
+    workers: int = 0
 
 
 @dataclass
