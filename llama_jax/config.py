@@ -198,6 +198,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Run length, batch, logging, sampling and cluster settings. With several processes, SIGTERM and
+    `max_minutes` are agreed across them every `stop_check_every` steps (one small all-gather)."""
+
     steps: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -214,6 +217,7 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    stop_check_every: int = 10
 
 
 @dataclass

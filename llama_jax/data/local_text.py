@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -104,13 +104,18 @@ def _parquet_rows(path: Path, text_field: str, position: int) -> Iterator[Piece]
         first += rows
 
 
-def _documents(path: Path, text_field: str) -> Iterator[str]:
+def whole_documents(pieces: Iterable[Piece]) -> Iterator[str]:
+    """Join pieces back into documents."""
     parts = []
-    for text, ends, _ in file_pieces(path, text_field):
+    for text, ends, _ in pieces:
         parts.append(text)
         if ends:
             yield "".join(parts)
             parts = []
+
+
+def _documents(path: Path, text_field: str) -> Iterator[str]:
+    return whole_documents(file_pieces(path, text_field))
 
 
 def local_builder(files: Sequence[Path], text_field: str, data_dir: Path) -> LocalText:

@@ -13,6 +13,7 @@ paths share the tokenizer and `tokenized.window`, and batches reach the devices 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import weakref
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.config import Config, ConfigError, DataConfig, DataSource
-from llama_jax.data.shards import HF_PREFIX
+from llama_jax.data.shards import HF_PREFIX, source_documents
 from llama_jax.data.sources import cache_root, documents, is_local, open_source, source_id
 from llama_jax.data.streaming import host_dataset, host_state, split_state
 from llama_jax.data.tokenized import TokenStream, token_stream, tokenizer_hash, window, window_count
@@ -36,6 +37,7 @@ from llama_jax.tokenizer import Tokenizer
 
 Batch = dict[str, Any]
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+TOKENIZER_SAMPLE_DOCS = 200_000
 
 
 def windows(stream: TokenStream, seq_len: int, order: grain.MapDataset, with_bytes: bool = False,
@@ -202,7 +204,8 @@ class ValidationData:
 def _stream(data: DataConfig, source: DataSource, tokenizer: Tokenizer, holdout: float, tail: bool) -> TokenStream:
     builder = open_source(source, data.data_dir, data.cache_dir)
     key = source_id(source, builder) + (f"/{'last' if tail else 'first'}-{holdout}" if holdout else "")
-    return token_stream(documents(source, builder, holdout, tail), key, tokenizer, cache_root(data.cache_dir))
+    return token_stream(documents(source, builder, holdout, tail, data.data_dir), key, tokenizer,
+                        cache_root(data.cache_dir))
 
 
 def _holdout(data: DataConfig) -> float:
@@ -309,7 +312,8 @@ def build_validation_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | N
 
 def provision_tokenizer(cfg: Config, run_dir: PathLike) -> Tokenizer:
     """`data.tokenizer` if set; else `<run_dir>/tokenizer.model`, trained on the first source's training text the
-    first time (so a resumed run reuses the same tokenizer).
+    first time (so a resumed run reuses the same tokenizer); with `data.streaming`, on its first
+    `TOKENIZER_SAMPLE_DOCS` documents.
 
     sentencepiece reads and writes local files only, so for a remote run dir (gs://...) the model is trained into,
     or fetched to, a local copy under `data.cache_dir`, and process 0 uploads a newly trained one (all hosts share
@@ -327,7 +331,10 @@ def provision_tokenizer(cfg: Config, run_dir: PathLike) -> Tokenizer:
             local.write_bytes(path.read_bytes())
         return Tokenizer(local)
     source = data.sources[0]
-    text = documents(source, open_source(source, data.data_dir, data.cache_dir), _holdout(data))
+    if data.streaming:
+        text = itertools.islice(source_documents(source, data.data_dir), TOKENIZER_SAMPLE_DOCS)
+    else:
+        text = documents(source, open_source(source, data.data_dir, data.cache_dir), _holdout(data))
     tokenizer = Tokenizer.train(text, data.tokenizer_vocab_size, local.with_suffix(""), overwrite=remote)
     if remote and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

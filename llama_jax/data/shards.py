@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llama_jax.config import ConfigError, DataConfig, DataSource
-from llama_jax.data.local_text import Piece, file_pieces
+from llama_jax.config import ConfigError, DataSource
+from llama_jax.data.local_text import Piece, file_pieces, whole_documents
 
 HF_PREFIX = "hf:"
 READ_BATCH = 64
@@ -127,8 +127,8 @@ def _ranges(kind: str, locator: tuple[str | None, ...], field: str, length: int,
     return [RangeShard(kind, locator, field, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def source_shards(source: DataSource, data: DataConfig) -> list[Shard]:
-    """The shards of one source, in a fixed order, at least `data.streams` of them (or a one-line error)."""
+def source_shards(source: DataSource, data_dir: str | None, streams: int) -> list[Shard]:
+    """The shards of one source, in a fixed order, at least `streams` of them (or a one-line error)."""
     from llama_jax.data.sources import is_local, local_files
 
     field = source.text_feature
@@ -139,7 +139,7 @@ def source_shards(source: DataSource, data: DataConfig) -> list[Shard]:
             if field not in dataset.column_names:
                 raise ValueError(f"{source.name} has no column '{field}' (it has {dataset.column_names}); "
                                  "set the source's text_feature")
-            count = max(len(dataset.cache_files), data.streams)
+            count = max(len(dataset.cache_files), streams)
             shards: list[Shard] = _ranges("hf_disk", (name, split), field, len(dataset), count)
         else:
             stream = _hf_stream((name, config, split))
@@ -147,15 +147,21 @@ def source_shards(source: DataSource, data: DataConfig) -> list[Shard]:
     elif is_local(source.name):
         shards = [FileShard(str(path), field) for path in local_files(source.name)]
     else:
-        tfds_source = _random_access("tfds", (source.name, source.split, data.data_dir))
+        tfds_source = _random_access("tfds", (source.name, source.split, data_dir))
         features = tfds_source.dataset_info.features
         if field not in features:
             raise ValueError(f"dataset '{source.name}' has no feature '{field}' (it has {list(features)}); "
                              "set the source's text_feature")
         files = tfds_source.dataset_info.splits[source.split.split("[")[0]].num_shards
-        shards = _ranges("tfds", (source.name, source.split, data.data_dir), field, len(tfds_source),
-                         max(files, data.streams))
-    if len(shards) < data.streams:
+        shards = _ranges("tfds", (source.name, source.split, data_dir), field, len(tfds_source),
+                         max(files, streams))
+    if len(shards) < streams:
         raise ConfigError(f"data source {source.name} has {len(shards)} shards (files), fewer than data.streams="
-                          f"{data.streams}; split it into more files or lower data.streams")
+                          f"{streams}; split it into more files or lower data.streams")
     return shards
+
+
+def source_documents(source: DataSource, data_dir: str | None) -> Iterator[str]:
+    """Every document of a source, shard after shard (for the in-memory path and tokenizer training)."""
+    for shard in source_shards(source, data_dir, 1):
+        yield from whole_documents(shard.pieces(0))

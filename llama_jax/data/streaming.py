@@ -171,7 +171,7 @@ def host_dataset(data: DataConfig, tokenizer: Tokenizer, process_index: int, pro
     `epochs` (default endless) ends every stream after that many epochs of its shards, e.g. to inspect one epoch.
     """
     check_streams(data, process_count)
-    shards = [tuple(source_shards(source, data)) for source in data.sources]
+    shards = [tuple(source_shards(source, data.data_dir, data.streams)) for source in data.sources]
     weights = [source.weight for source in data.sources]
     mixed = []
     for v in range(process_index, data.streams, process_count):
