@@ -2,19 +2,27 @@
 of the process count (also after resuming on another count), exact mixture proportions, shards and errors."""
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
+import yaml
 
-from llama_jax.config import Config, ConfigError, DataConfig, DataSource, LlamaConfig
+from llama_jax.checkpoints.manager import load_params
+from llama_jax.config import Config, ConfigError, DataConfig, DataSource, LlamaConfig, load_config
 from llama_jax.data import build_train_data
 from llama_jax.data.shards import source_shards
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.training.loop import train
 
 SEQ = 16
 WORDS = "the cat sat on a mat and was happy quick brown fox jumps over lazy dog".split()
@@ -201,3 +209,115 @@ def test_shards_and_errors(sources, tok, tfds_dir):
         source_shards(DataSource(name=sources["hf_disk"][0], text_feature="body"), None, 1)
     with pytest.raises(ValueError, match="cannot be streamed"):  # prepared as tfrecord, not array_record
         source_shards(DataSource(name="tiny_shakespeare"), str(tfds_dir), 1)
+
+
+@pytest.mark.e2e
+def test_worker_processes_give_the_same_batches_and_resume(sources, tok):
+    threads = take(build_train_data(source_cfg(sources, "jsonl", streams=4), tok, 8), 12)
+    workers = build_train_data(source_cfg(sources, "jsonl", streams=4, workers=2), tok, 8)
+    np.testing.assert_array_equal(np.stack(take(workers, 6)), np.stack(threads[:6]))
+    state = json.loads(json.dumps(workers.state()))
+    workers.close()
+    resumed = build_train_data(source_cfg(sources, "jsonl", streams=4, workers=2), tok, 8)
+    resumed.restore(state)
+    np.testing.assert_array_equal(np.stack(take(resumed, 6)), np.stack(threads[6:]))
+    resumed.close()
+
+
+def train_config(tmp_path, sources_yaml: list[dict], data_dir: str, tokenizer: str, **train) -> Path:
+    """A tiny streaming pretraining config (fixed tokenizer, constant learning rate) written under tmp_path."""
+    raw = {
+        "model": {"preset": "tiny", "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1000,
+                  "max_seq_len": 32},
+        "data": {"sources": sources_yaml, "seq_len": 32, "tokenizer": tokenizer, "streaming": True, "streams": 2,
+                 "shuffle_buffer": 16, "data_dir": data_dir, "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0},
+        "train": {"steps": 8, "batch_size": 8, "log_every": 2, "eval_every": 0, "sample_tokens": 0, **train},
+        "checkpoint": {"dir": str(tmp_path / "run"), "every": 4, "async_save": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_for_tfds_hf_and_jsonl(sources, tmp_path, monkeypatch,
+                                                                               tokenizer_1k):
+    from test_train_loop import KILLED_RUN, REPO, record_batches
+
+    mix = [{"name": sources["tfds"][0], "weight": 0.5}, {"name": sources["hf_disk"][0], "weight": 0.3},
+           {"name": sources["jsonl"][0], "weight": 0.2}]
+    config = train_config(tmp_path, mix, sources["tfds_dir"][0], str(tokenizer_1k))
+    seen = record_batches(monkeypatch)
+    result = train(load_config(config, [f"checkpoint.dir={tmp_path / 'straight'}"]))
+    straight = dict(seen)
+    assert result.step == 8 and result.train_loss is not None
+    resumed = [f"checkpoint.dir={tmp_path / 'resumed'}"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(config), *resumed], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    seen.clear()
+    train(load_config(config, resumed))
+    assert [s for s, _ in seen] == [4, 5, 6, 7]
+    assert all(straight[s] == h for s, h in seen)  # the same batches, in the same order
+    _, a = load_params(tmp_path / "straight")
+    _, b = load_params(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Each of the 64 rows per 8 steps is one window, 32 target tokens: the per-source counts add up.
+    meta = json.loads((tmp_path / "resumed" / "8" / "meta" / "metadata").read_text())
+    assert sum(meta["data"]["tokens"]) == 8 * 8 * 32
+
+
+BIG_CORPUS_RUN = textwrap.dedent("""
+    import json, resource, sys, time
+    start = time.monotonic()
+    from llama_jax.config import load_config
+    from llama_jax.training import step as step_module
+    from llama_jax.training.loop import train
+    original, first = step_module.Trainer.train_step, []
+    def timed(self, state, batch):
+        first.append(time.monotonic() - start)
+        return original(self, state, batch)
+    step_module.Trainer.train_step = timed
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    from llama_jax.data import build_train_data
+    from llama_jax.tokenizer import Tokenizer
+    built = time.monotonic()
+    data = build_train_data(cfg, Tokenizer(cfg.data.tokenizer))
+    next(data)
+    data_s = time.monotonic() - built
+    data.close()
+    result = train(cfg)
+    print(json.dumps({"step": result.step, "first_batch_s": first[0], "data_s": data_s,
+                      "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+@pytest.mark.e2e
+def test_multi_gigabyte_corpus_starts_training_in_seconds_with_bounded_memory(tmp_path, tokenizer_1k):
+    from test_train_loop import REPO
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = np.array(WORDS)
+    lines = [json.dumps({"text": " ".join(words[rng.integers(0, len(words), 400)])}) for _ in range(2000)]
+    block = ("\n".join(lines) + "\n").encode()
+    first = corpus / "part-0000.jsonl"
+    first.write_bytes(block * (16 * 2**20 // len(block)))
+    for i in range(1, 300):  # 300 files x 14 MB = 4.3 GB of JSONL (hard links: generated in a second)
+        (corpus / f"part-{i:04d}.jsonl").hardlink_to(first)
+    size = sum(f.stat().st_size for f in corpus.iterdir())
+    assert size > 4 * 10**9
+    config = train_config(tmp_path, [{"name": str(corpus / "*.jsonl")}], None, str(tokenizer_1k),
+                          steps=3, log_every=1)
+    proc = subprocess.run([sys.executable, "-c", BIG_CORPUS_RUN, str(config), "checkpoint.every=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{size / 2**30:.1f} GiB corpus: pipeline to first batch {report['data_s']:.2f} s; first train step "
+          f"{report['first_batch_s']:.1f} s after process start; peak RSS {report['max_rss_mib']:.0f} MiB")
+    assert report["step"] == 3
+    assert report["max_rss_mib"] < 2048  # half the corpus: nothing close to reading it all in memory
+    assert report["data_s"] < 30  # a guard against whole-corpus passes (which take many minutes here)

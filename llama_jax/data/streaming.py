@@ -233,6 +233,10 @@ def host_dataset(data: DataConfig, tokenizer: Tokenizer, process_index: int, pro
         mixed.append(parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights))
     ds = grain.experimental.InterleaveIterDataset(mixed, cycle_length=len(mixed), iter_buffer_size=4)
     if data.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain's worker start reads absl flags, which only absl's app.run parses
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     return ds
 
