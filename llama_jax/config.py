@@ -177,7 +177,7 @@ class DataConfig:
     validation_fraction: float = 0.0
     streaming: bool = False
     streams: int = 8
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = 256
     workers: int = 0
 
 

@@ -321,3 +321,28 @@ def test_multi_gigabyte_corpus_starts_training_in_seconds_with_bounded_memory(tm
     assert report["step"] == 3
     assert report["max_rss_mib"] < 2048  # half the corpus: nothing close to reading it all in memory
     assert report["data_s"] < 30  # a guard against whole-corpus passes (which take many minutes here)
+
+
+def test_bench_data_runs_in_short_form(capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # No --tokenizer: one is trained on the generated corpus's first documents (the streaming provisioning path).
+    result = bench.main(["--seconds", "0.5", "--files", "4", "--docs", "40", "--streams", "4", "--seq-len", "64"])
+    out = capsys.readouterr().out
+    assert result["tokens_per_s"] > 0 and result["wait_per_step_s"] >= 0 and "tokens/s" in out
+    assert f"{result['tokens_per_s']:,.0f} tokens/s" in out
+
+
+def test_readme_streaming_config_is_valid(tmp_path):
+    from test_readme import _blocks
+
+    (block,) = [b for b in _blocks("yaml") if "streaming: true" in b]
+    path = tmp_path / "streaming.yaml"
+    path.write_text(block)
+    data = load_config(path).data
+    assert data.streaming and data.streams == 8 and [s.weight for s in data.sources] == [0.8, 0.1, 0.1]
+    assert data.sources[2].name == "hf:my-org/zh-en-parallel" and data.sources[1].text_feature == "content"
