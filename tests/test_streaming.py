@@ -2,14 +2,12 @@
 of the process count (also after resuming on another count), exact mixture proportions, shards and errors."""
 
 import json
-import signal
 import subprocess
 import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +15,6 @@ import pytest
 import tensorflow_datasets as tfds
 import yaml
 
-from llama_jax.checkpoints.manager import load_params
 from llama_jax.config import Config, ConfigError, DataConfig, DataSource, LlamaConfig, load_config
 from llama_jax.data import build_train_data
 from llama_jax.data.shards import source_shards
@@ -243,27 +240,16 @@ def train_config(tmp_path, sources_yaml: list[dict], data_dir: str, tokenizer: s
 @pytest.mark.e2e
 def test_sigkill_mid_epoch_then_resume_is_bit_identical_for_tfds_hf_and_jsonl(sources, tmp_path, monkeypatch,
                                                                                tokenizer_1k):
-    from test_train_loop import KILLED_RUN, REPO, record_batches
+    from test_train_loop import kill_at_step_6_then_resume, record_batches
 
     mix = [{"name": sources["tfds"][0], "weight": 0.5}, {"name": sources["hf_disk"][0], "weight": 0.3},
            {"name": sources["jsonl"][0], "weight": 0.2}]
     config = train_config(tmp_path, mix, sources["tfds_dir"][0], str(tokenizer_1k))
     seen = record_batches(monkeypatch)
     result = train(load_config(config, [f"checkpoint.dir={tmp_path / 'straight'}"]))
-    straight = dict(seen)
     assert result.step == 8 and result.train_loss is not None
-    resumed = [f"checkpoint.dir={tmp_path / 'resumed'}"]
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(config), *resumed], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    seen.clear()
-    train(load_config(config, resumed))
-    assert [s for s, _ in seen] == [4, 5, 6, 7]
-    assert all(straight[s] == h for s, h in seen)  # the same batches, in the same order
-    _, a = load_params(tmp_path / "straight")
-    _, b = load_params(tmp_path / "resumed")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    kill_at_step_6_then_resume(config, [f"checkpoint.dir={tmp_path / 'resumed'}"], seen, dict(seen),
+                               tmp_path / "straight", tmp_path / "resumed")
     # Each of the 64 rows per 8 steps is one window, 32 target tokens: the per-source counts add up.
     meta = json.loads((tmp_path / "resumed" / "8" / "meta" / "metadata").read_text())
     assert sum(meta["data"]["tokens"]) == 8 * 8 * 32

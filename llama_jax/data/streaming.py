@@ -2,7 +2,7 @@
 
 Every source is split into `data.streams` streams. In epoch e, stream v of a source reads the shards at positions
 v, v + streams, ... of that epoch's shard permutation, tokenizes and packs them (the same EOS-joined `seq_len + 1`
-windows as the in-memory path) and shuffles the windows through a buffer (`Shuffle`), then
+windows as the in-memory path) and shuffles the windows through a buffer (`_ShuffleIterator`), then
 goes on to its next epoch; the streams of one epoch together read every shard exactly once. Mixed stream v draws
 from each source's stream v in exact weight proportions (grain `IterDataset.mix`), and the global window order is
 the round-robin over mixed streams: window j comes from stream j % streams. Process p owns the streams v with
@@ -117,14 +117,15 @@ class _PackIterator(grain.DatasetIterator):
             state["offset"]
 
 
-class Pack(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, seq_len: int, source: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._source = source
+class Stage(grain.IterDataset):
+    """A transformation given by its iterator class: `make(parent_iterator)` (a picklable partial)."""
 
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._source)
+    def __init__(self, parent: grain.IterDataset, make: Any):
+        super().__init__(parent)
+        self._make = make
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return self._make(self._parent.__iter__())
 
 
 class _ShuffleIterator(grain.DatasetIterator):
@@ -173,16 +174,6 @@ class _ShuffleIterator(grain.DatasetIterator):
         self._pos = state["pos"]
 
 
-class Shuffle(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, size: int, seed: int):
-        super().__init__(parent)
-        self._size = size
-        self._seed = seed
-
-    def __iter__(self) -> _ShuffleIterator:
-        return _ShuffleIterator(self._parent.__iter__(), self._size, self._seed)
-
-
 def _tokenize(tokenizer: Tokenizer, piece: tuple[str, bool]) -> np.ndarray:
     """The piece's token ids, with EOS when it ends a document."""
     return document_ids(tokenizer, *piece)
@@ -198,9 +189,10 @@ def _epoch(index: int, shards: tuple[Shard, ...], stream: int, data: DataConfig,
     """One epoch of one stream of one source: its shards in this epoch's order, packed and buffer-shuffled."""
     order = _permutation(len(shards), seed_for(data.shuffle_seed, source, index))
     mine = [shards[k] for k in order[stream::data.streams]]
-    packed = Pack(Pieces(mine).map(functools.partial(_tokenize, tokenizer)), data.seq_len, source)
+    tokens = Pieces(mine).map(functools.partial(_tokenize, tokenizer))
+    packed = Stage(tokens, functools.partial(_PackIterator, seq_len=data.seq_len, source=source))
     seed = seed_for(data.shuffle_seed, source, stream, index)
-    return Shuffle(packed, data.shuffle_buffer, seed)
+    return Stage(packed, functools.partial(_ShuffleIterator, size=data.shuffle_buffer, seed=seed))
 
 
 def _stream(shards: tuple[Shard, ...], stream: int, data: DataConfig, source: int, tokenizer: Tokenizer,
