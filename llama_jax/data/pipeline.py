@@ -155,7 +155,7 @@ class StreamingDataIterator(DataIterator):
 
     def state(self) -> dict[str, Any]:
         state = super().state()
-        return {**state, "position": gather_json(state["position"], self._count), "batches": self._batches}
+        return {**state, "position": gather_json(state["position"]), "batches": self._batches}
 
     def restore(self, state: dict[str, Any]) -> None:
         positions = state["position"]
@@ -171,9 +171,9 @@ class StreamingDataIterator(DataIterator):
         self._batches = state["batches"]
 
 
-def gather_json(value: Any, process_count: int) -> list[Any]:
+def gather_json(value: Any) -> list[Any]:
     """`value` from every process, in process order (a collective: every process must call it)."""
-    if process_count == 1:
+    if jax.process_count() == 1:
         return [value]
     from jax.experimental import multihost_utils
 
