@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.checkpoints.manager import load_params
-from llama_jax.config import load_config
+from llama_jax.checkpoints.orbax_format import restore_params
+from llama_jax.config import ExecutionConfig, load_config
 from llama_jax.training import step as step_module
 from llama_jax.training.evaluate import evaluate_checkpoint
 from llama_jax.training.loop import train
@@ -93,8 +93,8 @@ def kill_at_step_6_then_resume(config: Path, resumed: list[str], seen: list, str
     train(load_config(config, resumed))
     assert [s for s, _ in seen] == [4, 5, 6, 7]
     assert all(straight_batches[s] == h for s, h in seen)  # the same batches, in the same order
-    _, a = load_params(straight_dir)
-    _, b = load_params(resumed_dir)
+    _, a = restore_params(straight_dir, ExecutionConfig(), None)
+    _, b = restore_params(resumed_dir, ExecutionConfig(), None)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -1,7 +1,8 @@
 """Streaming sources as lists of shards, each read lazily from a saved position without touching the others.
 
 A shard is a local file, a record range of a random-access dataset (TFDS `data_source` over array_record files, a
-Hugging Face dataset written by `save_to_disk`), or one shard of a Hugging Face streaming dataset (`load_dataset(...,
+Hugging Face dataset written by `save_to_disk`), a record range of a TFDS dataset in another file format (read in
+order through a split slice), or one shard of a Hugging Face streaming dataset (`load_dataset(...,
 streaming=True)`: hub datasets and directories of data files). `pieces(position)` yields `(text, ends_document,
 next_position)`, so a stream resumes exactly by reopening one shard at an int position. Shards are small frozen
 dataclasses: grain worker processes receive them pickled and open their own readers.
@@ -35,13 +36,16 @@ class FileShard:
 class RangeShard:
     """Records [start, stop) of a random-access dataset; positions are record indices."""
 
-    kind: str  # "tfds" or "hf_disk"
+    kind: str  # "tfds" (array_record), "tfds_records" (other TFDS file formats: read in order) or "hf_disk"
     locator: tuple[str | None, ...]
     text_field: str
     start: int
     stop: int
 
     def pieces(self, position: int) -> Iterator[Piece]:
+        if self.kind == "tfds_records":
+            yield from self._tfds_records(max(position, self.start))
+            return
         source = _random_access(self.kind, self.locator)
         for first in range(max(position, self.start), self.stop, READ_BATCH):
             last = min(first + READ_BATCH, self.stop)
@@ -51,6 +55,13 @@ class RangeShard:
                 texts = source[first:last][self.text_field]
             for offset, text in enumerate(texts):
                 yield text or "", True, first + offset + 1
+
+    def _tfds_records(self, first: int) -> Iterator[Piece]:
+        """Records [first, stop) through tf.data: TFDS split slicing opens only the files that hold them."""
+        name, split, data_dir = self.locator
+        ds = _tfds_builder(name, data_dir).as_dataset(split=f"{split}[{first}:{self.stop}]", shuffle_files=False)
+        for n, text in enumerate(ds.map(lambda ex: ex[self.text_field]).as_numpy_iterator(), first + 1):
+            yield text.decode("utf-8"), True, n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +103,19 @@ def _is_saved_dataset(path: str) -> bool:
 
 
 @functools.cache
+def _tfds_builder(name: str, data_dir: str | None) -> Any:
+    import tensorflow_datasets as tfds
+
+    return tfds.builder(name, data_dir=data_dir)
+
+
+@functools.cache
 def _random_access(kind: str, locator: tuple[str | None, ...]) -> Any:
     if kind == "tfds":
         import tensorflow_datasets as tfds
 
         name, split, data_dir = locator
-        try:
-            return tfds.data_source(name, split=split, data_dir=data_dir)
-        except Exception as err:  # noqa: BLE001 - tfds raises many types for "not prepared as array_record"
-            raise ValueError(f"TFDS dataset '{name}' split '{split}' cannot be streamed ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); prepare it with "
-                             "file_format=array_record, or set data.streaming=false") from None
+        return tfds.data_source(name, split=split, data_dir=data_dir)
     import datasets
 
     path, split = locator
@@ -127,6 +140,29 @@ def _ranges(kind: str, locator: tuple[str | None, ...], field: str, length: int,
     return [RangeShard(kind, locator, field, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def _tfds_shards(source: DataSource, data_dir: str | None, streams: int) -> list[Shard]:
+    """Record ranges, read by `tfds.data_source` from array_record files, or in order through tf.data otherwise."""
+    builder = _tfds_builder(source.name, data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"TFDS dataset '{source.name}' is not prepared in {builder.data_dir}; prepare it "
+                                "(tfds build --file_format=array_record) or set data.data_dir")
+    info = builder.info
+    if source.text_feature not in info.features:
+        raise ValueError(f"dataset '{source.name}' has no feature '{source.text_feature}' (it has "
+                         f"{list(info.features)}); set the source's text_feature")
+    locator = (source.name, source.split, data_dir)
+    file_format = getattr(info.file_format, "value", "tfrecord")
+    if file_format == "array_record":
+        length, kind = len(_random_access("tfds", locator)), "tfds"
+    elif "[" in source.split:
+        raise ValueError(f"TFDS dataset '{source.name}' is stored as {file_format}: stream a whole split "
+                         "(not a slice), or prepare it with file_format=array_record")
+    else:
+        length, kind = info.splits[source.split].num_examples, "tfds_records"
+    files = info.splits[source.split.split("[")[0]].num_shards
+    return _ranges(kind, locator, source.text_feature, length, max(files, streams))
+
+
 def source_shards(source: DataSource, data_dir: str | None, streams: int) -> list[Shard]:
     """The shards of one source, in a fixed order, at least `streams` of them (or a one-line error)."""
     from llama_jax.data.sources import is_local, local_files
@@ -147,14 +183,7 @@ def source_shards(source: DataSource, data_dir: str | None, streams: int) -> lis
     elif is_local(source.name):
         shards = [FileShard(str(path), field) for path in local_files(source.name)]
     else:
-        tfds_source = _random_access("tfds", (source.name, source.split, data_dir))
-        features = tfds_source.dataset_info.features
-        if field not in features:
-            raise ValueError(f"dataset '{source.name}' has no feature '{field}' (it has {list(features)}); "
-                             "set the source's text_feature")
-        files = tfds_source.dataset_info.splits[source.split.split("[")[0]].num_shards
-        shards = _ranges("tfds", (source.name, source.split, data_dir), field, len(tfds_source),
-                         max(files, streams))
+        shards = _tfds_shards(source, data_dir, streams)
     if len(shards) < streams:
         raise ConfigError(f"data source {source.name} has {len(shards)} shards (files), fewer than data.streams="
                           f"{streams}; split it into more files or lower data.streams")
