@@ -1,4 +1,5 @@
-"""Where text comes from: any TFDS text dataset by name, or local `.txt`/`.jsonl` files via the LocalText builder.
+"""Where text comes from: any TFDS text dataset by name, local `.txt`/`.jsonl`/`.parquet` files via the LocalText
+builder, or `hf:` Hugging Face datasets (read through `shards.py`).
 
 TFDS names that work as-is (feature `text` unless noted): `tiny_shakespeare`, `lm1b`, `c4/en:3.0.1` (huge: use a
 split slice such as `train[:1%]`), `wikipedia/20230601.en` (features `title`, `text`). Pin the version (`name:X.Y.Z`)
@@ -26,6 +27,7 @@ from tensorflow_datasets.core import constants
 
 from llama_jax.config import DataSource
 from llama_jax.data.local_text import SUFFIXES, local_builder
+from llama_jax.data.shards import is_hf, source_documents
 
 DEFAULT_CACHE_DIR = Path("~/.cache/llama_jax")
 
@@ -101,8 +103,11 @@ def prepared_builder(name: str, data_dir: str | None, allow_download: bool | Non
 
 
 def open_source(source: DataSource, data_dir: str | None, cache_dir: str | None,
-                allow_download: bool | None = None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder behind `source` (local files are prepared on first use)."""
+                allow_download: bool | None = None) -> tfds.core.DatasetBuilder | None:
+    """The prepared TFDS builder behind `source` (local files are prepared on first use); None for `hf:` sources,
+    which are read through `shards.py`."""
+    if is_hf(source.name):
+        return None
     if is_local(source.name):
         builder = local_builder(local_files(source.name), source.text_feature, cache_root(cache_dir) / "tfds")
         feature = "text"
@@ -115,14 +120,14 @@ def open_source(source: DataSource, data_dir: str | None, cache_dir: str | None,
     return builder
 
 
-def source_id(source: DataSource, builder: tfds.core.DatasetBuilder) -> str:
+def source_id(source: DataSource, builder: tfds.core.DatasetBuilder | None) -> str:
     """A name that identifies the exact text of `source` (dataset, config, version, split, feature)."""
     feature = "text" if is_local(source.name) else source.text_feature
-    return f"{builder.info.full_name}/{source.split}/{feature}"
+    return f"{builder.info.full_name if builder else source.name}/{source.split}/{feature}"
 
 
-def documents(source: DataSource, builder: tfds.core.DatasetBuilder, holdout: float = 0.0,
-              tail: bool = False) -> Iterator[str]:
+def documents(source: DataSource, builder: tfds.core.DatasetBuilder | None, holdout: float = 0.0,
+              tail: bool = False, data_dir: str | None = None) -> Iterator[str]:
     """The source's documents in dataset order.
 
     With `holdout > 0` the text is cut by characters: the first `1 - holdout` of it (or, with `tail`, the rest),
@@ -131,6 +136,9 @@ def documents(source: DataSource, builder: tfds.core.DatasetBuilder, holdout: fl
     feature = "text" if is_local(source.name) else source.text_feature
 
     def read() -> Iterator[str]:
+        if builder is None:
+            yield from source_documents(source, data_dir)
+            return
         ds = builder.as_dataset(split=source.split, shuffle_files=False).map(lambda ex: ex[feature])
         for text in ds.as_numpy_iterator():
             yield text.decode("utf-8")
