@@ -183,7 +183,9 @@ class DataConfig:
     Validation comes from `validation` (another source), or else from holding out the last `validation_fraction`
     of the first source's text. `data_dir` is the TFDS directory (a `gs://` path works); `cache_dir` holds prepared
     local files and tokenized corpora (default `~/.cache/llama_jax`). Without `tokenizer`, one with
-    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory.
+    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory. A TFDS dataset
+    missing from `data_dir` is built only if `allow_download` permits: unset = on single-process runs only, true =
+    by process 0 while the others wait, false = never (a one-line error says where to copy it from).
 
     With `streaming`, training sources are read lazily (tokenized on the fly, nothing prepared up front) as
     `streams` independent shard streams, each packing its own documents and shuffling them through a buffer of
@@ -200,6 +202,7 @@ class DataConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1024
     validation_fraction: float = 0.0
+    allow_download: bool | None = None
     streaming: bool = False
     streams: int = 8
     shuffle_buffer: int = 256

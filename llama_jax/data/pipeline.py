@@ -204,7 +204,7 @@ class ValidationData:
 
 
 def _stream(data: DataConfig, source: DataSource, tokenizer: Tokenizer, holdout: float, tail: bool) -> TokenStream:
-    builder = open_source(source, data.data_dir, data.cache_dir)
+    builder = open_source(source, data.data_dir, data.cache_dir, data.allow_download)
     key = source_id(source, builder) + (f"/{'last' if tail else 'first'}-{holdout}" if holdout else "")
     return token_stream(documents(source, builder, holdout, tail, data.data_dir), key, tokenizer,
                         cache_root(data.cache_dir))
@@ -336,7 +336,8 @@ def provision_tokenizer(cfg: Config, run_dir: PathLike) -> Tokenizer:
     if data.streaming:
         text = itertools.islice(source_documents(source, data.data_dir), TOKENIZER_SAMPLE_DOCS)
     else:
-        text = documents(source, open_source(source, data.data_dir, data.cache_dir), _holdout(data))
+        text = documents(source, open_source(source, data.data_dir, data.cache_dir, data.allow_download),
+                         _holdout(data))
     tokenizer = Tokenizer.train(text, data.tokenizer_vocab_size, local.with_suffix(""), overwrite=remote)
     if remote and jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
