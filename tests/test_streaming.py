@@ -348,3 +348,13 @@ def test_readme_streaming_config_is_valid(tmp_path):
     data = load_config(path).data
     assert data.streaming and data.streams == 8 and [s.weight for s in data.sources] == [0.8, 0.1, 0.1]
     assert data.sources[2].name == "hf:my-org/zh-en-parallel" and data.sources[1].text_feature == "content"
+
+
+def test_in_memory_path_reads_parquet_and_hf_sources_too(sources, tmp_path):
+    from llama_jax.data.sources import documents, open_source
+
+    for kind, first in (("parquet", "pq 0: "), ("hf_disk", "hf 0: ")):
+        name, field = sources[kind]
+        source = DataSource(name=name, text_feature=field)
+        docs = list(documents(source, open_source(source, None, str(tmp_path / "cache"))))
+        assert len(docs) == 300 and len(set(docs)) == 300 and any(d.startswith(first) for d in docs)
