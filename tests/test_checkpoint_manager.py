@@ -102,9 +102,6 @@ def test_load_params_and_config(trained):
 
 def test_load_pretrained_reads_training_checkpoints(trained):
     from llama_jax import load_pretrained
-    from llama_jax.checkpoints import FORMATS
-    if "run" not in FORMATS:
-        pytest.skip("training-checkpoint format not registered in llama_jax.checkpoints.io yet")
     _, run_dir, saved = trained
     model = load_pretrained(run_dir)
     assert_trees_equal(nnx.state(model), saved[2][0])
