@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from flax import nnx
+from random_checkpoint import save_random_checkpoint
 
 import llama_jax
 from llama_jax.chat import encode_dialog
@@ -15,7 +15,6 @@ from llama_jax.cli import main
 from llama_jax.config import LlamaConfig
 from llama_jax.inference.chat_session import HELP, PROMPT
 from llama_jax.inference.text import complete
-from llama_jax.model import Llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_LINES = ["Hello there", "How are you?", "/reset", "How are you?", "/exit", "never read"]
@@ -25,7 +24,7 @@ CHAT_ARGS = ["--temperature", "0", "--max-new-tokens", "12", "--system", "Be bri
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=2048)
-    return llama_jax.save_pretrained(Llama(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("hf1000"), format="hf")
+    return save_random_checkpoint(cfg, tmp_path_factory.mktemp("hf1000"))
 
 
 def test_generate_streams_the_greedy_continuation(checkpoint, tokenizer_1k, capsys):

@@ -27,6 +27,7 @@ def _blocks(lang: str) -> list[str]:
     return blocks
 
 
+@pytest.mark.e2e
 def test_python_examples_run(tmp_path, monkeypatch):
     blocks = _blocks("python")
     assert blocks, "README has no python examples"
