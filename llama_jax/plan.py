@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llama_jax.config import Config, ConfigError, load_config
-from llama_jax.sharding import bytes_per_device, check_model_fits, make_mesh
+from llama_jax.sharding import batch_sharding, bytes_per_device, check_model_fits, make_mesh, simulate_cpu_devices
 from llama_jax.training.metrics import PEAK_FLOPS
-from llama_jax.training.step import Trainer, batch_sharding
+from llama_jax.training.step import Trainer
 
 GIB = 2**30
 
@@ -122,10 +122,7 @@ def gpu_target(count: int, memory_gib: float) -> Target:
     """`count` CPU devices standing in for GPUs with `memory_gib` each."""
     if count < 1 or memory_gib <= 0:
         raise ConfigError(f"--gpus ({count}) must be >= 1 and --gpu-memory-gib ({memory_gib}) positive")
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # the CPU backend already started (e.g. in a test process): use the devices it has
-        pass
+    simulate_cpu_devices(count)
     devices = jax.devices("cpu")
     if len(devices) < count:
         raise ConfigError(f"planning for {count} GPUs needs {count} CPU devices but this process has "

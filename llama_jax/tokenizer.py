@@ -11,7 +11,7 @@ from typing import overload
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-PathLike = str | os.PathLike
+from llama_jax.paths import PathLike
 
 # LLaMA 2's trainer settings (read from Meta's tokenizer.model), plus knobs that keep small corpora fast:
 # a soft vocab limit (a tiny corpus may support fewer pieces) and sampling of at most 1M sentences.

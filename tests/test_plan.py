@@ -16,7 +16,7 @@ CONFIGS = REPO / "experiments" / "configs"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -r requirements-tpu-plan.txt)")
 # A small model with the recipes' settings (scan + full remat, bf16 compute): compiles in seconds.
-SMALL = ["model.preset=tiny", "model.scan_layers=true", "model.remat=full", "model.dtype=bfloat16",
+SMALL = ["model.preset=tiny", "execution.scan_layers=true", "execution.remat=full", "execution.dtype=bfloat16",
          "data.seq_len=256", "mesh.fsdp=-1"]
 
 

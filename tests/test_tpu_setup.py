@@ -205,7 +205,7 @@ def test_recipe_configs_fit_their_slice(name):
     data, fsdp, tensor = mesh_shape(cfg.mesh, chips)
     assert cfg.train.batch_size % (data * fsdp) == 0
     assert cfg.model.n_heads % tensor == 0 and cfg.model.n_kv_heads % tensor == 0
-    assert cfg.model.remat == "full" and cfg.model.scan_layers and cfg.train.distributed
+    assert cfg.execution.remat == "full" and cfg.execution.scan_layers and cfg.train.distributed
     assert cfg.data.seq_len <= cfg.model.max_seq_len
     # fp32 params + grads + AdamW mu/nu = 16 B/param, fully sharded over fsdp x tensor; leave >= 15% for activations
     state_gib = cfg.model.num_params() * 16 / (fsdp * tensor) / 2**30

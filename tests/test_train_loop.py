@@ -12,8 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from llama_jax.checkpoints.manager import load_params
+from llama_jax import load_pretrained
 from llama_jax.cli import main
 from llama_jax.config import load_config
 from llama_jax.training import step as step_module
@@ -106,8 +107,8 @@ def test_sigkill_then_resume_is_bit_identical(overrides, tmp_path, monkeypatch, 
     train(load_config(TINY, resumed))
     assert [s for s, _ in seen] == [4, 5, 6, 7]
     assert all(straight_batches[s] == h for s, h in seen)  # the same batches, in the same order
-    _, a = load_params(tmp_path / "straight")
-    _, b = load_params(tmp_path / "resumed")
+    a = nnx.state(load_pretrained(tmp_path / "straight"))
+    b = nnx.state(load_pretrained(tmp_path / "resumed"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

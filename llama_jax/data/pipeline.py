@@ -18,13 +18,13 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from llama_jax.config import Config, ConfigError, DataConfig, DataSource
 from llama_jax.data.sources import cache_root, documents, open_source, source_id
 from llama_jax.data.tokenized import TokenStream, token_stream, tokenizer_hash
 from llama_jax.paths import PathLike, as_path, is_remote, local_copy_path
-from llama_jax.sharding import logical_spec
+from llama_jax.sharding import batch_sharding
 from llama_jax.tokenizer import Tokenizer
 
 Batch = dict[str, Any]
@@ -70,10 +70,10 @@ def global_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     out = {}
     for key, local in batch.items():
         shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        spec = logical_spec(("batch",) + (None,) * (local.ndim - 1), shape, mesh)
-        if jax.process_count() > 1 and spec[0] is None:
+        sharding = batch_sharding(mesh, shape)
+        if jax.process_count() > 1 and sharding.spec[0] is None:
             raise ConfigError(f"global batch {shape[0]} must be divisible by mesh data*fsdp for multi-process runs")
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+        out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
     return out
 
 

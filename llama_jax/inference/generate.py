@@ -78,7 +78,7 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
     b = tokens.shape[0]
-    logits, cache = forward_padded(model, tokens, pad, init_cache(model.cfg, b, slots))
+    logits, cache = forward_padded(model, tokens, pad, init_cache(model.cfg, b, slots, model.execution.dtype))
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32))
     return _emit(state, logits[:, -1], sampling, eos_id)

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.checkpoints.manager import Checkpointer
-from llama_jax.config import Config, ConfigError, LlamaConfig
+from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
 from llama_jax.distributed import initialize
 from llama_jax.paths import AnyPath, as_path
@@ -37,7 +37,6 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
 
 
 @dataclass
@@ -81,28 +80,25 @@ def _all_processes(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def _check_shapes(run: LlamaConfig, loaded: LlamaConfig, path: str) -> None:
-    diff = [f"{k}: {getattr(loaded, k)} vs {getattr(run, k)}" for k in SHAPE_FIELDS
-            if getattr(loaded, k) != getattr(run, k)]
-    if diff:
-        raise ConfigError(f"train.init_from '{path}' does not match the model section ({'; '.join(diff)}); "
-                          "set the model fields to the checkpoint's")
-
-
 def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
     """Resume from the newest readable checkpoint; else start from `train.init_from` or a fresh init."""
-    target = trainer.abstract_state()
-    restored = ckpt.restore_latest(target.params, target.opt_state)
+    def abstract_state(execution: ExecutionConfig) -> tuple[Any, Any]:
+        state = trainer.abstract_state(execution)
+        return state.params, state.opt_state
+
+    restored = ckpt.restore_latest(cfg.model, cfg.execution, abstract_state)
     if restored is not None:
         data.restore(restored.data_state)
         log.info("resumed from %s step %d", ckpt.directory, restored.step)
         step = jax.device_put(np.int32(restored.step), trainer.state_sharding.step)
         return TrainState(step, restored.params, restored.opt_state)
     if cfg.train.init_from:
-        m = cfg.model
-        model = load_pretrained(cfg.train.init_from, mesh=trainer.mesh, param_dtype=m.param_dtype, dtype=m.dtype,
-                                remat=m.remat, scan_layers=m.scan_layers, max_seq_len=m.max_seq_len)
-        _check_shapes(m, model.cfg, cfg.train.init_from)
+        model = load_pretrained(cfg.train.init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
+        differences = model.cfg.shape_differences(cfg.model)
+        if differences:
+            raise ConfigError(f"train.init_from '{cfg.train.init_from}' does not match the model section "
+                              f"(checkpoint vs config: {'; '.join(differences)}); set the model fields to the "
+                              "checkpoint's")
         return trainer.init_state(nnx.state(model))
     return trainer.init_state()
 
