@@ -5,9 +5,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hf_reference import hf_logits, make_hf_model
 from meta_reference import write_meta_checkpoint
+from random_checkpoint import save_random_checkpoint
 
 import llama_jax
 from llama_jax.checkpoints import detect_format
@@ -62,8 +62,7 @@ def test_bf16_checkpoint_converts_streaming_without_changing_bits(tmp_path):
 def test_params_json_keeps_explicit_ffn_width_in_metas_own_keys(tmp_path):
     for ffn in (172, 100, 1000):
         cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=32, ffn_hidden_dim=ffn)
-        model = llama_jax.Llama(cfg, rngs=nnx.Rngs(0))
-        out = llama_jax.save_pretrained(model, tmp_path / str(ffn), format="meta")
+        out = save_random_checkpoint(cfg, tmp_path / str(ffn), format="meta")
         params = json.loads((out / "params.json").read_text())
         assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                                "ffn_dim_multiplier", "norm_eps", "rope_theta"}
