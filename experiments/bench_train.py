@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from llama_jax.config import PRESETS, Config, LlamaConfig, MeshConfig
+from llama_jax.config import PRESETS, Config, ExecutionConfig, LlamaConfig, MeshConfig
 from llama_jax.sharding import make_mesh
 from llama_jax.training.metrics import peak_flops_per_device
 from llama_jax.training.step import Trainer
@@ -35,8 +35,8 @@ def _time(step, steps: int, warmup: int) -> float:
     return time.perf_counter() - start
 
 
-def bench_jax(model: LlamaConfig, batch: int, seq: int, steps: int, warmup: int) -> float:
-    cfg = Config(model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int, warmup: int) -> float:
+    cfg = Config(model=model, execution=execution, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     trainer = Trainer(cfg, make_mesh(cfg.mesh))
     holder = {"state": trainer.init_state()}
     tokens = {"tokens": np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq + 1)).astype(np.int32)}
@@ -87,8 +87,8 @@ def main() -> None:
     peak = peak_flops_per_device(args.peak_flops_per_device) * jax.device_count()
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; peak {peak:.3e} FLOP/s")
     for name in args.models:
-        model = LlamaConfig(**{**MODELS[name], "dtype": args.dtype, "param_dtype": "float32"})
-        rate = bench_jax(model, args.batch, args.seq, args.steps, args.warmup)
+        model = LlamaConfig(**MODELS[name])
+        rate = bench_jax(model, ExecutionConfig(dtype=args.dtype), args.batch, args.seq, args.steps, args.warmup)
         mfu = rate * model.flops_per_token(args.seq) / peak
         line = (f"{name}: {model.num_params() / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {args.dtype}: "
                 f"llama_jax {rate:,.0f} tokens/s, MFU {mfu:.1%}")

@@ -33,17 +33,34 @@ def _requirements(file: str, env: dict) -> dict[str, Requirement]:
     return _active((ROOT / file).read_text().splitlines(), env)
 
 
-def _pyproject(env: dict) -> dict[str, Requirement]:
-    return _active(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"], env)
+def _pyproject(env: dict, extra: str | None = None) -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return _active(project["optional-dependencies"][extra] if extra else project["dependencies"], env)
+
+
+def _assert_pinned_inside(pins: dict[str, Requirement], ranges: dict[str, Requirement]) -> None:
+    for name, pin in pins.items():
+        (spec,) = pin.specifier
+        assert spec.operator == "==", f"{name} is not pinned: {pin}"
+        assert ranges[name].specifier.contains(spec.version), f"{name}=={spec.version} outside {ranges[name]}"
 
 
 def test_python_311_pins_are_exact_and_inside_pyproject_ranges():
     pins, ranges = _requirements("requirements.txt", PY311), _pyproject(PY311)
     assert pins.keys() == ranges.keys()
-    for name, pin in pins.items():
-        (spec,) = pin.specifier
-        assert spec.operator == "==", f"{name} is not pinned for Python 3.11: {pin}"
-        assert ranges[name].specifier.contains(spec.version), f"{name}=={spec.version} outside {ranges[name]}"
+    _assert_pinned_inside(pins, ranges)
+
+
+@pytest.mark.parametrize("env", [PY311, PY312], ids=["py311", "py312"])
+@pytest.mark.parametrize("extra", ["serve", "eval", "dev"])
+def test_extras_files_pin_inside_pyproject_extras(extra, env):
+    """The optional requirements files pin on every Python; dev's file adds tools pyproject's extra leaves out."""
+    pins, ranges = _requirements(f"requirements-{extra}.txt", env), _pyproject(env, extra)
+    if extra == "dev":
+        pins = {name: pin for name, pin in pins.items() if name in ranges}
+    else:
+        assert pins.keys() == ranges.keys()
+    _assert_pinned_inside(pins, ranges)
 
 
 def test_python_312_lines_repeat_pyproject_ranges():

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
-from llama_jax.config import ConfigError, MeshConfig
+from llama_jax.config import ConfigError, ExecutionConfig, MeshConfig
 from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, logical_spec, make_mesh,
                                 sharded_init)
 
@@ -45,9 +45,9 @@ def test_forward_is_mesh_independent_and_params_are_sharded(shape, reference_log
 
 
 def test_scan_layers_shard_with_a_leading_layer_axis():
-    cfg = LlamaConfig(**{**CFG.__dict__, "scan_layers": True})
     mesh = make_mesh(MeshConfig(1, 4, 2))
-    model = sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    cfg = CFG
+    model = sharded_init(lambda: Llama(cfg, ExecutionConfig(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     w1 = model.layers.feed_forward.w1[...]
     assert w1.shape == (cfg.n_layers, cfg.dim, cfg.hidden_dim)
     assert w1.sharding.spec == P(None, "fsdp", "tensor")
@@ -75,9 +75,9 @@ def test_axes_that_do_not_divide_are_replicated():
 @pytest.mark.parametrize("preset,count", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
                                           ("llama2-70b", 68_976_648_192)])
 def test_abstract_init_param_counts(preset, count):
-    cfg = LlamaConfig.preset(preset, scan_layers=True)
+    cfg = LlamaConfig.preset(preset)
     mesh = make_mesh(MeshConfig(1, 8, 1))
-    _, state = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    _, state = abstract_init(lambda: Llama(cfg, ExecutionConfig(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     leaves = jax.tree.leaves(state)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(int(np.prod(x.shape)) for x in leaves) == count == cfg.num_params()
