@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -49,6 +50,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
     scan_layers: bool = False
 
     def __post_init__(self) -> None:
@@ -109,6 +111,9 @@ class LlamaConfig:
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat '{self.remat}' is not one of {REMAT_POLICIES}{_nearest(self.remat, REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention '{self.attention}' is not one of {ATTENTION}"
+                              f"{_nearest(self.attention, ATTENTION)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name} '{getattr(self, name)}' is not one of {DTYPES}")

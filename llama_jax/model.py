@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax.attention import Visibility, attention
 from llama_jax.config import LlamaConfig
 from llama_jax.sharding import constrain
 
@@ -85,10 +86,10 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, n * h)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
-        of the layer's slots (`mask` hides the unused ones)."""
+        of the layer's slots (`visibility` hides the unused ones)."""
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
@@ -103,13 +104,7 @@ class Attention(nnx.Module):
             cache = KVCache(k_all, v_all, cache.index)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
-        b, t = x.shape[:2]
-        q = q.reshape(b, t, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
-        scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
+        out = attention(q, k, v, visibility, cfg.attention)
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
 
 
@@ -135,9 +130,9 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg)
         self.feed_forward = FeedForward(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-        attn, cache = self.attention(self.attention_norm(x), positions, mask, cache, layer)
+        attn, cache = self.attention(self.attention_norm(x), positions, visibility, cache, layer)
         h = constrain(x + attn, ("batch", "seq", "act_embed"))
         out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("batch", "seq", "act_embed"))
         return out, cache
@@ -147,8 +142,9 @@ class Llama(nnx.Module):
     """The LLaMA 2 decoder. `model(tokens)` maps int32 `[batch, seq]` tokens to float32 `[batch, seq, vocab]` logits.
 
     With `cache=KVCache`, the tokens are written at `cache.index` and `(logits, new_cache)` is returned, so prefill
-    and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) is combined
-    with the causal mask; `positions` default to `cache.index + arange(seq)`.
+    and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) and
+    `segment_ids` (packed sequences) are combined with the causal mask; `positions` default to
+    `cache.index + arange(seq)`. Attention runs through `llama_jax.attention` with `cfg.attention`.
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -167,30 +163,45 @@ class Llama(nnx.Module):
             self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, cfg.dim)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        features, new_cache = self.features(tokens, positions, mask, cache, segment_ids)
+        logits = self.logits(features)
+        return logits if cache is None else (logits, new_cache)
+
+    def features(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """The final-norm hidden states `[batch, seq, dim]` (what `logits` projects), and the updated cache.
+
+        `segment_ids` (`[batch, seq]` int32, cache-less only) keep packed sequences from attending across segments;
+        pass their `positions` too (each segment's own 0, 1, ...).
+        """
         cfg = self.cfg
         b, t = tokens.shape
-        start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for packed sequences without a KV cache; use mask with a cache")
+        start = cache.index if cache is not None else 0
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        slots = cache.k.shape[2] if cache is not None else t
-        causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]
-        full_mask = causal[None] if mask is None else causal[None] & mask
+        visibility = Visibility(start, segment_ids, mask)
 
         # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
         table = constrain(self.tok_embeddings[...], (None, "embed"))
         x = table.astype(jnp.dtype(cfg.dtype))[tokens]
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x, cache = self._run_layers(x, positions, full_mask, cache)
-        x = self.norm(x)
-        head = self.tok_embeddings[...].T if cfg.tie_embeddings else self.output[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "vocab"))
-        if cache is None:
-            return logits
-        return logits, KVCache(cache.k, cache.v, start + t)
+        x, cache = self._run_layers(x, positions, visibility, cache)
+        if cache is not None:
+            cache = KVCache(cache.k, cache.v, start + t)
+        return self.norm(x), cache
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None
+    def logits(self, features: jax.Array) -> jax.Array:
+        """float32 `[..., vocab]` logits of final-norm hidden states (a slice of them works too)."""
+        head = self.tok_embeddings[...].T if self.cfg.tie_embeddings else self.output[...]
+        logits = jnp.einsum("BTD,DV->BTV", features, head.astype(features.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def _run_layers(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None
                     ) -> tuple[jax.Array, KVCache | None]:
         """Apply the blocks (a Python loop or one `lax.scan` over stacked weights), with the remat policy.
 
@@ -200,7 +211,7 @@ class Llama(nnx.Module):
 
         def block_fn(graphdef: Any) -> Any:
             def apply(state: Any, h: jax.Array, kv: KVCache | None, layer: Any) -> tuple[jax.Array, Any]:
-                return nnx.merge(graphdef, state)(h, positions, mask, kv, layer)
+                return nnx.merge(graphdef, state)(h, positions, visibility, kv, layer)
             return apply if policy == "none" else jax.checkpoint(apply, policy=REMAT[policy])
 
         if self.cfg.scan_layers:

@@ -91,12 +91,44 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) 
     return PartitionSpec(*spec)
 
 
+def _active_mesh() -> Any:
+    """The (data, fsdp, tensor) abstract mesh set by `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec logical `names` get on the active mesh, or None without one."""
+    mesh = _active_mesh()
+    return None if mesh is None else logical_spec(names, shape, mesh)
+
+
+def current_platform() -> str:
+    """The platform the code being traced will run on: the active mesh's (`plan` sets TPU meshes on a CPU host),
+    else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = None if mesh.empty else getattr(mesh, "platform", None)
+    return platform or jax.default_backend()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding when a mesh is active; a no-op otherwise (plain single-device use)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    spec = active_spec(names, x.shape)
+    if spec is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_active_mesh(), spec))
+
+
+def shard_map_logical(fn: Callable[..., jax.Array], args: Sequence[jax.Array],
+                      in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]) -> jax.Array:
+    """Run `fn` on each device's shards of `args`, split by their logical axes (for kernels XLA cannot partition,
+    such as Pallas calls); the output is shaped like the first argument. Called directly when no mesh is active."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return fn(*args)
+    in_specs = tuple(logical_spec(names, a.shape, mesh) for names, a in zip(in_names, args))
+    out_spec = logical_spec(out_names, args[0].shape, mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 def _is_variable(x: Any) -> bool:
