@@ -101,7 +101,7 @@ def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any)
     if cfg.train.init_from:
         m = cfg.model
         model = load_pretrained(cfg.train.init_from, mesh=trainer.mesh, param_dtype=m.param_dtype, dtype=m.dtype,
-                                remat=m.remat, scan_layers=m.scan_layers, max_seq_len=m.max_seq_len)
+                                remat=m.remat, attention=m.attention, scan_layers=m.scan_layers, max_seq_len=m.max_seq_len)
         _check_shapes(m, model.cfg, cfg.train.init_from)
         return trainer.init_state(nnx.state(model))
     return trainer.init_state()
