@@ -44,20 +44,39 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
+@dataclass(frozen=True)
+class Normal:
+    """N(0, std^2) draws; kept in each parameter's `init` metadata so `sharding.sharded_init` can redraw it alone."""
+
+    std: float
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return self.std * jax.random.normal(key, shape, dtype)
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: float
+
+    def __call__(self, key: jax.Array | None, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return jnp.full(shape, self.value, dtype)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, fan_in: int) -> nnx.Param:
     """A parameter drawn from N(0, 1/fan_in) (LeCun normal, as MaxText initialises LLaMA) carrying its logical axes.
 
     Small models trained from scratch learn much faster with this than with a flat std of 0.02 (measured on the
     tiny_shakespeare demo: 2.70 vs 3.17 validation bits per byte after 60 steps).
     """
-    std = fan_in ** -0.5
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+    init = Normal(fan_in ** -0.5)
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes, init=init)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: LlamaConfig):
         self.eps = cfg.norm_eps
-        self.weight = nnx.Param(jnp.ones((cfg.dim,), jnp.dtype(cfg.param_dtype)), axes=("norm",))
+        init = Constant(1.0)
+        self.weight = nnx.Param(init(None, (cfg.dim,), jnp.dtype(cfg.param_dtype)), axes=("norm",), init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)

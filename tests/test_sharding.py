@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
 from llama_jax.config import ConfigError, MeshConfig
-from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, logical_spec, make_mesh,
-                                sharded_init)
+from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, compile_init, logical_spec,
+                                make_mesh, sharded_init)
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -20,9 +20,37 @@ def _tokens() -> jax.Array:
     return jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16)), jnp.int32)
 
 
+def _one_device_model(cfg: LlamaConfig = CFG) -> Llama:
+    return sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+
+
 @pytest.fixture(scope="module")
 def reference_logits() -> np.ndarray:
-    return np.asarray(Llama(CFG, rngs=nnx.Rngs(0))(_tokens()))
+    return np.asarray(_one_device_model()(_tokens()))
+
+
+def test_sharded_init_is_mesh_and_scan_independent_with_few_programs():
+    """Per-parameter draws: the same values on one device, on a 2x2x2 mesh and with scanned layers; the number of
+    compiled programs does not grow with depth; LeCun std and unit norms as the eager constructor has them."""
+    ref = nnx.to_flat_state(nnx.state(_one_device_model()))
+    sharded = dict(nnx.to_flat_state(nnx.state(sharded_init(lambda: Llama(CFG, rngs=nnx.Rngs(0)),
+                                                            make_mesh(MeshConfig(2, 2, 2))))))
+    scanned_cfg = LlamaConfig(**{**CFG.__dict__, "scan_layers": True})
+    scanned = dict(nnx.to_flat_state(nnx.state(_one_device_model(scanned_cfg))))
+    for path, var in ref:
+        np.testing.assert_array_equal(np.asarray(sharded[path][...]), np.asarray(var[...]))
+        if path[0] == "layers":
+            stacked = scanned[path[:1] + path[2:]][...]
+            np.testing.assert_array_equal(np.asarray(stacked[path[1]]), np.asarray(var[...]))
+    model = _one_device_model()
+    wq = np.asarray(model.layers[1].attention.wq[...])
+    assert abs(wq.std() * np.sqrt(CFG.dim) - 1) < 0.05 and abs(wq.mean()) < 0.01
+    np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), 1.0)
+    assert not np.array_equal(wq, np.asarray(model.layers[0].attention.wq[...]))
+
+    deep = LlamaConfig(**{**CFG.__dict__, "n_layers": 12})
+    mesh = make_mesh(MeshConfig(1, 2, 1), jax.devices()[:2])
+    assert compile_init(lambda: Llama(deep, rngs=nnx.Rngs(0)), mesh) <= 8  # per (initializer, shape), not per layer
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=str)

@@ -77,7 +77,7 @@ class Trainer:
     def init_state(self, params: Any | None = None) -> TrainState:
         """A fresh state with sharded parameters (random from the seed, or the given ones) and zero moments."""
         if params is None:
-            params = nnx.state(sharded_init(self._ctor, self.mesh))
+            params = nnx.state(sharded_init(self._ctor, self.mesh, self.cfg.train.seed))
         else:
             params = jax.device_put(params, self.state_sharding.params)
         with jax.set_mesh(self.mesh):
