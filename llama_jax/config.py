@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "offload_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 

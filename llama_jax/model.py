@@ -14,14 +14,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import Visibility, attention
 from llama_jax.config import LlamaConfig
 from llama_jax.sharding import constrain
 
+# What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: the attention
+# projections and attention's output ("context"), so saving them skips recomputing attention itself.
+ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
+_policies = jax.checkpoint_policies
 REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "save_dots": _policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": _policies.save_only_these_names(*ATTENTION_NAMES[:3]),
+    "save_attention": _policies.save_only_these_names(*ATTENTION_NAMES),
+    "offload_attention": _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(ATTENTION_NAMES),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -110,9 +120,9 @@ class Attention(nnx.Module):
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
         of the layer's slots (`visibility` hides the unused ones)."""
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt)), "value_proj")
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -123,8 +133,8 @@ class Attention(nnx.Module):
             cache = KVCache(k_all, v_all, cache.index)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
-        out = attention(q, k, v, visibility, cfg.attention)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
+        out = checkpoint_name(attention(q, k, v, visibility, cfg.attention), "context")
+        return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), "out_proj"), cache
 
 
 class FeedForward(nnx.Module):
@@ -206,8 +216,9 @@ class Llama(nnx.Module):
         visibility = Visibility(start, segment_ids, mask)
 
         # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
+        # Cast after the gather: only the looked-up rows, not the whole table, each decode step.
         table = constrain(self.tok_embeddings[...], (None, "embed"))
-        x = table.astype(jnp.dtype(cfg.dtype))[tokens]
+        x = table[tokens].astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
         x, cache = self._run_layers(x, positions, visibility, cache)
         if cache is not None:

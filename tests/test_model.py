@@ -25,7 +25,8 @@ def model() -> Llama:
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(remat="full"), dict(remat="save_dots"),
-                                     dict(scan_layers=True, remat="full")], ids=str)
+                                     dict(scan_layers=True, remat="full"), dict(remat="save_attention"),
+                                     dict(scan_layers=True, remat="offload_attention")], ids=str)
 def test_scan_and_remat_match_plain_loop(model, changes):
     variant = _variant(model, **changes)
     np.testing.assert_allclose(np.asarray(variant(TOKENS)), np.asarray(model(TOKENS)), atol=1e-5, rtol=0)
