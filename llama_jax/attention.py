@@ -118,16 +118,20 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
     return jax.vmap(one_row)(q, k, v, segment_ids)
 
 
+def resolve(implementation: str, platform: str) -> str:
+    """The implementation a setting names on `platform` (`auto`: cudnn on GPU, splash on TPU, else xla)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention '{implementation}' is not one of {IMPLEMENTATIONS}")
+    return AUTO.get(platform, "xla") if implementation == "auto" else implementation
+
+
 def choose(implementation: str, q: jax.Array, kernel_ok: bool) -> str:
     """The implementation that will run: `auto` resolved for the platform, kernels only where they apply.
 
     An explicit kernel that cannot take this call (the cache path) runs the XLA reference; one that cannot take the
     shape or dtype raises, so a requested kernel is never silently skipped in training.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention '{implementation}' is not one of {IMPLEMENTATIONS}")
-    platform = current_platform()
-    name = AUTO.get(platform, "xla") if implementation == "auto" else implementation
+    name = resolve(implementation, current_platform())
     if name == "xla" or not kernel_ok:
         return "xla"
     problem = _kernel_problem(name, q)

@@ -110,7 +110,7 @@ def current_platform() -> str:
     """The platform the code being traced will run on: the active mesh's (`plan` sets TPU meshes on a CPU host),
     else the default backend."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = None if mesh.empty else getattr(mesh, "platform", None)
+    platform = None if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "platform", None)
     return platform or jax.default_backend()
 
 
