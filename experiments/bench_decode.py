@@ -31,7 +31,7 @@ from peers import hf_model, measured_bandwidth, record, release_torch, timed, to
 
 from llama_jax.checkpoints.io import save_pretrained
 from llama_jax.checkpoints.llama2c import TOKENIZER, write_tokenizer_bin
-from llama_jax.config import ATTENTION, LlamaConfig
+from llama_jax.config import ATTENTION, ExecutionConfig, LlamaConfig
 from llama_jax.inference.generate import PAD, bucket, decode_loop_jit, prefill_jit
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
@@ -44,24 +44,21 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def model_config(preset: str, layers: int | None, dtype: str, attention: str) -> LlamaConfig:
-    overrides = {} if layers is None else {"n_layers": layers}
-    return LlamaConfig.preset(preset, **overrides, dtype=dtype, param_dtype=dtype, attention=attention)
 
 
-def step_bytes(cfg: LlamaConfig, batch: int, slots: int) -> int:
+def step_bytes(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, slots: int) -> int:
     """Bytes one decode step must read: every weight once, and the keys/values of every cache slot."""
-    itemsize = jnp.dtype(cfg.param_dtype).itemsize
-    cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    return cfg.num_params() * itemsize + cache
+    cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(execution.dtype).itemsize
+    return cfg.num_params() * jnp.dtype(execution.param_dtype).itemsize + cache
 
 
-def bench(cfg: LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple[dict, Llama]:
+def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: int, new_tokens: int,
+          repeats: int) -> tuple[dict, Llama]:
     """Best-of-`repeats` seconds for prefill and for the decode loop of one (model, batch) setting."""
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + new {new_tokens} exceeds the context of {cfg.max_seq_len}")
     mesh = make_mesh()
-    model = sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    model = sharded_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     pad = np.zeros((batch,), np.int32)
@@ -87,12 +84,12 @@ def bench(cfg: LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeat
                 ms_per_step=1e3 * decode_best / (new_tokens - 1)), model
 
 
-def bench_torch(cfg: LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
     """Tokens/s of HF `generate` (greedy, static cache) for `batch` random prompts, prefill included."""
     import torch
 
     device = torch_device()
-    hf = hf_model(cfg, cfg.param_dtype, device).eval()
+    hf = hf_model(cfg, dtype, device).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
 
     def run() -> None:
@@ -154,15 +151,17 @@ def main() -> None:
     print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c else ""))
     print("-" * len(header))
     for preset in args.models.split(","):
-        cfg = model_config(preset, args.layers, args.dtype, args.attention)
+        cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r, model = bench(cfg, batch, args.prompt_len, args.new_tokens, args.repeats)
-            r["floor_ms"] = 1e3 * step_bytes(cfg, batch, args.prompt_len + bucket(args.new_tokens, 1)) / bandwidth
+            r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats)
+            slots = args.prompt_len + bucket(args.new_tokens, 1)
+            r["floor_ms"] = 1e3 * step_bytes(cfg, execution, batch, slots) / bandwidth
             line = (f"{preset:<12} {r['params_m']:>7.1f}M {batch:>5} {r['prefill_tok_s']:>14,.0f} "
                     f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f} {r['floor_ms']:>8.2f}")
             peers = {}
             if args.compare_torch:
-                peers["hf_static"] = bench_torch(cfg, batch, args.prompt_len, args.new_tokens, args.repeats)
+                peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats)
             if args.llama2c and batch == 1:
                 peers["llama2c"] = bench_llama2c(args.llama2c, model, args.prompt_len, args.new_tokens)
             for name, rate in peers.items():

@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from peers import record
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.sharding import compile_init, make_mesh, sharded_init
 
@@ -33,11 +33,11 @@ def main() -> None:
     mesh = make_mesh()
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
     for scan in (False, True):
-        overrides = {} if args.layers is None else {"n_layers": args.layers}
-        cfg = LlamaConfig.preset(args.preset, **overrides, param_dtype=args.param_dtype, scan_layers=scan)
+        cfg = LlamaConfig.preset(args.preset, **({} if args.layers is None else {"n_layers": args.layers}))
+        execution = ExecutionConfig(param_dtype=args.param_dtype, scan_layers=scan)
 
         def ctor() -> Llama:
-            return Llama(cfg, rngs=nnx.Rngs(0))
+            return Llama(cfg, execution, rngs=nnx.Rngs(0))
 
         start = time.perf_counter()
         if args.aot:

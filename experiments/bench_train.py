@@ -22,7 +22,7 @@ import numpy as np
 from peers import (hf_model, jax_peak_gib, record, release_torch, timed, torch_device, torch_peak_gib,
                    torch_sync)
 
-from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, LlamaConfig, MeshConfig
+from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, ExecutionConfig, LlamaConfig, MeshConfig
 from llama_jax.sharding import make_mesh
 from llama_jax.training.metrics import PEAK_FLOPS, measured_matmul_flops, peak_flops_per_device
 from llama_jax.training.step import Trainer
@@ -33,9 +33,10 @@ MODELS = {
 }
 
 
-def bench_jax(model: LlamaConfig, batch: int, seq: int, steps: int, warmup: int) -> tuple[float, float | None]:
+def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int,
+              warmup: int) -> tuple[float, float | None]:
     """(tokens/s, peak GiB) of the train step on all local devices (FSDP)."""
-    cfg = Config(model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+    cfg = Config(model=model, execution=execution, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     trainer = Trainer(cfg, make_mesh(cfg.mesh))
     holder = {"state": trainer.init_state()}
     tokens = {"tokens": np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq + 1)).astype(np.int32)}
@@ -47,19 +48,20 @@ def bench_jax(model: LlamaConfig, batch: int, seq: int, steps: int, warmup: int)
     return batch * seq * steps / timed(step, steps, warmup), jax_peak_gib()
 
 
-def bench_torch(model: LlamaConfig, batch: int, seq: int, steps: int, warmup: int) -> tuple[float, float | None]:
+def bench_torch(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int,
+                warmup: int) -> tuple[float, float | None]:
     """(tokens/s, peak GiB) of HF LlamaForCausalLM + torch AdamW on the same shapes, float32 parameters."""
     import torch
 
     device = torch_device()
     hf = hf_model(model, "float32", device)
-    if model.remat != "none":
+    if execution.remat != "none":
         hf.gradient_checkpointing_enable()
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
                             fused=device == "cuda")
     tokens = torch.randint(0, model.vocab_size, (batch, seq + 1), device=device)
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if model.dtype == "bfloat16"
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if execution.dtype == "bfloat16"
                 else contextlib.nullcontext())
 
     def step() -> None:
@@ -112,11 +114,12 @@ def main() -> None:
           f"measured {args.dtype} matmul {ceiling:.3e} FLOP/s", flush=True)
     for name in args.models:
         overrides = {} if args.layers is None else {"n_layers": args.layers}
-        model = LlamaConfig(**{**MODELS[name], **overrides, "dtype": args.dtype, "param_dtype": args.param_dtype,
-                               "attention": args.attention, "remat": args.remat, "scan_layers": args.scan})
-        torch_rate, torch_peak = (bench_torch(model, args.batch, args.seq, args.steps, args.warmup)
+        model = LlamaConfig(**{**MODELS[name], **overrides})
+        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                                    scan_layers=args.scan, attention=args.attention)
+        torch_rate, torch_peak = (bench_torch(model, execution, args.batch, args.seq, args.steps, args.warmup)
                                   if args.compare_torch else (None, None))
-        rate, peak = bench_jax(model, args.batch, args.seq, args.steps, args.warmup)
+        rate, peak = bench_jax(model, execution, args.batch, args.seq, args.steps, args.warmup)
         flops = model.flops_per_token(args.seq)
         line = (f"{name} ({model.n_layers} layers, {model.num_params() / 1e6:,.1f}M params), batch {args.batch}x"
                 f"{args.seq}, {args.dtype}, attention {args.attention}, remat {args.remat}: llama_jax {rate:,.0f} "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -32,10 +31,9 @@ def free_port() -> int:
 
 
 def process_env(base: dict[str, str], devices: int, address: str, processes: int, index: int) -> dict[str, str]:
-    """`base` with the process's cluster variables, CPU platform and `devices` simulated host devices."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", base.get("XLA_FLAGS", "")).split()
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
-    return {**base, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), "JAX_COORDINATOR_ADDRESS": address,
+    """`base` with the process's cluster variables, CPU platform and `devices` simulated host devices (the
+    environment form of `llama_jax.sharding.simulate_cpu_devices`, which takes precedence over XLA_FLAGS)."""
+    return {**base, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), "JAX_COORDINATOR_ADDRESS": address,
             "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(index)}
 
 

@@ -31,9 +31,10 @@ def _nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LlamaConfig:
-    """LLaMA 2 architecture hyperparameters (names follow Meta's params.json)."""
+    """LLaMA 2 architecture: everything that fixes the parameter shapes and the function (names follow Meta's
+    params.json). Checkpoints of every format store exactly this; how the model runs is `ExecutionConfig`."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -47,15 +48,10 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat: str = "none"
-    attention: str = "auto"
-    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
         self.validate()
 
     @classmethod
@@ -75,14 +71,24 @@ class LlamaConfig:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def meta_ffn_base(self) -> int:
+        """Meta's FeedForward starting width, `int(2 * 4 * dim / 3)`, before the multiplier and rounding."""
+        return int(2 * 4 * self.dim / 3)
+
+    @property
     def hidden_dim(self) -> int:
         """SwiGLU width exactly as Meta's FeedForward derives it, unless set explicitly (HF `intermediate_size`)."""
         if self.ffn_hidden_dim is not None:
             return self.ffn_hidden_dim
-        hidden = int(2 * 4 * self.dim / 3)
+        hidden = self.meta_ffn_base
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def shape_differences(self, other: "LlamaConfig") -> list[str]:
+        """`field: mine vs other's` for every field that changes a parameter shape (empty if none does)."""
+        return [f"{k}: {getattr(self, k)} vs {getattr(other, k)}" for k in SHAPE_FIELDS
+                if getattr(self, k) != getattr(other, k)]
 
     def num_params(self) -> int:
         """Parameter count derived from the shapes (no arrays needed)."""
@@ -98,6 +104,9 @@ class LlamaConfig:
         matmul_params = self.n_layers * layer + self.vocab_size * self.dim
         return 6.0 * matmul_params + 6.0 * self.n_layers * self.dim * seq_len
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -109,16 +118,31 @@ class LlamaConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat '{self.remat}' is not one of {REMAT_POLICIES}{_nearest(self.remat, REMAT_POLICIES)}")
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"model.attention '{self.attention}' is not one of {ATTENTION}"
-                              f"{_nearest(self.attention, ATTENTION)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name} '{getattr(self, name)}' is not one of {DTYPES}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+
+
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How a model runs: dtypes, rematerialisation, layer scan, attention implementation (`llama_jax.attention`:
+    auto | xla | cudnn | splash). Never stored as part of a checkpoint's architecture
+    and free to change at load time (a run trained with one setting resumes or loads under another)."""
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                              ("attention", ATTENTION)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{_nearest(str(value), choices)}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
@@ -146,7 +170,9 @@ class MeshConfig:
 
 @dataclass
 class DataSource:
-    """One text source: a TFDS dataset name, or local `.txt`/`.jsonl` files (comma-separated paths or a glob)."""
+    """One text source, by the form of its `name`: a TFDS dataset (`c4/en`); local `.txt`/`.jsonl`/`.parquet` files
+    (comma-separated paths or globs); or a Hugging Face dataset `hf:ORG/NAME[:config]` / `hf:/path` (a directory
+    written by `Dataset.save_to_disk`, or of data files), read in streaming mode (`data.streaming`)."""
 
     name: str = "tiny_shakespeare"
     split: str = "train"
@@ -161,7 +187,14 @@ class DataConfig:
     Validation comes from `validation` (another source), or else from holding out the last `validation_fraction`
     of the first source's text. `data_dir` is the TFDS directory (a `gs://` path works); `cache_dir` holds prepared
     local files and tokenized corpora (default `~/.cache/llama_jax`). Without `tokenizer`, one with
-    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory.
+    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory. A TFDS dataset
+    missing from `data_dir` is built only if `allow_download` permits: unset = on single-process runs only, true =
+    by process 0 while the others wait, false = never (a one-line error says where to copy it from).
+
+    With `streaming`, training sources are read lazily (tokenized on the fly, nothing prepared up front) as
+    `streams` independent shard streams, each packing its own documents and shuffling them through a buffer of
+    `shuffle_buffer` windows. The batch order depends on `streams`, never on the process count, which must divide
+    `streams` (times `workers`, grain worker processes per host; 0 reads in background threads).
     """
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
@@ -173,6 +206,11 @@ class DataConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1024
     validation_fraction: float = 0.0
+    allow_download: bool | None = None
+    streaming: bool = False
+    streams: int = 8
+    shuffle_buffer: int = 256
+    workers: int = 0
 
 
 @dataclass
@@ -192,6 +230,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Run length, batch, logging, sampling and cluster settings. With several processes, SIGTERM and
+    `max_minutes` are agreed across them every `stop_check_every` steps (one small all-gather)."""
+
     steps: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -208,6 +249,7 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    stop_check_every: int = 10
 
 
 @dataclass
@@ -221,6 +263,7 @@ class CheckpointConfig:
 @dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -229,6 +272,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionConfig))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -280,8 +326,11 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     data = dict(data)
     preset = data.pop("preset", None) if cls is LlamaConfig else None
     for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_nearest(key, names, prefix)}")
+        if key in names:
+            continue
+        if cls is LlamaConfig and key in EXECUTION_FIELDS:
+            raise ConfigError(f"'{prefix}{key}' is an execution setting, not architecture; write it as execution.{key}")
+        raise ConfigError(f"unknown config key '{prefix}{key}'{_nearest(key, names, prefix)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     if preset is not None:
         return LlamaConfig.preset(str(preset), **kwargs)
@@ -323,3 +372,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     return from_dict(Config, apply_overrides(raw, overrides))
+
+
+def stored_model_section(raw: dict[str, Any]) -> tuple[LlamaConfig, ExecutionConfig]:
+    """Architecture and execution from a model section written before they were split (one flat dict)."""
+    arch = {k: v for k, v in raw.items() if k not in EXECUTION_FIELDS}
+    execution = {k: v for k, v in raw.items() if k in EXECUTION_FIELDS}
+    return from_dict(LlamaConfig, arch, "model."), from_dict(ExecutionConfig, execution, "execution.")

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from llama_jax.config import Config, LlamaConfig, load_config
+from jax.sharding import Mesh
 
-
-def _ensure_devices(n: int) -> None:
-    """On CPU, simulate `n` devices (must run before jax creates its backend)."""
-    flag = f"--xla_force_host_platform_device_count={n}"
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+from llama_jax.config import Config, ExecutionConfig, LlamaConfig, apply_overrides, from_dict, load_config
+from llama_jax.sharding import simulate_cpu_devices
 
 
 def resolve(preset: str, config: str | None, overrides: Sequence[str]) -> Config:
-    """Config from a YAML file, or defaults with `model.preset` = `preset`; overrides applied last."""
-    return load_config(config, overrides if config else [f"model.preset={preset}", *overrides])
+    """Config from a YAML file, or defaults with the model preset `preset`; overrides applied last."""
+    if config is not None:
+        return load_config(config, overrides)
+    return from_dict(Config, apply_overrides({"model": {"preset": preset}}, overrides))
 
 
-def describe(cfg: LlamaConfig, mesh) -> list[str]:
+def describe(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh) -> list[str]:
     """Lines: one per parameter (global shape -> per-device shard shape), then the totals."""
     import numpy as np
     from flax import nnx
@@ -28,7 +25,7 @@ def describe(cfg: LlamaConfig, mesh) -> list[str]:
     from llama_jax.model import Llama
     from llama_jax.sharding import abstract_init, bytes_per_device
 
-    _, state = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    _, state = abstract_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
     lines = [f"{'parameter':42s} {'shape':>22s} {'axes':>36s} {'per-device shard':>22s}"]
     total = 0
     for path, var in nnx.to_flat_state(state):
@@ -39,12 +36,12 @@ def describe(cfg: LlamaConfig, mesh) -> list[str]:
         lines.append(f"{'.'.join(map(str, path)):42s} {str(tuple(leaf.shape)):>22s} {axes:>36s} {str(shard):>22s}")
     per_device = bytes_per_device(state)
     lines.append(f"parameters: {total:,} (analytic {cfg.num_params():,})")
-    lines.append(f"parameter bytes per device ({cfg.param_dtype}): {per_device:,} = {per_device / 2**30:.2f} GiB")
+    lines.append(f"parameter bytes per device ({execution.param_dtype}): {per_device:,} = {per_device / 2**30:.2f} GiB")
     return lines
 
 
 def print_info(preset: str, config: str | None, overrides: Sequence[str], devices: int) -> None:
-    _ensure_devices(devices)
+    simulate_cpu_devices(devices)
     cfg = resolve(preset, config, overrides)
 
     import jax
@@ -55,4 +52,5 @@ def print_info(preset: str, config: str | None, overrides: Sequence[str], device
     check_model_fits(cfg.model, mesh)
     print(f"model: {cfg.model}")
     print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
-    print("\n".join(describe(cfg.model, mesh)))
+    print(f"execution: {cfg.execution}")
+    print("\n".join(describe(cfg.model, cfg.execution, mesh)))

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import Visibility, attention
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.sharding import constrain
 
 # What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: the attention
@@ -48,9 +48,8 @@ class KVCache:
     index: jax.Array
 
     @classmethod
-    def create(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: Any = None) -> "KVCache":
+    def create(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: Any = jnp.float32) -> "KVCache":
         shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-        dtype = dtype or jnp.dtype(cfg.dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
@@ -83,10 +82,10 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig):
         self.eps = cfg.norm_eps
         init = Constant(1.0)
-        self.weight = nnx.Param(init(None, (cfg.dim,), jnp.dtype(cfg.param_dtype)), axes=("norm",), init=init)
+        self.weight = nnx.Param(init(None, (cfg.dim,), jnp.dtype(execution.param_dtype)), axes=("norm",), init=init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -94,11 +93,15 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    """RoPE frequencies theta^(-2i/head_dim), i < head_dim/2, in float32 as Meta and HF compute them."""
+    return 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotate adjacent pairs (2i, 2i+1) of each head by position * theta^(-2i/head_dim), as Meta does."""
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
+    angles = positions.astype(jnp.float32)[..., None, None] * rope_inv_freq(head_dim, theta)  # [B, T, 1, H/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], head_dim // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
@@ -107,9 +110,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        dt, d, n, k, h = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.implementation = execution.attention
+        dt, d, n, k, h = jnp.dtype(execution.param_dtype), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dt, d)
         self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
         self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
@@ -133,13 +137,13 @@ class Attention(nnx.Module):
             cache = KVCache(k_all, v_all, cache.index)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
-        out = checkpoint_name(attention(q, k, v, visibility, cfg.attention), "context")
+        out = checkpoint_name(attention(q, k, v, visibility, self.implementation), "context")
         return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), "out_proj"), cache
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        dt, d, f = jnp.dtype(cfg.param_dtype), cfg.dim, cfg.hidden_dim
+    def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs):
+        dt, d, f = jnp.dtype(execution.param_dtype), cfg.dim, cfg.hidden_dim
         self.w1 = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
         self.w3 = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
         self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
@@ -153,11 +157,11 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(cfg)
-        self.attention = Attention(cfg, rngs)
-        self.ffn_norm = RMSNorm(cfg)
-        self.feed_forward = FeedForward(cfg, rngs)
+    def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg, execution)
+        self.attention = Attention(cfg, execution, rngs)
+        self.ffn_norm = RMSNorm(cfg, execution)
+        self.feed_forward = FeedForward(cfg, execution, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
@@ -170,24 +174,26 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
     """The LLaMA 2 decoder. `model(tokens)` maps int32 `[batch, seq]` tokens to float32 `[batch, seq, vocab]` logits.
 
+    `cfg` is the architecture (what checkpoints store); `execution` says how it runs (dtypes, remat, layer scan).
     With `cache=KVCache`, the tokens are written at `cache.index` and `(logits, new_cache)` is returned, so prefill
     and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) and
     `segment_ids` (packed sequences) are combined with the causal mask; `positions` default to
-    `cache.index + arange(seq)`. Attention runs through `llama_jax.attention` with `cfg.attention`.
+    `cache.index + arange(seq)`. Attention runs through `llama_jax.attention` with `execution.attention`.
     """
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig | None = None, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dt = jnp.dtype(cfg.param_dtype)
+        self.execution = execution = execution or ExecutionConfig()
+        dt = jnp.dtype(execution.param_dtype)
         # Unit-variance embeddings (the first RMSNorm rescales them); a tied table doubles as the output projection,
         # so it takes that projection's 1/dim variance instead.
         embed_fan_in = cfg.dim if cfg.tie_embeddings else 1
         self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, embed_fan_in)
-        if cfg.scan_layers:
-            self.layers = _stacked_blocks(cfg, rngs)
+        if execution.scan_layers:
+            self.layers = _stacked_blocks(cfg, execution, rngs)
         else:
-            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.norm = RMSNorm(cfg)
+            self.layers = nnx.List([Block(cfg, execution, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg, execution)
         if not cfg.tie_embeddings:
             self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, cfg.dim)
 
@@ -218,7 +224,7 @@ class Llama(nnx.Module):
         # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
         # Cast after the gather: only the looked-up rows, not the whole table, each decode step.
         table = constrain(self.tok_embeddings[...], (None, "embed"))
-        x = table[tokens].astype(jnp.dtype(cfg.dtype))
+        x = table[tokens].astype(jnp.dtype(self.execution.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
         x, cache = self._run_layers(x, positions, visibility, cache)
         if cache is not None:
@@ -237,14 +243,14 @@ class Llama(nnx.Module):
 
         The cache travels through the layers whole, so each layer updates its slots in place (no per-step copy).
         """
-        policy = self.cfg.remat
+        policy = self.execution.remat
 
         def block_fn(graphdef: Any) -> Any:
             def apply(state: Any, h: jax.Array, kv: KVCache | None, layer: Any) -> tuple[jax.Array, Any]:
                 return nnx.merge(graphdef, state)(h, positions, visibility, kv, layer)
             return apply if policy == "none" else jax.checkpoint(apply, policy=REMAT[policy])
 
-        if self.cfg.scan_layers:
+        if self.execution.scan_layers:
             graphdef, state = nnx.split(self.layers)
             apply = block_fn(graphdef)
 
@@ -260,12 +266,12 @@ class Llama(nnx.Module):
         return x, cache
 
 
-def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs) -> Block:
     """One Block whose parameters carry a leading `layers` axis, for `lax.scan`."""
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
     def create(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs)
+        return Block(cfg, execution, rngs)
 
     return create(rngs)

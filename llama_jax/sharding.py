@@ -59,6 +59,15 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def simulate_cpu_devices(count: int) -> None:
+    """Give the CPU backend `count` devices (for meshes without accelerators). It must run before JAX starts that
+    backend; afterwards the devices it already has stay (callers check the count they need)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass
+
+
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """Build a (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all devices)."""
     cfg = cfg or MeshConfig()
@@ -92,6 +101,11 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) 
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Batch rows split over the data and fsdp axes (as far as they divide), the other dimensions replicated."""
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 
 
 def _active_mesh() -> Any:
@@ -212,12 +226,6 @@ def _draw_program(init: Callable[..., jax.Array], shape: tuple[int, ...], dtype:
         return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
 
     return jax.jit(draw, out_shardings=sharding)
-
-
-def shard_state(state: Any, mesh: Mesh) -> Any:
-    """Place host/numpy state onto `mesh` following its logical axes."""
-    shardings = state_shardings(state, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
 
 
 def bytes_per_device(abstract_state: Any) -> int:

@@ -11,7 +11,7 @@ from typing import overload
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-PathLike = str | os.PathLike
+from llama_jax.paths import PathLike
 
 # LLaMA 2's trainer settings (read from Meta's tokenizer.model), plus knobs that keep small corpora fast:
 # a soft vocab limit (a tiny corpus may support fewer pieces) and sampling of at most 1M sentences.
@@ -36,6 +36,11 @@ LLAMA_TRAINER_OPTIONS: dict[str, object] = {
     "num_threads": os.cpu_count() or 1,
     "minloglevel": 2,
 }
+
+
+def _sentencepiece_property(name: str) -> property:
+    """A read-only int property forwarding to the sentencepiece processor's method `name`."""
+    return property(lambda self: int(getattr(self.sp, name)()), doc=f"sentencepiece `{name}()`")
 
 
 class Tokenizer:
@@ -63,25 +68,11 @@ class Tokenizer:
         """Text of a sequence of ids (a list, or a 1-D numpy/jax array)."""
         return self.sp.decode([int(i) for i in ids])
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.vocab_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    vocab_size = _sentencepiece_property("vocab_size")
+    bos_id = _sentencepiece_property("bos_id")
+    eos_id = _sentencepiece_property("eos_id")
+    pad_id = _sentencepiece_property("pad_id")
+    unk_id = _sentencepiece_property("unk_id")
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)

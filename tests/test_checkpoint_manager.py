@@ -1,17 +1,21 @@
-"""Training checkpoints: round trip onto another mesh, fallback from a corrupted newest step, params readers."""
+"""Training checkpoints: round trip onto another mesh or layout, fallback from a corrupted newest step, refusal of
+another architecture, and `load_pretrained` on run directories."""
 
+import dataclasses
+import json
 import logging
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.checkpoints.manager import Checkpointer, load_params, read_config
-from llama_jax.config import CheckpointConfig, Config, LlamaConfig, MeshConfig, OptimConfig
+from llama_jax.checkpoints.manager import Checkpointer
+from llama_jax.config import CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig, MeshConfig, OptimConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training.step import Trainer
+from llama_jax.training.step import Trainer, TrainState
 
 
 def tiny_config() -> Config:
@@ -43,8 +47,12 @@ def trained(tmp_path_factory):
 
 def restore(cfg, run_dir, mesh_shape):
     trainer = Trainer(cfg, make_mesh(MeshConfig(*mesh_shape)))
-    target = trainer.abstract_state()
-    return trainer, Checkpointer(run_dir, CheckpointConfig()).restore_latest(target.params, target.opt_state)
+
+    def abstract_state(execution):
+        state = trainer.abstract_state(execution)
+        return state.params, state.opt_state
+
+    return trainer, Checkpointer(run_dir, CheckpointConfig()).restore_latest(cfg.model, cfg.execution, abstract_state)
 
 
 def assert_trees_equal(a, b):
@@ -89,25 +97,65 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(trained, tmp_path)
         restore(cfg, tmp_path / "run", (8, 1, 1))
 
 
-def test_load_params_and_config(trained):
-    cfg, run_dir, saved = trained
-    model_cfg, params = load_params(run_dir)
-    assert model_cfg == cfg.model and read_config(run_dir / "1").optim == cfg.optim
-    assert_trees_equal(params, saved[2][0])
-    _, params = load_params(run_dir / "1", mesh=make_mesh(MeshConfig(1, 8, 1)))
-    assert_trees_equal(params, saved[1][0])
-    with pytest.raises(FileNotFoundError, match="no llama_jax training checkpoint"):
-        load_params(run_dir / "tensorboard")
-
-
-def test_load_pretrained_reads_training_checkpoints(trained):
+def test_load_pretrained_reads_run_and_step_directories(trained, tmp_path):
     from llama_jax import load_pretrained
-    from llama_jax.checkpoints import FORMATS
-    if "run" not in FORMATS:
-        pytest.skip("training-checkpoint format not registered in llama_jax.checkpoints.io yet")
+    from llama_jax.checkpoints import detect_format
     _, run_dir, saved = trained
-    model = load_pretrained(run_dir)
-    assert_trees_equal(nnx.state(model), saved[2][0])
-    model = load_pretrained(run_dir, scan_layers=True)  # the generic Meta-tensor path
+    assert detect_format(run_dir) == detect_format(run_dir / "1") == "orbax"
+    assert_trees_equal(nnx.state(load_pretrained(run_dir)), saved[2][0])
+    model = load_pretrained(run_dir / "1", make_mesh(MeshConfig(1, 8, 1)))
+    assert_trees_equal(nnx.state(model), saved[1][0])
+    assert model.layers[0].attention.wq[...].sharding.mesh.shape["fsdp"] == 8
+    model = load_pretrained(run_dir, scan_layers=True, dtype="bfloat16")  # restacked and cast after reading
     np.testing.assert_array_equal(np.asarray(model.layers.attention.wq[...][0]),
-                                  np.asarray(saved[2][0]["layers"][0]["attention"]["wq"][...]))
+                                  np.asarray(saved[2][0]["layers"][0]["attention"]["wq"][...]).astype(jnp.bfloat16))
+    (tmp_path / "1").mkdir()  # a step-like directory without parameters
+    with pytest.raises(ValueError, match="is not a known checkpoint layout"):
+        load_pretrained(tmp_path)
+
+
+def test_a_stored_run_config_with_unknown_training_keys_still_loads(trained, tmp_path):
+    """Renaming or adding training keys must never make old runs unloadable: loading reads only `model/`."""
+    from llama_jax import load_pretrained
+    from llama_jax.checkpoints.orbax_format import read_json_item
+    _, run_dir, saved = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    config_item = tmp_path / "run" / "2" / "config"
+    raw = read_json_item(config_item)
+    raw["train"]["renamed_knob"] = raw["train"].pop("log_every")
+    raw["optim"]["brand_new_key"] = 3
+    (config_item / "metadata").write_text(json.dumps(raw))
+    assert read_json_item(config_item)["optim"]["brand_new_key"] == 3
+    assert_trees_equal(nnx.state(load_pretrained(tmp_path / "run")), saved[2][0])
+
+
+def test_resume_with_another_architecture_refuses_and_touches_nothing(trained, tmp_path):
+    cfg, run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    other = Config(model=dataclasses.replace(cfg.model, dim=128), optim=cfg.optim, train=cfg.train)
+    with pytest.raises(ConfigError, match=r"written for another model \(stored vs config: dim: 64 vs 128; hidden_dim: 192 vs 352\)"):
+        restore(other, tmp_path / "run", (8, 1, 1))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("execution", [ExecutionConfig(scan_layers=True), ExecutionConfig(param_dtype="bfloat16")],
+                         ids=["scan_layers", "param_dtype"])
+def test_resume_onto_another_execution_layout(trained, execution):
+    """A run saved unrolled in float32 resumes scanned (params and Adam moments restacked) or in bfloat16."""
+    cfg, run_dir, saved = trained
+    other = Config(model=cfg.model, execution=execution, optim=cfg.optim, train=cfg.train)
+    trainer, restored = restore(other, run_dir, (2, 2, 2))
+    assert restored.step == 2
+    params = nnx.to_pure_dict(restored.params)
+    want = np.asarray(saved[2][0]["layers"][0]["feed_forward"]["w1"][...])
+    got = params["layers"]["feed_forward"]["w1"][0] if execution.scan_layers else params["layers"][0]["feed_forward"]["w1"]
+    np.testing.assert_array_equal(np.asarray(got), want.astype(execution.param_dtype))
+    target = trainer.abstract_state()
+    for leaf, expected in zip(jax.tree.leaves((restored.params, restored.opt_state)),
+                              jax.tree.leaves((target.params, target.opt_state)), strict=True):
+        assert leaf.shape == expected.shape and leaf.dtype == expected.dtype and leaf.sharding == expected.sharding
+    tokens = np.random.default_rng(1).integers(0, 256, (8, 33)).astype(np.int32)
+    step = jax.device_put(np.int32(2), trainer.state_sharding.step)
+    _, metrics = trainer.train_step(TrainState(step, restored.params, restored.opt_state), {"tokens": tokens})
+    assert np.isfinite(float(metrics["loss"]))

@@ -1,8 +1,10 @@
 """Config presets, YAML + overrides, and one-line errors."""
 
+import dataclasses
+
 import pytest
 
-from llama_jax.config import ConfigError, LlamaConfig, load_config
+from llama_jax.config import EXECUTION_FIELDS, ConfigError, ExecutionConfig, LlamaConfig, load_config
 
 
 def test_presets_match_meta_params():
@@ -19,12 +21,35 @@ def test_presets_match_meta_params():
     (dict(dim=100, n_heads=3), "divisible by model.n_heads"),
     (dict(dim=64, n_heads=4, n_kv_heads=3), "divisible by model.n_kv_heads"),
     (dict(dim=60, n_heads=4), "must be even"),
-    (dict(remat="ful"), "did you mean 'full'"),
-    (dict(dtype="fp8"), "is not one of"),
 ])
 def test_inconsistent_config_raises(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LlamaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(remat="ful"), "execution.remat 'ful' is not one of .* \\(did you mean 'full'\\?\\)"),
+    (dict(dtype="fp8"), "execution.dtype 'fp8' is not one of"),
+])
+def test_bad_execution_settings_raise(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ExecutionConfig(**kwargs)
+
+
+def test_architecture_is_immutable_and_execution_is_not_part_of_it():
+    cfg = LlamaConfig.preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 3
+    assert not set(EXECUTION_FIELDS) & {f.name for f in dataclasses.fields(LlamaConfig)}
+    with pytest.raises(ConfigError, match="'model.dtype' is an execution setting, not architecture; write it as "
+                                          "execution.dtype"):
+        load_config(None, ["model.dtype=bfloat16"])
+
+
+def test_shape_differences_name_only_fields_that_change_parameter_shapes():
+    base = LlamaConfig.preset("tiny")
+    assert base.shape_differences(dataclasses.replace(base, max_seq_len=64, rope_theta=5e5)) == []
+    assert base.shape_differences(dataclasses.replace(base, multiple_of=64)) == ["hidden_dim: 352 vs 384"]
 
 
 def test_unknown_preset_suggests_nearest():
@@ -34,9 +59,9 @@ def test_unknown_preset_suggests_nearest():
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  preset: stories15m\n  scan_layers: true\noptim:\n  lr: 1.0e-3\n")
-    cfg = load_config(path, ["optim.lr=2e-3", "mesh.tensor=2", "model.remat=full"])
-    assert (cfg.model.dim, cfg.model.scan_layers, cfg.model.remat) == (288, True, "full")
+    path.write_text("model:\n  preset: stories15m\nexecution:\n  scan_layers: true\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(path, ["optim.lr=2e-3", "mesh.tensor=2", "execution.remat=full"])
+    assert (cfg.model.dim, cfg.execution.scan_layers, cfg.execution.remat) == (288, True, "full")
     assert cfg.optim.lr == 2e-3 and cfg.mesh.tensor == 2
 
 

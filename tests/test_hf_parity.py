@@ -61,7 +61,7 @@ def test_generation_with_loaded_weights_tracks_reference_past_20_tokens(tmp_path
 def test_dtype_and_overrides_on_load(tmp_path):
     path = save_hf_model(make_hf_model(), tmp_path / "hf")
     model = llama_jax.load_pretrained(path, dtype="bfloat16", scan_layers=True)
-    assert model.cfg.param_dtype == "bfloat16" and model.cfg.scan_layers
+    assert model.execution.param_dtype == "bfloat16" and model.execution.scan_layers
     assert model.tok_embeddings[...].dtype == jnp.bfloat16
     assert model(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.float32
 

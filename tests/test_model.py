@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import KVCache, Llama, LlamaConfig
+from llama_jax.config import ExecutionConfig
 from llama_jax.checkpoints.layout import build_model, iter_meta_tensors
 
 CFG = LlamaConfig.preset("tiny")
@@ -14,9 +15,9 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 24)
 
 
 def _variant(model: Llama, **changes) -> Llama:
-    """The same weights under another config (scan, remat, dtype), via the checkpoint tensor mapping."""
+    """The same weights under another execution (scan, remat, dtype), via the checkpoint tensor mapping."""
     tensors = dict(iter_meta_tensors(model))
-    return build_model(LlamaConfig(**{**model.cfg.__dict__, **changes}), tensors.__getitem__)
+    return build_model(model.cfg, ExecutionConfig(**changes), tensors.__getitem__)
 
 
 @pytest.fixture(scope="module")

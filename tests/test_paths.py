@@ -166,7 +166,7 @@ def test_load_pretrained_run_from_a_uri(bucket, redirected_restores):
     ckpt = Checkpointer(root / "run", CheckpointConfig(async_save=False))
     ckpt.save(3, nnx.state(model, nnx.Param), {"count": np.zeros(())}, {}, Config(model=TINY))
     ckpt.close()
-    assert detect_format(uri + "/run") == "run"
+    assert detect_format(uri + "/run") == "orbax"
     loaded = load_pretrained(uri + "/run")
     assert redirected_restores == [uri + "/run/3/params"]
     _assert_same_params(model, loaded)

@@ -1,5 +1,7 @@
 """Sharded forward passes on 8 simulated CPU devices: same logits on every mesh, parameters really split."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
-from llama_jax.config import ConfigError, MeshConfig
+from llama_jax.config import ConfigError, ExecutionConfig, MeshConfig
 from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, compile_init, logical_spec,
                                 make_mesh, sharded_init)
 
@@ -20,8 +22,9 @@ def _tokens() -> jax.Array:
     return jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16)), jnp.int32)
 
 
-def _one_device_model(cfg: LlamaConfig = CFG) -> Llama:
-    return sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+def _one_device_model(execution: ExecutionConfig | None = None) -> Llama:
+    return sharded_init(lambda: Llama(CFG, execution, rngs=nnx.Rngs(0)),
+                        make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,7 @@ def test_sharded_init_is_mesh_and_scan_independent_with_few_programs():
     ref = nnx.to_flat_state(nnx.state(_one_device_model()))
     sharded = dict(nnx.to_flat_state(nnx.state(sharded_init(lambda: Llama(CFG, rngs=nnx.Rngs(0)),
                                                             make_mesh(MeshConfig(2, 2, 2))))))
-    scanned_cfg = LlamaConfig(**{**CFG.__dict__, "scan_layers": True})
-    scanned = dict(nnx.to_flat_state(nnx.state(_one_device_model(scanned_cfg))))
+    scanned = dict(nnx.to_flat_state(nnx.state(_one_device_model(ExecutionConfig(scan_layers=True)))))
     for path, var in ref:
         np.testing.assert_array_equal(np.asarray(sharded[path][...]), np.asarray(var[...]))
         if path[0] == "layers":
@@ -48,7 +50,7 @@ def test_sharded_init_is_mesh_and_scan_independent_with_few_programs():
     np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), 1.0)
     assert not np.array_equal(wq, np.asarray(model.layers[0].attention.wq[...]))
 
-    deep = LlamaConfig(**{**CFG.__dict__, "n_layers": 12})
+    deep = dataclasses.replace(CFG, n_layers=12)
     mesh = make_mesh(MeshConfig(1, 2, 1), jax.devices()[:2])
     assert compile_init(lambda: Llama(deep, rngs=nnx.Rngs(0)), mesh) <= 8  # per (initializer, shape), not per layer
 
@@ -73,9 +75,9 @@ def test_forward_is_mesh_independent_and_params_are_sharded(shape, reference_log
 
 
 def test_scan_layers_shard_with_a_leading_layer_axis():
-    cfg = LlamaConfig(**{**CFG.__dict__, "scan_layers": True})
     mesh = make_mesh(MeshConfig(1, 4, 2))
-    model = sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    cfg = CFG
+    model = sharded_init(lambda: Llama(cfg, ExecutionConfig(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     w1 = model.layers.feed_forward.w1[...]
     assert w1.shape == (cfg.n_layers, cfg.dim, cfg.hidden_dim)
     assert w1.sharding.spec == P(None, "fsdp", "tensor")
@@ -103,9 +105,9 @@ def test_axes_that_do_not_divide_are_replicated():
 @pytest.mark.parametrize("preset,count", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
                                           ("llama2-70b", 68_976_648_192)])
 def test_abstract_init_param_counts(preset, count):
-    cfg = LlamaConfig.preset(preset, scan_layers=True)
+    cfg = LlamaConfig.preset(preset)
     mesh = make_mesh(MeshConfig(1, 8, 1))
-    _, state = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    _, state = abstract_init(lambda: Llama(cfg, ExecutionConfig(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     leaves = jax.tree.leaves(state)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(int(np.prod(x.shape)) for x in leaves) == count == cfg.num_params()

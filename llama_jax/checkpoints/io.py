@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints import hf, llama2c, manager, meta, orbax_format
+from llama_jax.checkpoints import hf, llama2c, meta, orbax_format
 from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors
-from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax.config import DTYPES, ConfigError, ExecutionConfig, LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
 
@@ -30,7 +30,7 @@ class Format:
     detect: Callable[[AnyPath], bool]
     read: Callable[[AnyPath], tuple[LlamaConfig, TensorGetter]]
     write: Writer
-    restore: Callable[[AnyPath, LlamaConfig, Mesh | None], Llama | None] | None = None  # direct load, skipping tensors
+    restore: Callable[[AnyPath, ExecutionConfig, Mesh | None, LlamaConfig], Llama] | None = None  # direct, sharded
     remote: bool = False  # reads and writes gs:// (etc.) URIs through epath; other formats need local files
 
 
@@ -38,10 +38,9 @@ FORMATS: dict[str, Format] = {
     "hf": Format("hf", hf.is_hf_dir, hf.read_hf, hf.save_hf),
     "meta": Format("meta", meta.is_meta_dir, meta.read_meta, meta.save_meta),
     "llama2c": Format("llama2c", llama2c.is_llama2c, llama2c.read_llama2c, llama2c.save_llama2c),
-    "orbax": Format("orbax", orbax_format.is_orbax_dir, orbax_format.read_orbax, orbax_format.save_orbax,
+    # Exports, training step directories and run directories (newest step) share this one format.
+    "orbax": Format("orbax", orbax_format.is_param_dir, orbax_format.read_orbax, orbax_format.save_orbax,
                     orbax_format.restore_orbax, remote=True),
-    "run": Format("run", manager.is_checkpoint, manager.read_checkpoint, manager.write_checkpoint,
-                  manager.restore_checkpoint, remote=True),
 }
 
 
@@ -65,22 +64,34 @@ def detect_format(path: PathLike) -> str:
                      "(e.g. an HF dir with config.json + *.safetensors)")
 
 
-def load_pretrained(path: PathLike, dtype: str | None = None, mesh: Mesh | None = None,
-                    **overrides: Any) -> Llama:
+def load_pretrained(path: PathLike, mesh: Mesh | None = None, execution: ExecutionConfig | None = None, *,
+                    dtype: str | None = None, max_seq_len: int | None = None, **execution_fields: Any) -> Llama:
     """Load a checkpoint of any known format into a `Llama`, optionally sharded onto `mesh`.
 
-    `dtype` sets both parameter and compute dtype (e.g. "bfloat16"); `overrides` set other `LlamaConfig` fields
-    that do not change shapes (`scan_layers=True`, `remat="full"`, `max_seq_len=...`).
+    Checkpoints store only the architecture, so how the model runs is chosen here: `execution` (default: float32,
+    no remat, unrolled layers), with single fields overridden by keyword (`scan_layers=True`, `remat="full"`);
+    `dtype` sets both parameter and compute dtype (e.g. "bfloat16"); `max_seq_len` changes the context.
     """
     fmt = FORMATS[detect_format(path)]
     path = as_path(path)
-    cfg, get_tensor = fmt.read(path)
     if dtype is not None:
         check_dtype(dtype)
-        overrides = {"param_dtype": dtype, "dtype": dtype, **overrides}
-    cfg = dataclasses.replace(cfg, **overrides)
-    model = fmt.restore(path, cfg, mesh) if fmt.restore else None
-    return model if model is not None else build_model(cfg, get_tensor, mesh)
+        execution_fields = {"param_dtype": dtype, "dtype": dtype, **execution_fields}
+    execution = _execution(execution or ExecutionConfig(), execution_fields)
+    cfg, get_tensor = fmt.read(path)
+    if max_seq_len is not None:
+        cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+    if fmt.restore is not None:
+        return fmt.restore(path, execution, mesh, cfg)
+    return build_model(cfg, execution, get_tensor, mesh)
+
+
+def _execution(base: ExecutionConfig, fields: dict[str, Any]) -> ExecutionConfig:
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ExecutionConfig)})
+    if unknown:
+        raise ConfigError(f"load_pretrained got unknown setting(s) {', '.join(unknown)}; execution settings are "
+                          f"{[f.name for f in dataclasses.fields(ExecutionConfig)]}")
+    return dataclasses.replace(base, **fields)
 
 
 def check_dtype(dtype: str) -> None:
@@ -91,7 +102,7 @@ def check_dtype(dtype: str) -> None:
 def save_pretrained(model: Llama, path: PathLike, format: str = "hf", dtype: str | None = None,
                     overwrite: bool = False, **options: Any) -> AnyPath:
     """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`."""
-    return write_tensors(model.cfg, iter_meta_tensors(model), path, format, dtype or model.cfg.param_dtype,
+    return write_tensors(model.cfg, iter_meta_tensors(model), path, format, dtype or model.execution.param_dtype,
                          overwrite, **options)
 
 

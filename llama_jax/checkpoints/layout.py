@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.sharding import abstract_init
 
@@ -92,7 +92,7 @@ def iter_meta_tensors(model: Llama, dtype: Any = None) -> Iterator[tuple[str, np
     """Yield `(meta_name, numpy tensor)` for every parameter, one at a time (gathered to host)."""
     cfg = model.cfg
     for path, var in _flat_params(nnx.state(model, nnx.Param)):
-        stacked = cfg.scan_layers and path[0] == "layers"
+        stacked = model.execution.scan_layers and path[0] == "layers"
         for layer in range(cfg.n_layers) if stacked else [None]:
             value = var.get_value()[layer] if stacked else var.get_value()
             name = _path_name(path, layer)
@@ -108,19 +108,20 @@ def check_shape(name: str, tensor: Any, cfg: LlamaConfig, file_name: str | None 
                          "the checkpoint does not match its config")
 
 
-def restore_target(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
+def restore_target(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh | None) -> tuple[Any, Any]:
     """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0."""
-    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, abstract = abstract_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     return graphdef, abstract
 
 
-def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = None) -> Llama:
+def build_model(cfg: LlamaConfig, execution: ExecutionConfig, get_tensor: TensorGetter,
+                mesh: Mesh | None = None) -> Llama:
     """Assemble a `Llama` from Meta-named tensors fetched one by one, placing each on `mesh` if given."""
-    graphdef, abstract = abstract_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-    dtype = jnp.dtype(cfg.param_dtype)
+    graphdef, abstract = abstract_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
+    dtype = jnp.dtype(execution.param_dtype)
 
     file_name = getattr(get_tensor, "file_name", lambda name: name)
 
@@ -131,7 +132,7 @@ def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = 
 
     flat = []
     for path, var in _flat_params(abstract):
-        stacked = cfg.scan_layers and path[0] == "layers"
+        stacked = execution.scan_layers and path[0] == "layers"
         if stacked:
             value = np.stack([fetch(_path_name(path, i)) for i in range(cfg.n_layers)])
         else:
@@ -139,3 +140,28 @@ def build_model(cfg: LlamaConfig, get_tensor: TensorGetter, mesh: Mesh | None = 
         sharding = getattr(var.get_value(), "sharding", None)
         flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def restack(tree: dict[Any, Any], n_layers: int, stacked: bool) -> dict[Any, Any]:
+    """A pure parameter dict with its `layers` converted between per-layer entries `{0: block, 1: block, ...}`
+    (`stacked=False`) and one block whose arrays carry a leading layer axis (`stacked=True`, for `lax.scan`)."""
+    layers = tree["layers"]
+    if stacked:
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in range(n_layers)])
+    else:
+        layers = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n_layers)}
+    return {**tree, "layers": layers}
+
+
+def relayout_states(tree: Any, target: Any, n_layers: int, stacked: bool) -> Any:
+    """`tree` with every nnx State in it (parameters, optimizer moments) restacked to `stacked` and placed with the
+    shardings of the matching State in `target` (same structure, abstract arrays)."""
+    def one(source: Any, dest: Any) -> Any:
+        if not isinstance(source, nnx.State):
+            return source
+        shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(dest))
+        result = jax.tree.map(lambda a: a, dest)
+        nnx.replace_by_pure_dict(result, jax.device_put(restack(nnx.to_pure_dict(source), n_layers, stacked),
+                                                        shardings))
+        return result
+    return jax.tree.map(one, tree, target, is_leaf=lambda x: isinstance(x, nnx.State))

@@ -18,6 +18,7 @@ import sentencepiece as spm
 
 from llama_jax.checkpoints.layout import meta_shape
 from llama_jax.config import LlamaConfig
+from llama_jax.model import rope_inv_freq
 
 MODEL = "model.bin"
 TOKENIZER = "tokenizer.bin"
@@ -38,7 +39,7 @@ def _sections(cfg: LlamaConfig) -> tuple[list[str], list[str]]:
 
 def freq_cis(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables `[max_seq_len, head_dim/2]` of Meta's RoPE (run.c skips them; v0 still stores them)."""
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    inv_freq = np.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta), np.float64)
     angles = np.outer(np.arange(cfg.max_seq_len), inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -129,7 +129,7 @@ def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
     Meta's own FeedForward formula reproduces it (round int(mult * 8d/3) up to a multiple of the width itself)."""
     multiple_of, multiplier = cfg.multiple_of, cfg.ffn_dim_multiplier
     if cfg.ffn_hidden_dim is not None:
-        base = int(2 * 4 * cfg.dim / 3)
+        base = cfg.meta_ffn_base
         multiple_of = cfg.ffn_hidden_dim
         multiplier = None if base <= cfg.ffn_hidden_dim else cfg.ffn_hidden_dim / base
     params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,

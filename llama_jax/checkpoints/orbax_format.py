@@ -1,80 +1,148 @@
-"""Our own pretrained-weights format: `llama_config.json` (every LlamaConfig field) + `params/` (an Orbax
-StandardCheckpointer save of the parameter tree in the model's layout, layers unstacked).
+"""The llama_jax parameter format: one on-disk layout for `orbax` exports and for every training step directory.
 
-Because the stored tree is the model's own, `restore_orbax` restores every array straight into its sharding on a
-mesh (no host copy of the whole model); a `scan_layers=True` request goes through the generic Meta-tensor path.
+A directory in this format holds two Orbax items:
+- `model/` (JSON): `{"architecture": <LlamaConfig fields>, "scan_layers": bool, "param_dtype": str}` — the
+  architecture plus how the stored tree is laid out, and nothing about training;
+- `params/`: the model's parameters as a plain nested dict in the model's own layout (layers stacked on a leading
+  axis when `scan_layers`).
+A training step directory (`<run>/<step>/`) adds `opt_state/`, `meta/` and `config/` beside them, so one function
+reads the model of an export, a step or a run directory (its newest step) and never parses training settings.
+Restoring places every array straight into its sharding on a mesh and casts it to the requested dtype; asking for
+the other `scan_layers` layout restacks the layers after reading. Older layouts still load: exports with
+`llama_config.json`, and run steps saved before `model/` existed (read from their config's model section).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.checkpoints.layout import build_model, restore_target, to_meta_layout
-from llama_jax.config import LlamaConfig
+from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors, restack, restore_target
+from llama_jax.config import ExecutionConfig, LlamaConfig, from_dict, stored_model_section
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, absolute, as_path
 
-CONFIG = "llama_config.json"
+MODEL = "model"
 PARAMS = "params"
+LEGACY_EXPORT_CONFIG = "llama_config.json"
+LEGACY_RUN_CONFIG = "config"
 
 
-def is_orbax_dir(path: PathLike) -> bool:
-    path = as_path(path)
-    return (path / CONFIG).is_file() and (path / PARAMS).is_dir()
+@dataclass(frozen=True)
+class StoredModel:
+    """What a parameter directory holds: the architecture and the layout of its `params` tree."""
+
+    cfg: LlamaConfig
+    scan_layers: bool
+    param_dtype: str
+    variable_leaves: bool = False  # run steps saved before `model/` existed wrap each array as {"value": array}
 
 
-def _stored_config(cfg: LlamaConfig, dtype: str) -> LlamaConfig:
-    return dataclasses.replace(cfg, scan_layers=False, remat="none", param_dtype=dtype)
+def model_item(cfg: LlamaConfig, execution: ExecutionConfig) -> dict[str, Any]:
+    """The `model/` item written beside `params/` by exports and by training."""
+    return {"architecture": cfg.to_dict(), "scan_layers": execution.scan_layers,
+            "param_dtype": execution.param_dtype}
 
 
-def _restore(path: AnyPath, cfg: LlamaConfig, mesh: Mesh | None) -> tuple[Any, Any]:
-    """(graphdef, param state) of `cfg` restored from `path/params`, each array placed as `mesh` shards it."""
-    graphdef, abstract = restore_target(cfg, mesh)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(absolute(path / PARAMS), nnx.to_pure_dict(abstract))
-    nnx.replace_by_pure_dict(abstract, restored)
-    return graphdef, abstract
+def read_json_item(path: AnyPath) -> Any:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(absolute(path))
 
 
-def restore_orbax(path: PathLike, cfg: LlamaConfig, mesh: Mesh | None) -> Llama | None:
-    """The model restored directly (sharded on `mesh`), or None when `cfg` stacks layers unlike the stored tree."""
-    if cfg.scan_layers:
-        return None
-    return nnx.merge(*_restore(as_path(path), cfg, mesh))
+def step_dir(path: AnyPath) -> AnyPath:
+    """`path` itself if it holds `params/`, else the newest step directory inside a training run directory."""
+    if (path / PARAMS).is_dir():
+        return path
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()),
+                   reverse=True) if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"'{path}' holds no llama_jax parameters (expected params/ or <step>/params inside)")
+    return path / str(steps[0])
 
 
-class OrbaxReader:
-    """Tensor getter by Meta name; restores the stored tree once, on first use."""
-
-    def __init__(self, path: AnyPath, cfg: LlamaConfig):
-        self.path, self.cfg, self.tree = path, cfg, None
-
-    def __call__(self, meta_name: str) -> np.ndarray:
-        if self.tree is None:
-            self.tree = nnx.to_pure_dict(_restore(self.path, self.cfg, None)[1])
-        node = self.tree
-        for part in meta_name.split("."):
-            if not isinstance(node, dict):
-                break
-            node = node[int(part) if part.isdigit() else part]
-        return np.asarray(to_meta_layout(meta_name, node, self.cfg))
+def _has_model_description(path: AnyPath) -> bool:
+    return (path / MODEL).is_dir() or (path / LEGACY_EXPORT_CONFIG).is_file() or (path / LEGACY_RUN_CONFIG).is_dir()
 
 
-def read_orbax(path: PathLike) -> tuple[LlamaConfig, OrbaxReader]:
-    path = as_path(path)
+def is_param_dir(path: PathLike) -> bool:
+    """True for an export, a training step directory or a run directory in this format (or an older one)."""
     try:
-        cfg = LlamaConfig(**json.loads((path / CONFIG).read_text()))
-    except TypeError as err:
-        raise ValueError(f"{path / CONFIG} is not a LlamaConfig: {err}") from None
-    return cfg, OrbaxReader(path, cfg)
+        return _has_model_description(step_dir(as_path(path)))
+    except FileNotFoundError:
+        return False
+
+
+def read_stored(path: PathLike) -> StoredModel:
+    """The architecture and parameter layout stored at `path` (an export, a step or a run directory)."""
+    step = step_dir(as_path(path))
+    if (step / MODEL).is_dir():
+        raw = read_json_item(step / MODEL)
+        return StoredModel(from_dict(LlamaConfig, raw["architecture"], "model."), bool(raw["scan_layers"]),
+                           str(raw["param_dtype"]))
+    if (step / LEGACY_EXPORT_CONFIG).is_file():
+        cfg, execution = stored_model_section(json.loads((step / LEGACY_EXPORT_CONFIG).read_text()))
+        return StoredModel(cfg, execution.scan_layers, execution.param_dtype)
+    if (step / LEGACY_RUN_CONFIG).is_dir():
+        section = read_json_item(step / LEGACY_RUN_CONFIG).get("model", {})
+        cfg, execution = stored_model_section(section)
+        return StoredModel(cfg, execution.scan_layers, execution.param_dtype, variable_leaves=True)
+    raise FileNotFoundError(f"'{step}' has params/ but no model/ description; it was not written by llama_jax")
+
+
+def _wrap(tree: Any) -> Any:
+    return jax.tree.map(lambda leaf: {"value": leaf}, tree)
+
+
+def _unwrap(tree: Any) -> Any:
+    return jax.tree.map(lambda node: node["value"], tree, is_leaf=lambda node: isinstance(node, dict) and "value" in node)
+
+
+def restore_params(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None,
+                   cfg: LlamaConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, parameters) of the model stored at `path`, laid out and typed as `execution` asks, each array
+    sharded as `mesh` places it (device 0 without a mesh). `cfg` may change non-shape fields (e.g. `max_seq_len`)."""
+    step = step_dir(as_path(path))
+    stored = read_stored(step)
+    cfg = cfg or stored.cfg
+    graphdef, target = restore_target(cfg, execution, mesh)
+    _, as_stored = restore_target(cfg, dataclasses.replace(execution, scan_layers=stored.scan_layers), mesh)
+    tree = nnx.to_pure_dict(as_stored)
+    with ocp.StandardCheckpointer() as checkpointer:
+        if stored.variable_leaves:
+            restored = _unwrap(checkpointer.restore(absolute(step / PARAMS), _wrap(tree)))
+        else:
+            restored = checkpointer.restore(absolute(step / PARAMS), tree)
+    if stored.scan_layers != execution.scan_layers:
+        shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(target))
+        restored = jax.device_put(restack(restored, cfg.n_layers, execution.scan_layers), shardings)
+    nnx.replace_by_pure_dict(target, restored)
+    return graphdef, target
+
+
+def restore_orbax(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None,
+                  cfg: LlamaConfig | None = None) -> Llama:
+    """`load_pretrained` for this format: the model restored straight onto `mesh`."""
+    return nnx.merge(*restore_params(path, execution, mesh, cfg))
+
+
+def read_orbax(path: PathLike) -> tuple[LlamaConfig, TensorGetter]:
+    """Converter reader: the architecture and a Meta-named tensor getter (parameters restored on first use)."""
+    stored = read_stored(path)
+
+    @functools.cache
+    def tensors() -> dict[str, np.ndarray]:
+        return dict(iter_meta_tensors(restore_orbax(path, ExecutionConfig(param_dtype=stored.param_dtype), None)))
+
+    return stored.cfg, lambda name: tensors()[name]
 
 
 class _Stream:
@@ -92,9 +160,10 @@ class _Stream:
 
 
 def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: PathLike, dtype: str) -> None:
+    """Write Meta-named tensors as a parameter directory (layers unstacked, `dtype` parameters)."""
     path = as_path(path)
-    stored = _stored_config(cfg, dtype)
-    model = build_model(stored, _Stream(tensors))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    (path / CONFIG).write_text(json.dumps(dataclasses.asdict(stored), indent=2))
+    execution = ExecutionConfig(param_dtype=dtype)
+    model = build_model(cfg, execution, _Stream(tensors))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(absolute(path / MODEL), model_item(cfg, execution))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from llama_jax.checkpoints.io import detect_format, load_pretrained, save_pretrained
 from llama_jax.model import Llama
+from llama_jax.paths import AnyPath, PathLike
 
 
 def _grow(table: jnp.ndarray, new_rows: int, axis: int) -> jnp.ndarray:
@@ -32,14 +33,14 @@ def resize_vocab(model: Llama, new_vocab_size: int) -> Llama:
     if not cfg.tie_embeddings:
         state["output"] = _grow(state["output"], extra, axis=1)
     new_cfg = dataclasses.replace(cfg, vocab_size=new_vocab_size)
-    resized = nnx.eval_shape(lambda: Llama(new_cfg, rngs=nnx.Rngs(0)))
+    resized = nnx.eval_shape(lambda: Llama(new_cfg, model.execution, rngs=nnx.Rngs(0)))
     new_graphdef, abstract = nnx.split(resized)
     nnx.replace_by_pure_dict(abstract, state)
     return nnx.merge(new_graphdef, abstract)
 
 
-def resize_checkpoint(src: str | Path, tokenizer: str | Path, dst: str | Path, format: str | None = None,
-                      overwrite: bool = False) -> Path:
+def resize_checkpoint(src: PathLike, tokenizer: PathLike, dst: PathLike, format: str | None = None,
+                      overwrite: bool = False) -> AnyPath:
     """Resize the checkpoint at `src` to the sentencepiece model `tokenizer`'s size; write `format` (default: the
     source's) to `dst`."""
     if not Path(tokenizer).is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from llama_jax.config import LlamaConfig
 from llama_jax.model import KVCache
 from llama_jax.sharding import constrain
@@ -14,6 +16,7 @@ def shard_cache(cache: KVCache) -> KVCache:
     return KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES), cache.index)
 
 
-def init_cache(cfg: LlamaConfig, batch: int, slots: int) -> KVCache:
-    """A zeroed cache of `slots` positions per row, born sharded when called inside jit under `jax.set_mesh`."""
-    return shard_cache(KVCache.create(cfg, batch, slots))
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype: str) -> KVCache:
+    """A zeroed `dtype` cache of `slots` positions per row, born sharded when called inside jit under
+    `jax.set_mesh`."""
+    return shard_cache(KVCache.create(cfg, batch, slots, jnp.dtype(dtype)))

@@ -8,6 +8,7 @@ them (already sharded over the mesh); one jitted loss-sum program serves every c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -74,11 +75,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, tokenizer: str | Path
     The tokenizer defaults to `tokenizer.model` in a training run directory; `overrides` are config `key=value`
     strings (e.g. `mesh.tensor=2`, `data.cache_dir=...`).
     """
-    cfg = load_config(None, [f"data.seq_len={seq_len}", f"train.batch_size={batch_size}", *overrides])
-    cfg.data.validation = DataSource(name=data, split=split)
-    cfg.data.data_dir = data_dir or cfg.data.data_dir
+    cfg = load_config(None, overrides)
+    cfg.data = dataclasses.replace(cfg.data, validation=DataSource(name=data, split=split), seq_len=seq_len,
+                                   data_dir=data_dir or cfg.data.data_dir)
+    cfg.train.batch_size = batch_size
     mesh = make_mesh(cfg.mesh)
-    model = load_pretrained(checkpoint, mesh=mesh)
+    model = load_pretrained(checkpoint, mesh, cfg.execution)
     cfg.model = model.cfg
     check_model_fits(model.cfg, mesh)
     batches = build_validation_data(cfg, Tokenizer(tokenizer or _run_tokenizer(Path(checkpoint))), mesh=mesh)

@@ -3,8 +3,9 @@
 A run lives in `checkpoint.dir`: tokenizer, checkpoints, TensorBoard events and the loss curve. Starting a run whose
 directory already holds checkpoints resumes from the newest readable one (parameters, optimizer, step and data
 position), so a killed or preempted job continues where it stopped. SIGTERM saves a checkpoint at the next step
-boundary and returns normally. The host blocks on a step result at least every 16 steps: on CPU devices more than
-~50 queued collective programs deadlock, and it bounds how far the progress bar runs ahead.
+boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
+blocks on a step result at least every 16 steps: on CPU devices more than ~50 queued collective programs deadlock,
+and it bounds how far the progress bar runs ahead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.checkpoints.manager import Checkpointer
-from llama_jax.config import Config, ConfigError, LlamaConfig
+from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
 from llama_jax.distributed import initialize
 from llama_jax.paths import AnyPath, as_path
@@ -37,7 +38,6 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
 
 
 @dataclass
@@ -74,35 +74,40 @@ def _sigterm_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _all_processes(flag: bool) -> bool:
-    """True if `flag` is set on any process (so every process stops at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+def _stop_reason(step: int, every: int, sigterm: threading.Event, deadline: float | None) -> str | None:
+    """"signal" or "time" when the run must stop after `step`, agreed by every process, else None.
 
-
-def _check_shapes(run: LlamaConfig, loaded: LlamaConfig, path: str) -> None:
-    diff = [f"{k}: {getattr(loaded, k)} vs {getattr(run, k)}" for k in SHAPE_FIELDS
-            if getattr(loaded, k) != getattr(run, k)]
-    if diff:
-        raise ConfigError(f"train.init_from '{path}' does not match the model section ({'; '.join(diff)}); "
-                          "set the model fields to the checkpoint's")
+    Multi-process runs compare flags (one small all-gather) only every `every` steps, so hosts never wait on each
+    other in between; every process checks at the same steps, so all stop at the same step and save once.
+    """
+    multi = jax.process_count() > 1
+    if multi and step % every:
+        return None
+    flags = np.array([sigterm.is_set(), deadline is not None and time.monotonic() > deadline])
+    if multi:
+        flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+    return "signal" if flags[0] else "time" if flags[1] else None
 
 
 def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
     """Resume from the newest readable checkpoint; else start from `train.init_from` or a fresh init."""
-    target = trainer.abstract_state()
-    restored = ckpt.restore_latest(target.params, target.opt_state)
+    def abstract_state(execution: ExecutionConfig) -> tuple[Any, Any]:
+        state = trainer.abstract_state(execution)
+        return state.params, state.opt_state
+
+    restored = ckpt.restore_latest(cfg.model, cfg.execution, abstract_state)
     if restored is not None:
         data.restore(restored.data_state)
         log.info("resumed from %s step %d", ckpt.directory, restored.step)
         step = jax.device_put(np.int32(restored.step), trainer.state_sharding.step)
         return TrainState(step, restored.params, restored.opt_state)
     if cfg.train.init_from:
-        m = cfg.model
-        model = load_pretrained(cfg.train.init_from, mesh=trainer.mesh, param_dtype=m.param_dtype, dtype=m.dtype,
-                                remat=m.remat, attention=m.attention, scan_layers=m.scan_layers, max_seq_len=m.max_seq_len)
-        _check_shapes(m, model.cfg, cfg.train.init_from)
+        model = load_pretrained(cfg.train.init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
+        differences = model.cfg.shape_differences(cfg.model)
+        if differences:
+            raise ConfigError(f"train.init_from '{cfg.train.init_from}' does not match the model section "
+                              f"(checkpoint vs config: {'; '.join(differences)}); set the model fields to the "
+                              "checkpoint's")
         return trainer.init_state(nnx.state(model))
     return trainer.init_state()
 
@@ -122,6 +127,8 @@ def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) ->
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
     t = cfg.train
+    if t.stop_check_every <= 0:
+        raise ConfigError(f"train.stop_check_every must be positive, got {t.stop_check_every}")
     initialize(t)
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
@@ -170,20 +177,19 @@ def train(cfg: Config) -> TrainResult:
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
+                    logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)
                 speed.reset()
             if ckpt.due(step):
                 ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
                 speed.reset()
-            if _all_processes(sigterm.is_set()):
-                stopped = "signal"
-                break
-            if deadline is not None and _all_processes(time.monotonic() > deadline):
-                stopped = "time"
+            if reason := _stop_reason(step, t.stop_check_every, sigterm, deadline):
+                stopped = reason
                 break
         ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
         ckpt.close()
+        data.close()
 
     validation_result = run_eval(step, None) if stopped != "signal" else None
     sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None

@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.config import Config
+from llama_jax.config import Config, ExecutionConfig
 from llama_jax.model import Llama
-from llama_jax.sharding import logical_spec, sharded_init, state_shardings
+from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
 from llama_jax.training.loss import chunked_token_losses
 from llama_jax.training.optim import accumulate_gradients, make_optimizer
 
@@ -46,33 +46,32 @@ def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax
     return jnp.sum(losses), jnp.float32(losses.size)
 
 
-def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Batch rows split over the data and fsdp axes (as far as they divide), sequence replicated."""
-    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
-
-
 class Trainer:
     """Builds and runs the train step of one config on one mesh."""
 
-    def __init__(self, cfg: Config, mesh: Mesh, total_steps: int | None = None):
+    def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        self.tx, self.schedule = make_optimizer(cfg.optim, total_steps or cfg.train.steps)
-        self.graphdef, abstract_params = nnx.split(nnx.eval_shape(self._ctor))
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        self.state_sharding = TrainState(
-            step=NamedSharding(mesh, PartitionSpec()),
-            params=state_shardings(abstract_params, mesh),
-            opt_state=state_shardings(abstract_opt, mesh))
+        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.graphdef = nnx.graphdef(nnx.eval_shape(self._ctor))
+        self.state_sharding = self._shardings(cfg.execution)
         self._train: Callable[..., Any] | None = None
 
-    def _ctor(self) -> Llama:
-        return Llama(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
+    def _ctor(self, execution: ExecutionConfig | None = None) -> Llama:
+        return Llama(self.cfg.model, execution or self.cfg.execution, rngs=nnx.Rngs(self.cfg.train.seed))
 
-    def abstract_state(self) -> TrainState:
-        """Shapes, dtypes and shardings of the train state (a restore target), allocating nothing."""
-        shapes = jax.eval_shape(lambda: self.init_state_from(nnx.state(self._ctor())))
+    def _shardings(self, execution: ExecutionConfig) -> TrainState:
+        abstract_params = nnx.state(nnx.eval_shape(lambda: self._ctor(execution)))
+        return TrainState(step=NamedSharding(self.mesh, PartitionSpec()),
+                          params=state_shardings(abstract_params, self.mesh),
+                          opt_state=state_shardings(jax.eval_shape(self.tx.init, abstract_params), self.mesh))
+
+    def abstract_state(self, execution: ExecutionConfig | None = None) -> TrainState:
+        """Shapes, dtypes and shardings of the train state (a restore target), allocating nothing; `execution`
+        gives the state of another layout (e.g. the `scan_layers` a checkpoint was saved with)."""
+        execution = execution or self.cfg.execution
+        shapes = jax.eval_shape(lambda: self.init_state_from(nnx.state(self._ctor(execution))))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            shapes, self.state_sharding)
+                            shapes, self._shardings(execution))
 
     def init_state(self, params: Any | None = None) -> TrainState:
         """A fresh state with sharded parameters (random from the seed, or the given ones) and zero moments."""
