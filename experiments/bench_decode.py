@@ -17,6 +17,7 @@ position it runs (prompt positions go one token at a time there). Ratios are thi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from peers import hf_model, measured_bandwidth, record, release_torch, timed, torch_device, torch_sync
+from peers import hf_model, measured_bandwidth, record, releasing_torch, timed, torch_device, torch_sync
 
 from llama_jax.checkpoints.io import save_pretrained
 from llama_jax.checkpoints.llama2c import TOKENIZER, write_tokenizer_bin
@@ -84,6 +85,7 @@ def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: 
                 ms_per_step=1e3 * decode_best / (new_tokens - 1)), model
 
 
+@releasing_torch
 def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
     """Tokens/s of HF `generate` (greedy, static cache) for `batch` random prompts, prefill included."""
     import torch
@@ -98,10 +100,7 @@ def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_t
                         min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
         torch_sync(device)
 
-    best = min(timed(run, 1, 1 if i == 0 else 0) for i in range(repeats))
-    del hf
-    release_torch(device)
-    return batch * new_tokens / best
+    return batch * new_tokens / min(timed(run, 1, 1 if i == 0 else 0) for i in range(repeats))
 
 
 def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int) -> float:
@@ -168,7 +167,8 @@ def main() -> None:
                 line += f"  {name} {rate:,.1f} tok/s, ratio {r['decode_tok_s'] / rate:.2f}"
             print(line, flush=True)
             record(args.json, kind="decode", model=preset, layers=cfg.n_layers, batch=batch, dtype=args.dtype,
-                   prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind, **r, **peers)
+                   prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), **r, **peers)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import contextlib
 
 import jax
 import numpy as np
-from peers import (hf_model, jax_peak_gib, record, release_torch, timed, torch_device, torch_peak_gib,
+from peers import (hf_model, jax_peak_gib, record, releasing_torch, timed, torch_device, torch_peak_gib,
                    torch_sync)
 
 from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, ExecutionConfig, LlamaConfig, MeshConfig
@@ -48,6 +48,7 @@ def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: i
     return batch * seq * steps / timed(step, steps, warmup), jax_peak_gib()
 
 
+@releasing_torch
 def bench_torch(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int,
                 warmup: int) -> tuple[float, float | None]:
     """(tokens/s, peak GiB) of HF LlamaForCausalLM + torch AdamW on the same shapes, float32 parameters."""
@@ -75,11 +76,7 @@ def bench_torch(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq:
         opt.step()
         torch_sync(device)
 
-    rate = batch * seq * steps / timed(step, steps, warmup)
-    peak = torch_peak_gib(device)
-    del hf, opt
-    release_torch(device)
-    return rate, peak
+    return batch * seq * steps / timed(step, steps, warmup), torch_peak_gib(device)
 
 
 def matmul_ceiling(dtype: str) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import time
@@ -76,15 +78,22 @@ def torch_peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
 
 
-def release_torch(device: str) -> None:
-    """Hand torch's cached device memory back before JAX allocates (run the torch peer first)."""
-    import gc
+def releasing_torch(bench: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a torch benchmark, then hand torch's cached device memory back before JAX allocates (the benchmark's
+    models are gone with its frame by then)."""
 
-    import torch
+    @functools.wraps(bench)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
 
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            return bench(*args, **kwargs)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    return run
 
 
 def measured_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -212,7 +212,6 @@ class Llama(nnx.Module):
         `segment_ids` (`[batch, seq]` int32, cache-less only) keep packed sequences from attending across segments;
         pass their `positions` too (each segment's own 0, 1, ...).
         """
-        cfg = self.cfg
         b, t = tokens.shape
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed sequences without a KV cache; use mask with a cache")
