@@ -59,6 +59,7 @@ def test_small_model_on_v5p_8():
     assert "attention splash" in result.report()  # attention=auto on a TPU target
 
 
+@pytest.mark.slow  # two TPU compiles: ~100 s on 2 loaded CPU cores
 @needs_libtpu
 def test_splash_attention_compiles_for_tpu_with_far_less_memory():
     """Attention forward + backward AOT-compiled for v5p-8: the Pallas kernel (a TPU custom call) needs a fraction of
