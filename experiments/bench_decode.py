@@ -1,23 +1,38 @@
 """Prefill and decode throughput of `llama_jax.generate`'s compiled programs, with random weights.
 
 For each model shape and batch size: prefill tokens/s (B x prompt tokens in one pass) and decode tokens/s (B tokens
-per step of the jitted `while_loop`, greedy, no EOS so every step runs), after one warm-up run that compiles.
+per step of the jitted `while_loop`, greedy, no EOS so every step runs), after one warm-up run that compiles, and
+the step's floor: the bytes it must read (every weight, the whole preallocated cache) over a measured bandwidth.
 Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shapes, batch 1 and 16, prompt 128,
 128 new tokens) on whatever devices jax sees; a quick smoke run:
 `python experiments/bench_decode.py --models tiny --batch-sizes 1 --prompt-len 8 --new-tokens 8`.
+
+`--compare-torch` times HF `generate` (greedy, static KV cache, same weights' shape, same device) on the same batch,
+prompt and new tokens; its tokens/s count the whole call (prefill included). `--llama2c PATH` times a llama2.c `run`
+binary that you built (batch 1 only: it decodes one sequence) on our llama2c export of the same random weights, with
+a synthetic byte-level `tokenizer.bin` and a prompt of the same length; llama2.c's own "achieved tok/s" counts every
+position it runs (prompt positions go one token at a time there). Ratios are this run's, on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from peers import hf_model, measured_bandwidth, record, releasing_torch, timed, torch_device, torch_sync
 
-from llama_jax.config import LlamaConfig
+from llama_jax.checkpoints.io import save_pretrained
+from llama_jax.checkpoints.llama2c import TOKENIZER, write_tokenizer_bin
+from llama_jax.config import ATTENTION, ExecutionConfig, LlamaConfig
 from llama_jax.inference.generate import PAD, bucket, decode_loop_jit, prefill_jit
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
@@ -30,13 +45,22 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def bench(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
+
+
+def step_bytes(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, slots: int) -> int:
+    """Bytes one decode step must read: every weight once, and the keys/values of every cache slot."""
+    cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(execution.dtype).itemsize
+    return cfg.num_params() * jnp.dtype(execution.param_dtype).itemsize + cache
+
+
+def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: int, new_tokens: int,
+          repeats: int) -> tuple[dict, Llama]:
     """Best-of-`repeats` seconds for prefill and for the decode loop of one (model, batch) setting."""
-    cfg = LlamaConfig.preset(preset)
     if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt {prompt_len} + new {new_tokens} exceeds {preset}'s context of {cfg.max_seq_len}")
+        raise ValueError(f"prompt {prompt_len} + new {new_tokens} exceeds the context of {cfg.max_seq_len}")
     mesh = make_mesh()
-    graphdef, params = nnx.split(sharded_init(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh))
+    model = sharded_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params = nnx.split(model)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     pad = np.zeros((batch,), np.int32)
     n_out = bucket(new_tokens, 1)
@@ -57,31 +81,94 @@ def bench(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: in
     assert int(state.step) == new_tokens
     prefill_best, decode_best = min(prefill_s[1:]), min(decode_s[1:])
     return dict(params_m=cfg.num_params() / 1e6, prefill_tok_s=batch * prompt_len / prefill_best,
-                decode_tok_s=batch * (new_tokens - 1) / decode_best, ms_per_step=1e3 * decode_best / (new_tokens - 1))
+                decode_tok_s=batch * (new_tokens - 1) / decode_best,
+                ms_per_step=1e3 * decode_best / (new_tokens - 1)), model
+
+
+@releasing_torch
+def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+    """Tokens/s of HF `generate` (greedy, static cache) for `batch` random prompts, prefill included."""
+    import torch
+
+    device = torch_device()
+    hf = hf_model(cfg, dtype, device).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+
+    def run() -> None:
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+        torch_sync(device)
+
+    return batch * new_tokens / min(timed(run, 1, 1 if i == 0 else 0) for i in range(repeats))
+
+
+def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int) -> float:
+    """llama2.c's reported tokens/s on our export of `model` (float32), prompt of `prompt_len` tokens."""
+    if not Path(binary).is_file():
+        raise FileNotFoundError(f"--llama2c {binary} does not exist; build llama2.c's `run` (make runomp) first")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = save_pretrained(model, Path(tmp) / "export", format="llama2c", dtype="float32")
+        vocab = model.cfg.vocab_size
+        # ids 3..258 are the byte-fallback pieces llama2.c encodes any text with; " " is its dummy prefix.
+        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)] + [b" "]
+        pieces += [f"t{i}".encode() for i in range(len(pieces), vocab)]
+        write_tokenizer_bin(pieces[:vocab], [0.0] * vocab, Path(tmp) / TOKENIZER)
+        prompt = "a" * (prompt_len - 2)  # + BOS + the dummy prefix = prompt_len tokens
+        run = subprocess.run([binary, str(Path(out) / "model.bin"), "-z", str(Path(tmp) / TOKENIZER), "-t", "0",
+                              "-n", str(prompt_len + new_tokens), "-i", prompt],
+                             capture_output=True, text=True, timeout=600)
+    found = re.search(r"achieved tok/s: ([\d.]+)", run.stderr + run.stdout)
+    if run.returncode != 0 or not found:
+        raise RuntimeError(f"{binary} failed (exit {run.returncode}): {run.stderr.strip()[-300:]}")
+    return float(found[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
+    parser.add_argument("--layers", type=int, help="override each preset's layer count")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row (>= 2)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs after the compiling one (best is kept)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION)
+    parser.add_argument("--compare-torch", action="store_true", help="also time HF generate with a static cache")
+    parser.add_argument("--llama2c", metavar="PATH", help="also time this llama2.c `run` binary (batch 1 rows)")
+    parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from prefill)")
 
     devices = jax.devices()
+    bandwidth = measured_bandwidth(0.25 if jax.default_backend() == "cpu" else 1.0)
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); prompt {args.prompt_len}, "
-          f"new {args.new_tokens}, greedy, float32")
-    header = f"{'model':<12} {'params':>8} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8}"
-    print(header)
+          f"new {args.new_tokens}, greedy, {args.dtype}; measured memory bandwidth {bandwidth / 1e9:,.0f} GB/s")
+    header = (f"{'model':<12} {'params':>8} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} "
+              f"{'floor ms':>8}")
+    print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c else ""))
     print("-" * len(header))
     for preset in args.models.split(","):
+        cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r = bench(preset, batch, args.prompt_len, args.new_tokens, args.repeats)
-            print(f"{preset:<12} {r['params_m']:>7.1f}M {batch:>5} {r['prefill_tok_s']:>14,.0f} "
-                  f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f}", flush=True)
+            r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats)
+            slots = args.prompt_len + bucket(args.new_tokens, 1)
+            r["floor_ms"] = 1e3 * step_bytes(cfg, execution, batch, slots) / bandwidth
+            line = (f"{preset:<12} {r['params_m']:>7.1f}M {batch:>5} {r['prefill_tok_s']:>14,.0f} "
+                    f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f} {r['floor_ms']:>8.2f}")
+            peers = {}
+            if args.compare_torch:
+                peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats)
+            if args.llama2c and batch == 1:
+                peers["llama2c"] = bench_llama2c(args.llama2c, model, args.prompt_len, args.new_tokens)
+            for name, rate in peers.items():
+                line += f"  {name} {rate:,.1f} tok/s, ratio {r['decode_tok_s'] / rate:.2f}"
+            print(line, flush=True)
+            record(args.json, kind="decode", model=preset, layers=cfg.n_layers, batch=batch, dtype=args.dtype,
+                   prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), **r, **peers)
 
 
 if __name__ == "__main__":

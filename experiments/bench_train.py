@@ -1,41 +1,41 @@
-"""Train-step throughput: tokens/s and MFU of llama_jax's jitted step on the current devices.
+"""Train-step throughput: tokens/s, MFU and peak memory of llama_jax's jitted step, optionally against HF torch.
 
     python experiments/bench_train.py                       # the ~25M-param config and the `tiny` preset
     python experiments/bench_train.py --models bench25m --compare-torch   # + HF LlamaForCausalLM/torch AdamW
+    python experiments/bench_train.py --models llama2-7b --layers 8 --batch 4 --seq 4096 --dtype bfloat16 \
+        --remat full --scan --attention cudnn --compare-torch    # the GPU table's row
 
-MFU = LlamaConfig.flops_per_token(seq) x tokens/s / (device peak x devices); on CPU the peak is a timed matmul.
-Set train-side dtypes with --dtype (bfloat16 computes in bf16 with float32 master weights).
+MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (the `PEAK_FLOPS` table; a
+timed matmul on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data). `--dtype bfloat16`
+computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With `--compare-torch`
+the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat` is not `none`,
+fused AdamW on CUDA) and hands its memory back before JAX allocates.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import contextlib
 
 import jax
 import numpy as np
+from peers import (hf_model, jax_peak_gib, record, releasing_torch, timed, torch_device, torch_peak_gib,
+                   torch_sync)
 
-from llama_jax.config import PRESETS, Config, ExecutionConfig, LlamaConfig, MeshConfig
+from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, ExecutionConfig, LlamaConfig, MeshConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training.metrics import peak_flops_per_device
+from llama_jax.training.metrics import PEAK_FLOPS, measured_matmul_flops, peak_flops_per_device
 from llama_jax.training.step import Trainer
 
 MODELS = {
     "bench25m": dict(dim=512, n_layers=5, n_heads=8, vocab_size=8192, multiple_of=32, max_seq_len=1024),
-    "tiny": PRESETS["tiny"],
+    **PRESETS,
 }
 
 
-def _time(step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - start
-
-
-def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int, warmup: int) -> float:
+def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int,
+              warmup: int) -> tuple[float, float | None]:
+    """(tokens/s, peak GiB) of the train step on all local devices (FSDP)."""
     cfg = Config(model=model, execution=execution, mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
     trainer = Trainer(cfg, make_mesh(cfg.mesh))
     holder = {"state": trainer.init_state()}
@@ -45,57 +45,93 @@ def bench_jax(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: i
         holder["state"], metrics = trainer.train_step(holder["state"], tokens)
         jax.block_until_ready(metrics["loss"])
 
-    return batch * seq * steps / _time(step, steps, warmup)
+    return batch * seq * steps / timed(step, steps, warmup), jax_peak_gib()
 
 
-def bench_torch(model: LlamaConfig, batch: int, seq: int, steps: int, warmup: int) -> float:
+@releasing_torch
+def bench_torch(model: LlamaConfig, execution: ExecutionConfig, batch: int, seq: int, steps: int,
+                warmup: int) -> tuple[float, float | None]:
+    """(tokens/s, peak GiB) of HF LlamaForCausalLM + torch AdamW on the same shapes, float32 parameters."""
     import torch
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(HFConfig(
-        vocab_size=model.vocab_size, hidden_size=model.dim, intermediate_size=model.hidden_dim,
-        num_hidden_layers=model.n_layers, num_attention_heads=model.n_heads, num_key_value_heads=model.n_kv_heads,
-        rms_norm_eps=model.norm_eps, max_position_embeddings=model.max_seq_len, attn_implementation="sdpa"))
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    tokens = torch.randint(0, model.vocab_size, (batch, seq + 1))
+    device = torch_device()
+    hf = hf_model(model, "float32", device)
+    if execution.remat != "none":
+        hf.gradient_checkpointing_enable()
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
+                            fused=device == "cuda")
+    tokens = torch.randint(0, model.vocab_size, (batch, seq + 1), device=device)
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if execution.dtype == "bfloat16"
+                else contextlib.nullcontext())
 
     def step() -> None:
-        logits = hf(tokens[:, :-1]).logits
+        with autocast:
+            logits = hf(tokens[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  tokens[:, 1:].reshape(-1))
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
+        torch_sync(device)
 
-    return batch * seq * steps / _time(step, steps, warmup)
+    return batch * seq * steps / timed(step, steps, warmup), torch_peak_gib(device)
+
+
+def matmul_ceiling(dtype: str) -> float:
+    """FLOP/s of a timed matmul in the compute dtype: 8192^3 on accelerators, 1024^3 on CPU."""
+    return measured_matmul_flops(8192 if jax.default_backend() != "cpu" else 1024, 5, dtype)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["bench25m", "tiny"], choices=list(MODELS))
+    parser.add_argument("--layers", type=int, help="override the preset's layer count")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--peak-flops-per-device", type=float, help="override the device peak (FLOP/s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--attention", default="auto", choices=ATTENTION)
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+    parser.add_argument("--scan", action="store_true", help="scan over stacked layers (compiles one layer)")
+    parser.add_argument("--peak-flops-per-device", type=float, help="override the device's spec peak (FLOP/s)")
     parser.add_argument("--compare-torch", action="store_true", help="also time HF LlamaForCausalLM + torch AdamW")
+    parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
 
-    peak = peak_flops_per_device(args.peak_flops_per_device) * jax.device_count()
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; peak {peak:.3e} FLOP/s")
+    devices = jax.devices()
+    spec = peak_flops_per_device(args.peak_flops_per_device) * len(devices)
+    ceiling = matmul_ceiling(args.dtype) * len(devices)
+    known = any(name in devices[0].device_kind.lower() for name in PEAK_FLOPS)
+    print(f"devices: {len(devices)} x {devices[0].device_kind}; spec peak {spec:.3e} FLOP/s"
+          f"{'' if known or args.peak_flops_per_device else ' (timed float32 matmul)'}; "
+          f"measured {args.dtype} matmul {ceiling:.3e} FLOP/s", flush=True)
     for name in args.models:
-        model = LlamaConfig(**MODELS[name])
-        rate = bench_jax(model, ExecutionConfig(dtype=args.dtype), args.batch, args.seq, args.steps, args.warmup)
-        mfu = rate * model.flops_per_token(args.seq) / peak
-        line = (f"{name}: {model.num_params() / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {args.dtype}: "
-                f"llama_jax {rate:,.0f} tokens/s, MFU {mfu:.1%}")
-        if args.compare_torch:
-            torch_rate = bench_torch(model, args.batch, args.seq, args.steps, args.warmup)
-            line += f"; torch (float32) {torch_rate:,.0f} tokens/s; llama_jax/torch = {rate / torch_rate:.2f}"
+        overrides = {} if args.layers is None else {"n_layers": args.layers}
+        model = LlamaConfig(**{**MODELS[name], **overrides})
+        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                                    scan_layers=args.scan, attention=args.attention)
+        torch_rate, torch_peak = (bench_torch(model, execution, args.batch, args.seq, args.steps, args.warmup)
+                                  if args.compare_torch else (None, None))
+        rate, peak = bench_jax(model, execution, args.batch, args.seq, args.steps, args.warmup)
+        flops = model.flops_per_token(args.seq)
+        line = (f"{name} ({model.n_layers} layers, {model.num_params() / 1e6:,.1f}M params), batch {args.batch}x"
+                f"{args.seq}, {args.dtype}, attention {args.attention}, remat {args.remat}: llama_jax {rate:,.0f} "
+                f"tokens/s, MFU {rate * flops / spec:.1%} of spec, {rate * flops / ceiling:.1%} of measured matmul"
+                + (f", peak {peak:.1f} GiB" if peak else ""))
+        if torch_rate:
+            line += (f"; torch {torch_rate:,.0f} tokens/s (MFU {torch_rate * flops / spec:.1%})"
+                     + (f", peak {torch_peak:.1f} GiB" if torch_peak else "")
+                     + f"; llama_jax/torch = {rate / torch_rate:.2f}")
         print(line, flush=True)
+        record(args.json, kind="train", model=name, layers=model.n_layers, batch=args.batch, seq=args.seq,
+               dtype=args.dtype, attention=args.attention, remat=args.remat, tok_s=rate,
+               mfu_spec=rate * flops / spec, mfu_measured=rate * flops / ceiling, peak_gib=peak,
+               torch_tok_s=torch_rate, torch_mfu_spec=torch_rate * flops / spec if torch_rate else None,
+               torch_peak_gib=torch_peak, device=devices[0].device_kind)
 
 
 if __name__ == "__main__":

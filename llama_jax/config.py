@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "offload_attention")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -126,16 +127,19 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidde
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """How a model runs: dtypes, rematerialisation, layer scan. Never stored as part of a checkpoint's architecture
+    """How a model runs: dtypes, rematerialisation, layer scan, attention implementation (`llama_jax.attention`:
+    auto | xla | cudnn | splash). Never stored as part of a checkpoint's architecture
     and free to change at load time (a run trained with one setting resumes or loads under another)."""
 
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
-        for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+        for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                              ("attention", ATTENTION)):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{_nearest(str(value), choices)}")

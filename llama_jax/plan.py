@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from llama_jax.attention import resolve
 from llama_jax.chips import GIB, Chip, chip
 from llama_jax.config import Config, ConfigError, load_config
 from llama_jax.sharding import batch_sharding, bytes_per_device, check_model_fits, make_mesh, simulate_cpu_devices
@@ -150,6 +151,7 @@ class Plan:
     flops_per_step: float
     compile_s: float
     headroom: float = DEFAULT_HEADROOM
+    attention: str = "xla"
 
     @property
     def total_bytes(self) -> int:
@@ -183,7 +185,7 @@ class Plan:
         rows = [("parameters", self.params_bytes), ("optimizer state", self.opt_bytes), ("batch", self.batch_bytes),
                 ("activations + temporaries", self.temp_bytes), ("outputs + code", self.other_bytes)]
         lines = [f"plan: {self.target.description}", f"mesh: {mesh}; global batch {self.batch[0]} x {self.batch[1]} "
-                 f"tokens; compiled in {self.compile_s:.1f} s", f"memory per {per}:"]
+                 f"tokens; attention {self.attention}; compiled in {self.compile_s:.1f} s", f"memory per {per}:"]
         lines += [f"  {name:<27}{b / GIB:9.2f} GiB" for name, b in rows]
         nominal = self.target.nominal_bytes
         of = f"{self.target.memory_bytes / GIB:g} GiB" + (
@@ -221,7 +223,7 @@ def plan_step(cfg: Config, target: Target, headroom: float = DEFAULT_HEADROOM) -
     tokens = cfg.train.batch_size * cfg.data.seq_len
     return Plan(target, dict(_mesh_sizes(mesh)), (cfg.train.batch_size, cfg.data.seq_len), params, opt, data,
                 memory.temp_size_in_bytes, other, cfg.model.flops_per_token(cfg.data.seq_len) * tokens, seconds,
-                headroom)
+                headroom, resolve(cfg.execution.attention, target.devices[0].platform))
 
 
 def _mesh_sizes(mesh: Mesh) -> list[tuple[str, int]]:

@@ -8,11 +8,14 @@ vocabulary sizes or few kv heads still run; the heads that must split are checke
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -105,12 +108,44 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
 
 
+def _active_mesh() -> Any:
+    """The (data, fsdp, tensor) abstract mesh set by `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec logical `names` get on the active mesh, or None without one."""
+    mesh = _active_mesh()
+    return None if mesh is None else logical_spec(names, shape, mesh)
+
+
+def current_platform() -> str:
+    """The platform the code being traced will run on: the active mesh's (`plan` sets TPU meshes on a CPU host),
+    else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = None if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "platform", None)
+    return platform or jax.default_backend()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding when a mesh is active; a no-op otherwise (plain single-device use)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    spec = active_spec(names, x.shape)
+    if spec is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(_active_mesh(), spec))
+
+
+def shard_map_logical(fn: Callable[..., jax.Array], args: Sequence[jax.Array],
+                      in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]) -> jax.Array:
+    """Run `fn` on each device's shards of `args`, split by their logical axes (for kernels XLA cannot partition,
+    such as Pallas calls); the output is shaped like the first argument. Called directly when no mesh is active."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return fn(*args)
+    in_specs = tuple(logical_spec(names, a.shape, mesh) for names, a in zip(in_names, args))
+    out_spec = logical_spec(out_names, args[0].shape, mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 def _is_variable(x: Any) -> bool:
@@ -137,14 +172,60 @@ def abstract_init(ctor: Callable[[], nnx.Module], mesh: Mesh | None = None) -> t
     return graphdef, state
 
 
-def sharded_init(ctor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """Create a module with every parameter born sharded on `mesh` (a jitted init with out_shardings)."""
-    graphdef, abstract = abstract_init(ctor, mesh)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+def sharded_init(ctor: Callable[[], nnx.Module], mesh: Mesh, seed: int = 0) -> nnx.Module:
+    """Create a module with every parameter born sharded on `mesh`, each drawn by its own small jitted program.
 
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
+    One program for the whole init grows with depth (an unrolled llama2-7b did not finish compiling in 200 s on an
+    H200); one per distinct (initializer, shape, sharding) stays a handful at any depth. Each parameter names its
+    initializer in its `init` metadata; its value depends only on `seed`, its name and its layer index, so it is the
+    same on every mesh and with scanned or unrolled layers (threefry draws are partitionable).
+    """
+    graphdef, abstract = abstract_init(ctor, mesh)
+    values = {path: program(*args) for path, program, args in _init_programs(abstract, seed)}
+    state = nnx.from_flat_state([(path, var.replace(values[path])) for path, var in nnx.to_flat_state(abstract)])
     return nnx.merge(graphdef, state)
+
+
+def compile_init(ctor: Callable[[], nnx.Module], mesh: Mesh, seed: int = 0) -> int:
+    """Compile (AOT, nothing allocated) every program `sharded_init` would run; returns how many there are."""
+    _, abstract = abstract_init(ctor, mesh)
+    programs = {}
+    for _, program, args in _init_programs(abstract, seed):
+        programs.setdefault(program, args)
+    with jax.set_mesh(mesh):
+        for program, args in programs.items():
+            program.lower(*args).compile()
+    return len(programs)
+
+
+def _init_programs(abstract: Any, seed: int) -> list[tuple[tuple[Any, ...], Any, tuple[jax.Array, ...]]]:
+    """(path, jitted draw, its arguments) per parameter; layer indices in a path (unrolled) or a leading `layers`
+    axis (scanned) both become the layer part of the key."""
+    out = []
+    key = jax.random.key(seed)
+    for path, var in nnx.to_flat_state(abstract):
+        meta = var.get_metadata()
+        if "init" not in meta:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} has no `init` metadata to draw it from")
+        name = "/".join(str(p) for p in path if not isinstance(p, int))
+        layer = next((p for p in path if isinstance(p, int)), 0)
+        stacked = var.shape[0] if (meta.get("axes") or (None,))[0] == "layers" else None
+        program = _draw_program(meta["init"], tuple(var.shape), jnp.dtype(var.dtype), var.sharding, stacked)
+        out.append((path, program, (key, np.uint32(zlib.crc32(name.encode())), np.int32(layer))))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _draw_program(init: Callable[..., jax.Array], shape: tuple[int, ...], dtype: Any, sharding: Any,
+                  layers: int | None) -> Any:
+    def draw(key: jax.Array, name: jax.Array, layer: jax.Array) -> jax.Array:
+        named = jax.random.fold_in(key, name)
+        if layers is None:
+            return init(jax.random.fold_in(named, layer), shape, dtype)
+        keys = jax.vmap(lambda i: jax.random.fold_in(named, i))(jnp.arange(layers))
+        return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
+
+    return jax.jit(draw, out_shardings=sharding)
 
 
 def bytes_per_device(abstract_state: Any) -> int:

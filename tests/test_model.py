@@ -43,7 +43,8 @@ def reference(model) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(remat="full"), dict(remat="save_dots"),
-                                     dict(scan_layers=True, remat="full")], ids=str)
+                                     dict(scan_layers=True, remat="full"), dict(remat="save_attention"),
+                                     dict(scan_layers=True, remat="offload_attention")], ids=str)
 def test_scan_and_remat_match_plain_loop(model, reference, changes):
     logits, w1_grad = reference
     variant = _variant(model, **changes)

@@ -54,6 +54,34 @@ def test_small_model_on_v5p_8():
     assert result.flops_per_step == pytest.approx(load_config(None, SMALL).model.flops_per_token(256) * 8 * 256)
     assert "of 95.74 GiB usable (95 GiB nominal)" in result.report() and "fits (" in result.report()
     assert result.target.memory_bytes == 95.74 * GIB  # XLA's limit on a v5p chip, not the nominal size
+    assert "attention splash" in result.report()  # attention=auto on a TPU target
+
+
+@pytest.mark.slow  # two TPU compiles: ~100 s on 2 loaded CPU cores
+@needs_libtpu
+def test_splash_attention_compiles_for_tpu_with_far_less_memory():
+    """Attention forward + backward AOT-compiled for v5p-8: the Pallas kernel (a TPU custom call) needs a fraction of
+    the temporaries of the einsum path, which holds [B, K, R, T, S] float32 scores."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax.attention import Visibility, attention
+    from llama_jax.config import MeshConfig
+    from llama_jax.plan import tpu_target
+    from llama_jax.sharding import make_mesh
+
+    mesh = make_mesh(MeshConfig(1, -1, 1), tpu_target("v5p-8").devices)
+    temp = {}
+    with jax.set_mesh(mesh):
+        q = jax.ShapeDtypeStruct((4, 2048, 4, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+        for impl in ("xla", "splash"):
+            grad = jax.jit(jax.grad(lambda q: attention(q, q, q, Visibility(), impl).astype(jnp.float32).sum()))
+            lowered = grad.lower(q)
+            assert ("tpu_custom_call" in lowered.as_text()) == (impl == "splash")
+            temp[impl] = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp["splash"] < 0.25 * temp["xla"]
 
 
 @needs_libtpu

@@ -1,5 +1,7 @@
 """Sharded forward passes on 8 simulated CPU devices: same logits on every mesh, parameters really split."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import Llama, LlamaConfig
 from llama_jax.config import ConfigError, ExecutionConfig, MeshConfig
-from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, logical_spec, make_mesh,
-                                sharded_init)
+from llama_jax.sharding import (abstract_init, bytes_per_device, check_model_fits, compile_init, logical_spec,
+                                make_mesh, sharded_init)
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -20,9 +22,32 @@ def _tokens() -> jax.Array:
     return jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 16)), jnp.int32)
 
 
+def _one_device_model(execution: ExecutionConfig | None = None) -> Llama:
+    return sharded_init(lambda: Llama(CFG, execution, rngs=nnx.Rngs(0)),
+                        make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+
+
 @pytest.fixture(scope="module")
 def reference_logits() -> np.ndarray:
-    return np.asarray(Llama(CFG, rngs=nnx.Rngs(0))(_tokens()))
+    return np.asarray(_one_device_model()(_tokens()))
+
+
+def test_sharded_init_is_scan_independent_with_few_programs(reference_logits):
+    """Per-parameter draws: the same values with scanned layers (and, by the logits test below, on every mesh); the
+    number of compiled programs does not grow with depth; LeCun std and unit norms as the eager constructor has."""
+    model = _one_device_model()
+    scanned = dict(nnx.to_flat_state(nnx.state(_one_device_model(ExecutionConfig(scan_layers=True)))))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        expected = scanned[path[:1] + path[2:]][...][path[1]] if path[0] == "layers" else scanned[path][...]
+        np.testing.assert_array_equal(np.asarray(expected), np.asarray(var[...]))
+    wq = np.asarray(model.layers[1].attention.wq[...])
+    assert abs(wq.std() * np.sqrt(CFG.dim) - 1) < 0.05 and abs(wq.mean()) < 0.01
+    np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), 1.0)
+    assert not np.array_equal(wq, np.asarray(model.layers[0].attention.wq[...]))
+
+    deep = dataclasses.replace(CFG, n_layers=12)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    assert compile_init(lambda: Llama(deep, rngs=nnx.Rngs(0)), mesh) <= 8  # per (initializer, shape), not per layer
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=str)

@@ -70,15 +70,20 @@ def save_llama2c(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], pa
 
 
 def save_tokenizer_bin(model_file: str | Path, out: Path) -> None:
-    """llama2.c's tokenizer.bin: uint32 max_token_length, then per id float32 score, int32 length, UTF-8 bytes."""
+    """llama2.c's tokenizer.bin of a sentencepiece model (pieces with spaces for its word-start marks)."""
     if not Path(model_file).is_file():
         raise FileNotFoundError(f"tokenizer model '{model_file}' does not exist; pass a sentencepiece .model file")
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     pieces = [sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8") for i in range(sp.get_piece_size())]
+    write_tokenizer_bin(pieces, [sp.get_score(i) for i in range(len(pieces))], out)
+
+
+def write_tokenizer_bin(pieces: list[bytes], scores: list[float], out: Path) -> None:
+    """uint32 max_token_length, then per id float32 score, int32 length, the piece's bytes."""
     with open(out, "wb") as f:
         f.write(np.uint32(max(len(p) for p in pieces)).tobytes())
-        for i, piece in enumerate(pieces):
-            f.write(np.float32(sp.get_score(i)).tobytes() + np.int32(len(piece)).tobytes() + piece)
+        for piece, score in zip(pieces, scores):
+            f.write(np.float32(score).tobytes() + np.int32(len(piece)).tobytes() + piece)
 
 
 def _read_header(file: Path) -> LlamaConfig | None:

@@ -24,9 +24,10 @@ from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
 
 
 @functools.cache
-def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 n x n matmul on the first device (best of `repeats`)."""
-    x = jnp.ones((n, n), jnp.float32)
+def measured_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted n x n matmul on the first device (best of `repeats`), on random data: constant inputs can
+    run faster than real ones."""
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
     best = math.inf

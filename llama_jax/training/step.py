@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import Config, ExecutionConfig
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
+from llama_jax.training.loss import chunked_token_losses
 from llama_jax.training.optim import accumulate_gradients, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -37,10 +38,11 @@ class TrainState:
 
 
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy (nats, float32) and the number of targets."""
+    """Summed next-token cross-entropy (nats, float32) and the number of targets, logits chunked along the sequence."""
     tokens = batch["tokens"]
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1]).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    model = nnx.merge(graphdef, params)
+    features, _ = model.features(tokens[:, :-1])
+    losses = chunked_token_losses(model.logits, features, tokens[:, 1:])
     return jnp.sum(losses), jnp.float32(losses.size)
 
 
@@ -74,7 +76,7 @@ class Trainer:
     def init_state(self, params: Any | None = None) -> TrainState:
         """A fresh state with sharded parameters (random from the seed, or the given ones) and zero moments."""
         if params is None:
-            params = nnx.state(sharded_init(self._ctor, self.mesh))
+            params = nnx.state(sharded_init(self._ctor, self.mesh, self.cfg.train.seed))
         else:
             params = jax.device_put(params, self.state_sharding.params)
         with jax.set_mesh(self.mesh):

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 12's GPU table end to end on one H100/H200, in about 5 minutes, with no network:
+#   attention kernel check, train step (llama2-7b shapes, 8 layers, batch 4 x 4096, bf16 compute, fp32 params,
+#   full remat, AdamW) against HF torch, decode of the full llama2-7b in bf16 (batch 1 and 16, prompt 128) against
+#   HF generate with a static cache, random init of llama2-7b, the train step with the XLA attention baseline, and
+#   decode batch 1 again with the loop body as CUDA graphs (an XLA flag).
+# Each section is its own python process under `timeout`, so one failure or hang costs only that row; a section
+# that would start after the time budget (GPU_CHECK_BUDGET_S, default 330 s) is skipped. The table comes last.
+#   experiments/gpu_check.sh            # on the GPU machine (jax+CUDA, flax, optax, torch, transformers installed)
+#   experiments/gpu_check.sh --smoke    # tiny shapes on any machine (what the CPU test runs)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+PY="${PYTHON:-python}"
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+BUDGET="${GPU_CHECK_BUDGET_S:-330}"
+RESULTS="$(mktemp)"
+START=$(date +%s)
+
+section() {  # section NAME LIMIT_S SCRIPT ARGS...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - $(date +%s) + START))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: SKIPPED (time budget spent)"
+    echo "{\"kind\": \"skipped\", \"name\": \"$name\"}" >> "$RESULTS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s, $(( $(date +%s) - START )) s elapsed)"
+  timeout --kill-after=10 "$limit" "$PY" -u "$@" --json "$RESULTS" 2>&1 | grep -v -E "^(WARNING|I0000|W0000)"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "== $name: FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ', timed out'))"
+    echo "{\"kind\": \"failed\", \"name\": \"$name\", \"rc\": $rc}" >> "$RESULTS"
+  fi
+}
+
+date -u +"%Y-%m-%d %H:%M UTC"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, jax.devices()[0].device_kind,
+'| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__, '| transformers',
+transformers.__version__)" 2>&1 | tail -1
+
+if [ "$SMOKE" = 1 ]; then
+  MODEL=(--models tiny --layers 2)
+  section attention 300 experiments/check_attention.py --impls splash --batch 1 --seq 128 --heads 4 --kv-heads 2 --head-dim 16
+  section train 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat full --scan --compare-torch
+  section decode 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 2 --prompt-len 8 --new-tokens 3 --repeats 1 --compare-torch
+  section init 300 experiments/bench_init.py --preset tiny --layers 2
+  section train-xla 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
+  XLA_FLAGS="" section decode-graphs 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 1 --prompt-len 8 --new-tokens 3 --repeats 1
+else
+  MODEL=(--models llama2-7b --layers 8)
+  section attention 45 experiments/check_attention.py --impls cudnn --batch 1 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128
+  section train 150 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 5 --warmup 2 --dtype bfloat16 --remat full --scan --compare-torch
+  section decode 150 experiments/bench_decode.py --models llama2-7b --batch-sizes 1,16 --prompt-len 128 --new-tokens 128 --repeats 2 --dtype bfloat16 --compare-torch
+  section init 60 experiments/bench_init.py --preset llama2-7b
+  section train-xla 90 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 3 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
+  # Decode with the whole while-loop body captured as CUDA graphs (launch overhead is most of a step at batch 1).
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+    section decode-graphs 60 experiments/bench_decode.py --models llama2-7b --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 1 --dtype bfloat16
+fi
+
+echo "== table ($(( $(date +%s) - START )) s)"
+"$PY" experiments/gpu_table.py "$RESULTS"
+rm -f "$RESULTS"

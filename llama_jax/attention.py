@@ -1,0 +1,163 @@
+"""One attention entry point with interchangeable implementations: XLA einsum, cuDNN flash (GPU), splash (TPU).
+
+`attention(q, k, v, visibility, implementation)` takes queries `[B, T, N, H]` and keys/values `[B, S, K, H]`
+(grouped-query: kv head j serves query heads j*r .. (j+1)*r-1) and returns `[B, T, N, H]`. What a query may see is
+always causal by slot (key slot s is visible to the query at slot `q_start + t` when s <= q_start + t), and further
+restricted by `Visibility.segment_ids` (`[B, T]`, packed sequences: a query sees only keys of its own segment) and
+by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding of a KV cache).
+
+- `xla`: scores materialised as `[B, K, R, T, S]` float32, then softmax; the reference, runs anywhere.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, a fused flash kernel (bf16/fp16 only).
+- `splash`: the Pallas splash-attention kernel for TPU (runs in interpret mode elsewhere, for tests), sharded with
+  `shard_map` over the mesh's batch and head axes.
+- `auto`: cudnn on GPU, splash on TPU, xla otherwise.
+
+The kernels serve cache-less self-attention (training, evaluation, scoring: `q_start == 0`, `T == S`, no `mask`);
+anything else (prefill into and decoding from a KV cache) runs the XLA path, as do shapes a kernel cannot take
+(float32 for cuDNN; sequences that are not a multiple of 128 for splash) under `auto`. Decoding reads the whole cache
+either way, so a flash kernel buys nothing there.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ATTENTION as IMPLEMENTATIONS
+from llama_jax.sharding import active_spec, current_platform, shard_map_logical
+
+AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
+Q_NAMES = ("batch", "seq", "heads", "head_dim")
+KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """What each query may attend to besides causality: its slot offset, its segment, an explicit mask."""
+
+    q_start: jax.Array | int = 0
+    segment_ids: jax.Array | None = None
+    mask: jax.Array | None = None
+
+    def dense(self, t: int, s: int) -> jax.Array:
+        """`[B or 1, T, S]` booleans: which key slot each query may attend to."""
+        allowed = (jnp.arange(s)[None, :] <= (self.q_start + jnp.arange(t))[:, None])[None]
+        if self.segment_ids is not None:
+            allowed = allowed & (self.segment_ids[:, :, None] == self.segment_ids[:, None, :])
+        return allowed if self.mask is None else allowed & self.mask
+
+    def is_self_attention(self, t: int, s: int) -> bool:
+        """Cache-less causal self-attention (what the kernels implement), known at trace time."""
+        return isinstance(self.q_start, int) and self.q_start == 0 and t == s and self.mask is None
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """The reference: exact softmax over float32 scores of every (query, key) pair."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(h))
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, n, h)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """cuDNN flash attention, causal; segments become a boolean mask that cuDNN folds into its bias."""
+    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                     interpret: bool) -> jax.Array:
+    """Causal splash attention per device: batch over (data, fsdp), heads over tensor, like every activation.
+
+    When the tensor axis splits the query heads but not the fewer kv heads, keys/values are repeated up to one per
+    query head first, so each device holds the kv heads its query heads need.
+    """
+    n, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != n and not _same_head_split(q.shape, k.shape):
+        k, v = jnp.repeat(k, n // kv_heads, axis=2), jnp.repeat(v, n // kv_heads, axis=2)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
+    kernel_fn = functools.partial(_splash_local, interpret=interpret)
+    if segment_ids is None:
+        return shard_map_logical(kernel_fn, (q, k, v), (Q_NAMES, KV_NAMES, KV_NAMES), Q_NAMES)
+    return shard_map_logical(kernel_fn, (q, k, v, segment_ids), (Q_NAMES, KV_NAMES, KV_NAMES, ("batch", "seq")),
+                             Q_NAMES)
+
+
+def _same_head_split(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
+    q_spec, k_spec = active_spec(Q_NAMES, q_shape), active_spec(KV_NAMES, k_shape)
+    return q_spec is None or q_spec[2] == k_spec[2]
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+                  interpret: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, t, n, h = q.shape
+    block = min(SPLASH_BLOCK, t)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.CausalMask((t, t))] * n), block_sizes=sizes,
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def one_row(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
+        ids = None if seg is None else splash.SegmentIds(seg, seg)
+        heads_first = (1, 0, 2)
+        return kernel(q.transpose(heads_first), k.transpose(heads_first), v.transpose(heads_first),
+                      segment_ids=ids).transpose(heads_first)
+
+    if segment_ids is None:
+        return jax.vmap(lambda q, k, v: one_row(q, k, v, None))(q, k, v)
+    return jax.vmap(one_row)(q, k, v, segment_ids)
+
+
+def resolve(implementation: str, platform: str) -> str:
+    """The implementation a setting names on `platform` (`auto`: cudnn on GPU, splash on TPU, else xla)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention '{implementation}' is not one of {IMPLEMENTATIONS}")
+    return AUTO.get(platform, "xla") if implementation == "auto" else implementation
+
+
+def choose(implementation: str, q: jax.Array, kernel_ok: bool) -> str:
+    """The implementation that will run: `auto` resolved for the platform, kernels only where they apply.
+
+    An explicit kernel that cannot take this call (the cache path) runs the XLA reference; one that cannot take the
+    shape or dtype raises, so a requested kernel is never silently skipped in training.
+    """
+    name = resolve(implementation, current_platform())
+    if name == "xla" or not kernel_ok:
+        return "xla"
+    problem = _kernel_problem(name, q)
+    if problem is None:
+        return name
+    if implementation == "auto":
+        return "xla"
+    raise ValueError(f"attention='{name}' {problem}; use attention=auto or xla")
+
+
+def _kernel_problem(name: str, q: jax.Array) -> str | None:
+    if name == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bfloat16 or float16 compute, got {q.dtype}; set dtype=bfloat16"
+    if name == "splash" and q.shape[1] % 128:
+        return f"needs a sequence length that is a multiple of 128, got {q.shape[1]}"
+    return None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility = Visibility(),
+              implementation: str = "auto") -> jax.Array:
+    """Causal grouped-query attention `[B, T, N, H]` x `[B, S, K, H]` -> `[B, T, N, H]` (see the module doc)."""
+    t, s = q.shape[1], k.shape[1]
+    name = choose(implementation, q, visibility.is_self_attention(t, s))
+    if name == "cudnn":
+        return cudnn_attention(q, k, v, visibility.segment_ids)
+    if name == "splash":
+        return splash_attention(q, k, v, visibility.segment_ids, interpret=current_platform() != "tpu")
+    return xla_attention(q, k, v, visibility.dense(t, s))
+

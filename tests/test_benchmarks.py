@@ -1,0 +1,59 @@
+"""The benchmark plumbing: llama2.c timing through our export (with a fake `run`), and gpu_check.sh's smoke mode."""
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax import Llama, LlamaConfig
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_bench_decode_times_a_llama2c_binary_on_our_export(tmp_path, monkeypatch):
+    """A stand-in `run` checks what llama2.c would read (header, tokenizer, prompt, steps) and reports a rate."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    from bench_decode import bench_llama2c
+
+    cfg = LlamaConfig.preset("tiny", n_layers=1, vocab_size=300, tie_embeddings=True)
+    fake = tmp_path / "run"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys, numpy as np
+        model, args = sys.argv[1], dict(zip(sys.argv[2::2], sys.argv[3::2]))
+        header = np.fromfile(model, np.int32, 7).tolist()
+        tokenizer = open(args["-z"], "rb").read()
+        assert header == [{cfg.dim}, {cfg.hidden_dim}, 1, {cfg.n_heads}, {cfg.n_kv_heads}, 300, {cfg.max_seq_len}]
+        assert args["-n"] == "12" and args["-i"] == "a" * 6 and args["-t"] == "0", args
+        assert b"<0x61>" in tokenizer and np.frombuffer(tokenizer[:4], np.uint32)[0] == 6
+        print("achieved tok/s: 123.5", file=sys.stderr)
+        """))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    assert bench_llama2c(str(fake), model, prompt_len=8, new_tokens=4) == 123.5
+    with pytest.raises(FileNotFoundError, match="make runomp"):
+        bench_llama2c(str(tmp_path / "missing"), model, 8, 4)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 CPU cores
+def test_gpu_check_smoke_fills_every_row_of_its_table():
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET_S="1500", XLA_FLAGS="")
+    run = subprocess.run(["bash", str(EXPERIMENTS / "gpu_check.sh"), "--smoke"], capture_output=True, text=True,
+                         env=env, timeout=1600)
+    assert run.returncode == 0, run.stderr
+    table = run.stdout[run.stdout.index("| work |"):]
+    assert "FAILED" not in table and "SKIPPED" not in table, run.stdout[-3000:]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "| work |" not in line]
+    kinds = [line.split()[1] for line in rows]
+    assert kinds == ["attention", "attention", "train", "decode", "random", "random", "train", "decode"], table
+    assert rows[0].count("PASS") == 1 and rows[1].count("PASS") == 1
+    assert "HF torch" in rows[2] and "hf_static" in rows[3] and "attention xla" in rows[6]
+    rates = [float(line.split("|")[2].split()[0].replace(",", "")) for line in (rows[2], rows[3], rows[6])]
+    assert all(np.isfinite(rates)) and min(rates) > 0
