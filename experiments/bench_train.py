@@ -5,7 +5,7 @@
     python experiments/bench_train.py --models llama2-7b --layers 8 --batch 4 --seq 4096 --dtype bfloat16 \
         --remat full --scan --attention cudnn --compare-torch    # the GPU table's row
 
-MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (the `PEAK_FLOPS` table; a
+MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (`llama_jax.chips`; a
 timed matmul on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data). `--dtype bfloat16`
 computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With `--compare-torch`
 the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat` is not `none`,
@@ -24,7 +24,8 @@ from peers import (hf_model, jax_peak_gib, record, releasing_torch, timed, torch
 
 from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, ExecutionConfig, LlamaConfig, MeshConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training.metrics import PEAK_FLOPS, measured_matmul_flops, peak_flops_per_device
+from llama_jax.chips import chip_for_device_kind
+from llama_jax.training.metrics import measured_matmul_flops, peak_flops_per_device
 from llama_jax.training.step import Trainer
 
 MODELS = {
@@ -105,7 +106,7 @@ def main() -> None:
     devices = jax.devices()
     spec = peak_flops_per_device(args.peak_flops_per_device) * len(devices)
     ceiling = matmul_ceiling(args.dtype) * len(devices)
-    known = any(name in devices[0].device_kind.lower() for name in PEAK_FLOPS)
+    known = chip_for_device_kind(devices[0].device_kind) is not None
     print(f"devices: {len(devices)} x {devices[0].device_kind}; spec peak {spec:.3e} FLOP/s"
           f"{'' if known or args.peak_flops_per_device else ' (timed float32 matmul)'}; "
           f"measured {args.dtype} matmul {ceiling:.3e} FLOP/s", flush=True)
