@@ -5,7 +5,7 @@
     python experiments/bench_train.py --models llama2-7b --layers 8 --batch 4 --seq 4096 --dtype bfloat16 \
         --remat full --scan --attention cudnn --compare-torch    # the GPU table's row
 
-MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (the `llama_jax.chips` table; a
+MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (`llama_jax.chips`; a
 timed matmul on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data). `--dtype bfloat16`
 computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With `--compare-torch`
 the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat` is not `none`,
