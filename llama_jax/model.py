@@ -63,6 +63,14 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
+    """`einsum(spec, x, module.<name>)` plus the low-rank update of a LoRA adapter attached as `module.lora_<name>`
+    (see `llama_jax.lora`); the model itself never creates adapters."""
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    adapter = getattr(module, f"lora_{name}", None)
+    return y if adapter is None else y + adapter(x)
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
     """RoPE frequencies theta^(-2i/head_dim), i < head_dim/2, in float32 as Meta and HF compute them."""
     return 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -93,9 +101,9 @@ class Attention(nnx.Module):
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
         of the layer's slots (`mask` hides the unused ones)."""
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        q = project(self, "wq", "BTD,DNH->BTNH", x)
+        k = project(self, "wk", "BTD,DKH->BTKH", x)
+        v = project(self, "wv", "BTD,DKH->BTKH", x)
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -113,7 +121,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
+        return project(self, "wo", "BTNH,NHD->BTD", out), cache
 
 
 class FeedForward(nnx.Module):
@@ -124,11 +132,10 @@ class FeedForward(nnx.Module):
         self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
+        gate = project(self, "w1", "BTD,DF->BTF", x)
+        up = project(self, "w3", "BTD,DF->BTF", x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dt))
+        return project(self, "w2", "BTF,FD->BTD", hidden)
 
 
 class Block(nnx.Module):
@@ -152,7 +159,9 @@ class Llama(nnx.Module):
     `cfg` is the architecture (what checkpoints store); `execution` says how it runs (dtypes, remat, layer scan).
     With `cache=KVCache`, the tokens are written at `cache.index` and `(logits, new_cache)` is returned, so prefill
     and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) is combined
-    with the causal mask; `positions` default to `cache.index + arange(seq)`.
+    with the causal mask; `positions` default to `cache.index + arange(seq)`. `segment_ids` (`[batch, seq]`, without
+    a cache) marks the examples packed into one row: a token attends only within its own segment, and `positions`
+    should restart at each segment.
     """
 
     def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig | None = None, *, rngs: nnx.Rngs):
@@ -172,7 +181,8 @@ class Llama(nnx.Module):
             self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, cfg.dim)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
         cfg = self.cfg
         b, t = tokens.shape
         start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
@@ -181,6 +191,8 @@ class Llama(nnx.Module):
         slots = cache.k.shape[2] if cache is not None else t
         causal = jnp.arange(slots)[None, :] <= (start + jnp.arange(t))[:, None]
         full_mask = causal[None] if mask is None else causal[None] & mask
+        if segment_ids is not None:
+            full_mask = full_mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
         # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
         table = constrain(self.tok_embeddings[...], (None, "embed"))
