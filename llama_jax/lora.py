@@ -66,12 +66,12 @@ class LoRA(nnx.Module):
     def delta(self) -> jax.Array:
         """The full weight update `scale * A @ B` in the adapted parameter's layout (per layer when stacked)."""
         a, b = self.a[...], self.b[...]
-        if _is_stacked(self):
+        if is_stacked(self):
             return jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b) * self.scale
         return jnp.tensordot(a, b, axes=1) * self.scale
 
 
-def _is_stacked(adapter: LoRA) -> bool:
+def is_stacked(adapter: LoRA) -> bool:
     axes = adapter.a.get_metadata().get("axes") or ()
     return bool(axes) and axes[0] == "layers"
 

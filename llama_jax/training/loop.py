@@ -47,6 +47,7 @@ class TrainResult:
     train_loss: float | None
     validation: EvalResult | None
     sample: str | None
+    state: TrainState | None = None
 
     def report(self) -> str:
         """Human-readable summary: where the run stopped, the final validation metrics and the sample."""
@@ -80,26 +81,39 @@ def _all_processes(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
-def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
-    """Resume from the newest readable checkpoint; else start from `train.init_from` or a fresh init."""
+def _load_init(cfg: Config, trainer: Trainer, init_from: str) -> Any:
+    """The model at `init_from` (any checkpoint format), checked against the model section."""
+    model = load_pretrained(init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
+    differences = model.cfg.shape_differences(cfg.model)
+    if differences:
+        raise ConfigError(f"init_from '{init_from}' does not match the model section (checkpoint vs config: "
+                          f"{'; '.join(differences)}); set the model fields to the checkpoint's")
+    return model
+
+
+def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any, init_from: str | None) -> TrainState:
+    """Resume from the newest readable checkpoint; else start from `init_from` or a fresh init.
+
+    Under LoRA the frozen base is read from `init_from` every time: checkpoints hold only the adapters.
+    """
     def abstract_state(execution: ExecutionConfig) -> tuple[Any, Any]:
         state = trainer.abstract_state(execution)
         return state.params, state.opt_state
 
+    base = None
+    if trainer.lora:
+        if not init_from:
+            raise ConfigError("LoRA (lora.rank > 0) trains adapters on a pretrained model; set finetune.init_from")
+        base = _load_init(cfg, trainer, init_from)
+        trainer.set_base(base)
     restored = ckpt.restore_latest(cfg.model, cfg.execution, abstract_state)
     if restored is not None:
         data.restore(restored.data_state)
         log.info("resumed from %s step %d", ckpt.directory, restored.step)
         step = jax.device_put(np.int32(restored.step), trainer.state_sharding.step)
         return TrainState(step, restored.params, restored.opt_state)
-    if cfg.train.init_from:
-        model = load_pretrained(cfg.train.init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
-        differences = model.cfg.shape_differences(cfg.model)
-        if differences:
-            raise ConfigError(f"train.init_from '{cfg.train.init_from}' does not match the model section "
-                              f"(checkpoint vs config: {'; '.join(differences)}); set the model fields to the "
-                              "checkpoint's")
-        return trainer.init_state(nnx.state(model))
+    if init_from:
+        return trainer.init_state(base if base is not None else _load_init(cfg, trainer, init_from))
     return trainer.init_state()
 
 
@@ -117,17 +131,24 @@ def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) ->
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
-    t = cfg.train
-    initialize(t)
+    initialize(cfg.train)
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     tokenizer = provision_tokenizer(cfg, run_dir)
     data = build_train_data(cfg, tokenizer, mesh=mesh)
     validation = build_validation_data(cfg, tokenizer, mesh=mesh)
-    trainer = Trainer(cfg, mesh)
+    return run_training(cfg, Trainer(cfg, mesh), data, validation, tokenizer, cfg.train.init_from)
+
+
+def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer,
+                 init_from: str | None) -> TrainResult:
+    """The training loop shared by pretraining and fine-tuning: resume or initialise (from `init_from`), then step
+    `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits; returns the summary."""
+    t, mesh = cfg.train, trainer.mesh
+    run_dir = as_path(cfg.checkpoint.dir)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    state = _initial_state(cfg, trainer, ckpt, data)
+    state = _initial_state(cfg, trainer, ckpt, data, init_from)
     step = first_step = int(state.step)
 
     main = jax.process_index() == 0
@@ -185,4 +206,4 @@ def train(cfg: Config) -> TrainResult:
     sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None
     logger.plot()
     logger.close()
-    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample)
+    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample, state)

@@ -116,7 +116,7 @@ class Trainer:
         else:
             model = self.with_adapters(model)
         _, params, frozen = self._split(model)
-        self.set_frozen(frozen)
+        self.frozen = jax.device_put(frozen, self.frozen_sharding)
         params = jax.device_put(params, self.state_sharding.params)
         with jax.set_mesh(self.mesh):
             init = jax.jit(self.init_state_from, out_shardings=self.state_sharding)
@@ -125,9 +125,9 @@ class Trainer:
     def init_state_from(self, params: Any) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
-    def set_frozen(self, frozen: Any) -> None:
-        """The frozen part of the model (LoRA's base weights), placed on the mesh."""
-        self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    def set_base(self, model: Llama) -> None:
+        """Take `model`'s weights as the frozen base (LoRA), e.g. before restoring adapters from a checkpoint."""
+        self.frozen = jax.device_put(self._split(self.with_adapters(model))[2], self.frozen_sharding)
 
     def model(self, params: Any) -> Llama:
         return nnx.merge(self.graphdef, params, self.frozen)
@@ -150,7 +150,7 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update (over `optim.grad_accum_steps` microbatches); `state` is donated."""
         if self.frozen is None:
-            raise ValueError("a LoRA trainer needs its base weights: call init_state(model) or set_frozen first")
+            raise ValueError("a LoRA trainer needs its base weights: call init_state(model) or set_base first")
         with jax.set_mesh(self.mesh):
             return self.jitted_train_step(batch)(state, self.frozen, batch)
 
