@@ -143,6 +143,36 @@ def _run_train(args: argparse.Namespace) -> None:
     print(train(cfg).report())
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on JSONL chat/instruction/text data")
+    p.add_argument("--config", required=True, help="YAML config, e.g. experiments/configs/sft_llama2_7b.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.init_from=DIR lora.rank=16")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from llama_jax.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    from llama_jax.training.finetune import finetune
+    print(finetune(cfg).report())
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base and write a full checkpoint")
+    p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on (any format)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter dir (a finetune run writes RUN/adapter)")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--format", default="hf", choices=["orbax", "hf", "meta", "llama2c"])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the base's dtype")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    from llama_jax.checkpoints.peft import merge_adapter
+    print(merge_adapter(args.base, args.adapter, args.output, args.format, args.dtype, args.overwrite))
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint on a dataset")
     p.add_argument("--checkpoint", required=True, help="a training run dir, a step dir, or any load_pretrained format")
@@ -180,8 +210,8 @@ def _run_plan(args: argparse.Namespace) -> None:
     print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib).report())
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train, _add_eval,
-            _add_plan]
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
+            _add_finetune, _add_merge, _add_eval, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

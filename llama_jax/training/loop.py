@@ -48,6 +48,7 @@ class TrainResult:
     validation: EvalResult | None
     sample: str | None
     state: TrainState | None = None
+    tokens_per_s: float | None = None  # the last logged training throughput
 
     def report(self) -> str:
         """Human-readable summary: where the run stopped, the final validation metrics and the sample."""
@@ -158,7 +159,7 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
     speed = Throughput(cfg.model.flops_per_token(cfg.data.seq_len), peak)
     deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
     pending: list[dict[str, jax.Array]] = []
-    train_loss, stopped = None, "steps"
+    train_loss, stopped, throughput = None, "steps", None
 
     def run_eval(at: int, max_batches: int | None) -> EvalResult | None:
         if validation is None:
@@ -184,6 +185,7 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
                 train_loss = float(np.mean([m["loss"] for m in fetched]))
                 if step % t.log_every == 0 or step == t.steps:
                     rate, mfu = speed.update()
+                    throughput = rate
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
@@ -206,4 +208,4 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
     sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None
     logger.plot()
     logger.close()
-    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample, state)
+    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample, state, throughput)
