@@ -32,7 +32,7 @@ from llama_jax.training.finetune import finetune
 CONFIG = Path(__file__).resolve().parent / "configs" / "sft_reverse.yaml"
 WORDS = ("apple river stone cloud tiger lemon piano rocket garden silver candle forest violin marble copper "
          "window").split()
-MODEL = LlamaConfig(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32, max_seq_len=64)
+MODEL = LlamaConfig(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
 
 
 def task(rng: np.random.Generator, n: int) -> list[dict]:

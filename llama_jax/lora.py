@@ -13,6 +13,8 @@ weights are lost) and q, k, v, o live in one module (so they cannot be targeted 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from collections.abc import Iterator
@@ -34,6 +36,21 @@ PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
                 "down": "down_proj"}
 INPUT_DIMS = {"wo": 2}  # wo contracts (heads, head_dim); every other projection one input dim
 
+# The key for adapter dropout while a train step traces the model; None (evaluation, inference) means no dropout.
+# A context variable rather than nnx RNG state: the blocks run as merged copies inside remat/scan, where nnx
+# refuses to advance RNG counters ("Cannot mutate RngKey from a different trace level").
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def dropout_key(key: jax.Array) -> Iterator[None]:
+    """Apply adapter dropout, drawn from `key`, to the model calls made inside this block."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
 
 class LoRAParam(nnx.Param):
     """An adapter weight: trainable while the rest of the model stays frozen."""
@@ -43,7 +60,7 @@ class LoRA(nnx.Module):
     """`scale * dropout(x) @ A @ B` for one projection (optionally stacked over `layers` for `lax.scan`)."""
 
     def __init__(self, weight: nnx.Param, rank: int, alpha: float, dropout: float, stacked: bool, rngs: nnx.Rngs,
-                 in_dims: int = 1):
+                 in_dims: int = 1, tag: int = 0):
         lead = 1 if stacked else 0
         shape, axes = weight.shape, tuple(weight.get_metadata().get("axes") or (None,) * len(weight.shape))
         in_shape, out_shape = shape[lead:lead + in_dims], shape[lead + in_dims:]
@@ -55,11 +72,16 @@ class LoRA(nnx.Module):
         self.b = LoRAParam(jnp.zeros((*layer_shape, rank, *out_shape), jnp.float32),
                            axes=(*layer_axes, None, *axes[lead + in_dims:]))
         self.scale = alpha / rank
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.dropout = dropout
+        self.tag = tag  # distinct per adapter, so each draws its own dropout mask
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
-        h = x if self.dropout is None else self.dropout(x)
+        key = _DROPOUT_KEY.get()
+        h = x
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.tag), 1.0 - self.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         low = jnp.tensordot(h, a, axes=a.ndim - 1)
         return jnp.tensordot(low, b, axes=1) * jnp.asarray(self.scale, x.dtype)
 
@@ -103,12 +125,14 @@ def attach(model: Llama, cfg: LoraConfig, rngs: nnx.Rngs) -> Llama:
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
     stacked = model.execution.scan_layers
+    tag = 0
     for block in _blocks(model):
         for short in resolve_targets(cfg.targets):
             module_name, param = TARGETS[short]
             module = getattr(block, module_name)
             setattr(module, f"lora_{param}", LoRA(getattr(module, param), cfg.rank, cfg.alpha, cfg.dropout, stacked,
-                                                  rngs, INPUT_DIMS.get(param, 1)))
+                                                  rngs, INPUT_DIMS.get(param, 1), tag))
+            tag += 1
     return model
 
 

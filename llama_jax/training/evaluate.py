@@ -55,7 +55,6 @@ class EvalResult:
 def evaluate(model: Llama, batches: Iterable[dict[str, Any]], mesh: Mesh | None = None,
              max_batches: int | None = None) -> EvalResult:
     """Mean next-token loss, perplexity and bits per byte over (at most `max_batches` of) `batches`."""
-    model.eval()  # LoRA dropout off
     graphdef, params = nnx.split(model)
     nats, tokens, n_bytes, has_bytes = 0.0, 0.0, 0.0, True
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

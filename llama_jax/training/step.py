@@ -135,9 +135,8 @@ class Trainer:
     def _train_step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss(params: Any, micro: Batch) -> tuple[jax.Array, jax.Array]:
             model = nnx.merge(self.graphdef, params, frozen)
-            if self.lora and self.cfg.lora.dropout > 0:  # a fresh dropout mask every step
-                nnx.reseed(model, default=jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step))
-            return model_losses(model, micro)
+            with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
+                return model_losses(model, micro)
 
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
