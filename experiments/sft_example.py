@@ -1,9 +1,10 @@
 """Worked fine-tuning example: a tiny model learns to reverse three words; full fine-tuning vs LoRA.
 
-Stage 1 builds a small "pretrained" base offline by continued pretraining on plain-text records (random word
-lists, the `text` shape) from a random init; stage 2 fine-tunes it on Llama-2-chat dialogs (`messages` shape,
-loss on the answers only) twice: every weight, and LoRA adapters on all seven projections. Accuracy is exact match
-of the greedy answer on held-out prompts.
+Stage 1 builds a small "pretrained" base offline from a random init with plain-text records (the `text` shape)
+that show the skill in prose, `tiger lemon piano backwards is piano lemon tiger`; stage 2 fine-tunes it on
+Llama-2-chat dialogs (`messages` shape, loss on the answers only) that ask for it as an instruction, twice: every
+weight, and LoRA adapters on all seven projections. Accuracy is exact match of the greedy answer on held-out chat
+prompts.
 
     python experiments/sft_example.py --out runs/sft_example            # the README numbers
     python experiments/sft_example.py --out /tmp/sft --scale 0.25       # a shortened run
@@ -23,6 +24,7 @@ from flax import nnx
 
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained, save_pretrained
+from llama_jax.checkpoints.peft import load_peft
 from llama_jax.config import LlamaConfig, load_config
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
@@ -57,16 +59,21 @@ def accuracy(model: Llama, tokenizer: Tokenizer, records: list[dict]) -> float:
     return float(np.mean([a == r["messages"][1]["content"] for a, r in zip(answers, records)]))
 
 
-def run(out: Path, scale: float = 1.0) -> dict[str, dict[str, float]]:
-    """Build the data, tokenizer and base, fine-tune twice, and return the measured numbers per variant."""
+VARIANTS = {"full": (), "lora": ("lora.rank=8", "lora.alpha=16", "lora.targets=[.*]")}
+
+
+def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
+    """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     n_train = max(64, int(2000 * scale))
     train, valid, test = task(rng, n_train), task(rng, 64), task(rng, 100)
-    text = [{"text": " ".join(rng.choice(WORDS, 8))} for _ in range(n_train)]
+    text = [{"text": f"{' '.join(w)} backwards is {' '.join(reversed(w))}"}
+            for w in (list(rng.choice(WORDS, 3, replace=False)) for _ in range(2 * n_train))]
     files = {name: write_jsonl(out / f"{name}.jsonl", recs)
              for name, recs in (("train", train), ("valid", valid), ("text", text))}
     corpus = [f"[INST] {m['messages'][0]['content']} [/INST] {m['messages'][1]['content']}" for m in train]
+    corpus += [t["text"] for t in text]
     tokenizer = Tokenizer.train(iter(corpus), MODEL.vocab_size, out / "tokenizer", overwrite=True)
     save_pretrained(Llama(MODEL, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
 
@@ -78,14 +85,14 @@ def run(out: Path, scale: float = 1.0) -> dict[str, dict[str, float]]:
         result = finetune(load_config(CONFIG, overrides))
         return time.perf_counter() - start, result
 
-    tune("base", str(out / "random"), files["text"], max(1.0, 2 * scale))
+    tune("base", str(out / "random"), files["text"], max(1.0, 4 * scale))
     base = load_pretrained(out / "base")
     results = {"base": {"accuracy": accuracy(base, tokenizer, test)}}
     epochs = max(1.0, 6 * scale)
-    for name, extra in (("full", ()), ("lora", ("lora.rank=8", "lora.alpha=16", "lora.targets=[.*]"))):
-        seconds, result = tune(name, str(out / "base"), files["train"], epochs, *extra)
+    for name in variants:
+        seconds, result = tune(name, str(out / "base"), files["train"], epochs, *VARIANTS[name])
         state = result.state
-        model = nnx.merge(*_graph_and_state(result, out / "base", extra))
+        model = _tuned(result.run_dir, out / "base", lora=bool(VARIANTS[name]))
         trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
         optimizer = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
         results[name] = {"accuracy": accuracy(model, tokenizer, test), "trainable_params": trainable,
@@ -94,18 +101,17 @@ def run(out: Path, scale: float = 1.0) -> dict[str, dict[str, float]]:
     return results
 
 
-def _graph_and_state(result, base: Path, lora_overrides: tuple[str, ...]):
+def _tuned(run_dir: Path, base: Path, lora: bool) -> Llama:
     """The fine-tuned model: the run's newest step (full), or the base with the run's PEFT adapter (LoRA)."""
-    if not lora_overrides:
-        return nnx.split(load_pretrained(result.run_dir))
-    from llama_jax.checkpoints.peft import load_peft
-    return nnx.split(load_peft(load_pretrained(base), Path(result.run_dir) / "adapter"))
+    if not lora:
+        return load_pretrained(run_dir)
+    return load_peft(load_pretrained(base), Path(run_dir) / "adapter")
 
 
 def report(results: dict[str, dict[str, float]]) -> str:
     lines = [f"accuracy before fine-tuning: {results['base']['accuracy']:.0%}",
              "variant  accuracy  trainable params  optimizer state  tokens/s  valid loss  steps"]
-    for name in ("full", "lora"):
+    for name in (n for n in VARIANTS if n in results):
         r = results[name]
         lines.append(f"{name:<8} {r['accuracy']:>8.0%} {r['trainable_params']:>17,} {r['optimizer_bytes'] / 1024:>13.0f} KiB"
                      f" {r['tokens_per_s']:>9.0f} {r['validation_loss']:>11.4f} {r['steps']:>6}")

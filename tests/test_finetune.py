@@ -94,3 +94,14 @@ def test_lora_finetune_resumes_bit_exactly_after_sigkill_and_merges(setup, tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_worked_example_shortened_raises_accuracy(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import sft_example
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    results = sft_example.run(tmp_path, scale=SCALE, variants=("full",))
+    assert results["full"]["accuracy"] >= results["base"]["accuracy"] + MARGIN, sft_example.report(results)
