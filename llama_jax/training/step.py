@@ -72,7 +72,8 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
         self.frozen_sharding = state_shardings(abstract_frozen, mesh)
-        self.frozen: Any = nnx.State({}) if not self.lora else None  # the base weights, set by init_state
+        # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
+        self.frozen: Any = None if self.lora else abstract_frozen
         self.state_sharding = self._shardings(cfg.execution)
         self._train: Callable[..., Any] | None = None
 
@@ -85,7 +86,7 @@ class Trainer:
         return lora.attach(model, self.cfg.lora, nnx.Rngs(self.cfg.train.seed + 1)) if self.lora else model
 
     def _split(self, model: Llama) -> tuple[nnx.GraphDef, Any, Any]:
-        """(graphdef, trainable params, everything else: the frozen base and dropout RNG state)."""
+        """(graphdef, trainable params, the rest: LoRA's frozen base, or nothing when every weight trains)."""
         return nnx.split(model, self.trainable, ...)
 
     def _shardings(self, execution: ExecutionConfig) -> TrainState:
@@ -108,12 +109,15 @@ class Trainer:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, self._shardings(execution))
 
-    def init_state(self, model: Llama | None = None) -> TrainState:
-        """A fresh state with sharded parameters (random from the seed, or `model`'s weights, plus fresh adapters
-        under LoRA) and zero moments; sets `frozen`."""
+    def init_state(self, model: Llama | Any | None = None) -> TrainState:
+        """A fresh state with sharded parameters (random from the seed, or the weights of `model` — a `Llama` or its
+        parameter State — plus fresh adapters under LoRA) and zero moments; sets `frozen`."""
         if model is None:
             model = sharded_init(self._ctor, self.mesh)
         else:
+            if not isinstance(model, Llama):
+                plain = nnx.eval_shape(lambda: Llama(self.cfg.model, self.cfg.execution, rngs=nnx.Rngs(0)))
+                model = nnx.merge(nnx.graphdef(plain), model)
             model = self.with_adapters(model)
         _, params, frozen = self._split(model)
         self.frozen = jax.device_put(frozen, self.frozen_sharding)
