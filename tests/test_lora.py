@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import lora
-from llama_jax.config import Config, ConfigError, ExecutionConfig, LlamaConfig, LoraConfig
+from llama_jax.config import Config, ConfigError, ExecutionConfig, LlamaConfig, LoraConfig, load_config
 from llama_jax.model import Llama
 from llama_jax.sharding import make_mesh
 from llama_jax.training.step import Trainer
@@ -103,3 +103,17 @@ def test_peft_loads_our_adapter_onto_the_hf_export_with_our_logits(tmp_path):
     merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", "orbax")
     np.testing.assert_allclose(np.asarray(forward(load_pretrained(tmp_path / "merged"), TOKENS)), ours,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_plan_reports_adapters_frozen_base_and_optimizer_per_device():
+    from llama_jax.plan import plan
+    small = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=256", "data.seq_len=64",
+             "train.batch_size=8", "execution.param_dtype=bfloat16", "lora.rank=4"]
+    result = plan(None, small, gpus=8, gpu_memory_gib=80)
+    model = load_config(None, small).model
+    adapters = _adapter_sizes(model, 4, ["q", "k", "v", "o"])
+    assert result.frozen_bytes == pytest.approx(model.num_params() * 2 / 8, rel=0.05)  # bf16 over fsdp 8
+    assert adapters * 4 / 8 <= result.params_bytes <= adapters * 4  # float32 adapters, A sharded over fsdp
+    assert result.opt_bytes == pytest.approx(2 * result.params_bytes, rel=0.05)
+    report = result.report()
+    assert "LoRA adapters" in report and "frozen base" in report
