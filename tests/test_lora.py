@@ -73,6 +73,7 @@ def test_llama2_7b_optimizer_state_holds_only_adapters():
     assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype("bfloat16")}
 
 
+@pytest.mark.torch_ref
 def test_peft_loads_our_adapter_onto_the_hf_export_with_our_logits(tmp_path):
     scan = True  # stacked adapters; the reload below goes onto unstacked layers
     torch = pytest.importorskip("torch")

@@ -28,7 +28,15 @@ from jax.sharding import Mesh
 
 from llama_jax.chat import encode_turns
 from llama_jax.config import Config, ConfigError
-from llama_jax.data.pipeline import DataIterator, ValidationData, _fingerprint, _local_batch, _processes, _seed
+from llama_jax.data.pipeline import (
+    READ_OPTIONS,
+    DataIterator,
+    ValidationData,
+    _fingerprint,
+    _local_batch,
+    _processes,
+    _seed,
+)
 from llama_jax.data.tokenized import tokenizer_hash
 from llama_jax.paths import as_path, is_remote
 from llama_jax.tokenizer import Tokenizer
@@ -188,8 +196,9 @@ def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarr
 
 
 def _row_dataset(rows: dict[str, np.ndarray]) -> grain.MapDataset:
+    """Row i as a dict, with the (single) source index the shared `DataIterator` counts tokens by."""
     return grain.MapDataset.source(list(range(len(rows["tokens"])))).map(
-        lambda i: {k: v[i] for k, v in rows.items()})
+        lambda i: {**{k: v[i] for k, v in rows.items()}, "source": np.int32(0)})
 
 
 @dataclass
@@ -217,7 +226,8 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
     shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
     fingerprint = _fingerprint("sft", ft.train, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
                                cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
-    train = DataIterator(shuffled[index::count].batch(local), mesh, fingerprint)
+    train = DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
+                         ["finetune"], seq_len)
     validation = None
     if ft.validation:
         held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)

@@ -20,7 +20,7 @@ from llama_jax.distributed import initialize
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.loop import TrainResult, run_training
+from llama_jax.training.loop import TrainResult, check_train, run_training
 from llama_jax.training.step import Trainer
 
 ADAPTER_DIR = "adapter"
@@ -42,6 +42,7 @@ def finetune(cfg: Config) -> TrainResult:
     ft = cfg.finetune
     if not ft.init_from:
         raise ConfigError("finetune.init_from is not set; give the checkpoint to fine-tune (HF, Meta, orbax, run dir)")
+    check_train(cfg)
     initialize(cfg.train)
     architecture = FORMATS[detect_format(ft.init_from)].read(as_path(ft.init_from))[0]
     cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
