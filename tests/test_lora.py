@@ -76,9 +76,9 @@ def test_llama2_7b_optimizer_state_holds_only_adapters():
 @pytest.mark.torch_ref
 def test_peft_loads_our_adapter_onto_the_hf_export_with_our_logits(tmp_path):
     scan = True  # stacked adapters; the reload below goes onto unstacked layers
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import torch
+    import transformers
     from llama_jax.checkpoints import load_pretrained, save_pretrained
     from llama_jax.checkpoints.peft import load_peft, merge_adapter, read_peft_config, save_peft
 
