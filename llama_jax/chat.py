@@ -28,21 +28,53 @@ def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int
     A leading system message is folded into the first user turn; each (user, assistant) pair becomes
     `<s>[INST] u [/INST] a </s>` and the last user turn `<s>[INST] u [/INST]`.
     """
-    dialog = _validate(messages)
+    return encode_turns(tokenizer, messages, final="user")[0]
+
+
+def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str = "assistant",
+                 last_turn_only: bool = False) -> tuple[list[int], list[bool]]:
+    """Ids of a dialog exactly as `encode_dialog` builds it, and per id whether it is an assistant reply token (the
+    reply's pieces and its EOS: the tokens supervised fine-tuning learns), only in the last reply if
+    `last_turn_only`. `final` is the role the dialog must end with ("assistant" for training examples).
+
+    Each pair is encoded whole, as Meta does; the reply starts after the longest prefix it shares with the encoding
+    of `[INST] u [/INST]` alone (sentencepiece pieces do not cross the space before the reply).
+    """
+    dialog = _validate(messages, final)
+    if final == "assistant":  # a training example: an empty turn teaches nothing and usually means broken data
+        empty = next((i for i, m in enumerate(dialog) if not m["content"].strip()), None)
+        if empty is not None:
+            raise ValueError(f"message {empty} ({dialog[empty]['role']}) has empty content")
     if dialog[0]["role"] == "system":
         dialog = [
             {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]},
             *dialog[2:],
         ]
     ids: list[int] = []
-    for user, answer in zip(dialog[::2], dialog[1::2]):
-        text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True)
-    return ids
+    flags: list[bool] = []
+    pairs = list(zip(dialog[::2], dialog[1::2]))
+    for i, (user, answer) in enumerate(pairs):
+        prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
+        pair = tokenizer.encode(f"{prompt} {answer['content'].strip()} ", bos=True, eos=True)
+        shared = _common_prefix(pair, tokenizer.encode(prompt, bos=True))
+        learn = not last_turn_only or i == len(pairs) - 1
+        ids += pair
+        flags += [False] * shared + [learn] * (len(pair) - shared)
+    if len(dialog) % 2:
+        last = tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True)
+        ids += last
+        flags += [False] * len(last)
+    return ids, flags
 
 
-def _validate(messages: Sequence[Message]) -> list[Message]:
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _validate(messages: Sequence[Message], final: str = "user") -> list[Message]:
     """The dialog as a list, or a one-line ValueError naming the first problem (Meta refuses the same inputs)."""
     dialog = list(messages)
     if not dialog:
@@ -62,6 +94,7 @@ def _validate(messages: Sequence[Message]) -> list[Message]:
                 f"message {i} has role {m['role']!r}, expected {expected!r}: {where}"
                 "roles must alternate user/assistant after an optional leading system message"
             )
-    if dialog[-1]["role"] != "user":
-        raise ValueError(f"dialog must end with a user message, got {dialog[-1]['role']!r}")
+    if dialog[-1]["role"] != final:
+        raise ValueError(f"dialog must end with {'an' if final == 'assistant' else 'a'} {final} message, "
+                         f"got {dialog[-1]['role']!r}")
     return dialog

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -129,18 +130,51 @@ def _run_chat(args: argparse.Namespace) -> None:
          args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain (or resume) a model from a YAML config; see experiments/configs/")
-    p.add_argument("--config", required=True, help="YAML config, e.g. experiments/configs/shakespeare.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100 optim.lr=1e-3")
-    p.set_defaults(run=_run_train)
+def _add_config_command(sub: argparse._SubParsersAction, name: str, help: str, example: str, overrides: str,
+                        run: Callable[[Any], Any]) -> None:
+    """A command that runs `run(config)` on a YAML config with `key=value` overrides and prints its report."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+    p.add_argument("overrides", nargs="*", help=f"key=value config overrides, e.g. {overrides}")
+    p.set_defaults(run=lambda args: _run_config(args, run))
 
 
-def _run_train(args: argparse.Namespace) -> None:
+def _run_config(args: argparse.Namespace, run: Callable[[Any], Any]) -> None:
     from llama_jax.config import load_config
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
-    from llama_jax.training.loop import train
-    print(train(cfg).report())
+    print(run(cfg).report())
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    def train(cfg: Any) -> Any:
+        from llama_jax.training.loop import train
+        return train(cfg)
+    _add_config_command(sub, "train", "pretrain (or resume) a model from a YAML config; see experiments/configs/",
+                        "experiments/configs/shakespeare.yaml", "train.steps=100 optim.lr=1e-3", train)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    def finetune(cfg: Any) -> Any:
+        from llama_jax.training.finetune import finetune
+        return finetune(cfg)
+    _add_config_command(sub, "finetune", "supervised fine-tuning (full or LoRA) on JSONL chat/instruction/text data",
+                        "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base and write a full checkpoint")
+    p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on (any format)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter dir (a finetune run writes RUN/adapter)")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--format", default="hf", choices=["orbax", "hf", "meta", "llama2c"])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the base's dtype")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> None:
+    from llama_jax.checkpoints.peft import merge_adapter
+    print(merge_adapter(args.base, args.adapter, args.output, args.format, args.dtype, args.overwrite))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -217,8 +251,8 @@ def _run_serve(args: argparse.Namespace) -> None:
           BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train, _add_eval,
-            _add_plan, _add_lm_eval, _add_serve]
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
+            _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

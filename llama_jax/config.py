@@ -261,6 +261,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters: `rank` 0 trains every weight; > 0 freezes the base and trains `alpha / rank`-scaled adapters on
+    `targets` (q, k, v, o, gate, up, down, PEFT names such as q_proj, or regular expressions over them)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning data and schedule (Llama 2: 2 epochs, packed, loss on the answers only).
+
+    `train` / `validation` are JSONL files (comma-separated paths or globs; gs:// works) whose records hold
+    `messages` (Llama-2-chat dialogs), `prompt` + `completion`, or `text`. `bad_records` decides what an unusable
+    record does: `truncate` cuts over-long examples and skips malformed ones, `skip` skips both, `fail` stops at the
+    first; every skipped record is reported with its file and line. `epochs` > 0 sets `train.steps` from the data.
+    """
+
+    init_from: str | None = None
+    train: str = ""
+    validation: str | None = None
+    epochs: float = 2.0
+    packing: bool = True
+    last_turn_only: bool = False
+    bad_records: str = "truncate"
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -269,6 +299,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,6 +93,14 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
+    """`einsum(spec, x, module.<name>)` plus the low-rank update of a LoRA adapter attached as `module.lora_<name>`
+    (see `llama_jax.lora`); the model itself never creates adapters."""
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    adapter = getattr(module, f"lora_{name}", None)
+    return y if adapter is None else y + adapter(x)
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
     """RoPE frequencies theta^(-2i/head_dim), i < head_dim/2, in float32 as Meta and HF compute them."""
     return 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -124,9 +132,9 @@ class Attention(nnx.Module):
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
         of the layer's slots (`visibility` hides the unused ones)."""
         cfg, dt = self.cfg, x.dtype
-        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt)), "value_proj")
+        q = checkpoint_name(project(self, "wq", "BTD,DNH->BTNH", x), "query_proj")
+        k = checkpoint_name(project(self, "wk", "BTD,DKH->BTKH", x), "key_proj")
+        v = checkpoint_name(project(self, "wv", "BTD,DKH->BTKH", x), "value_proj")
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -138,7 +146,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
         out = checkpoint_name(attention(q, k, v, visibility, self.implementation), "context")
-        return checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), "out_proj"), cache
+        return checkpoint_name(project(self, "wo", "BTNH,NHD->BTD", out), "out_proj"), cache
 
 
 class FeedForward(nnx.Module):
@@ -149,11 +157,10 @@ class FeedForward(nnx.Module):
         self.w2 = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
+        gate = project(self, "w1", "BTD,DF->BTF", x)
+        up = project(self, "w3", "BTD,DF->BTF", x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dt))
+        return project(self, "w2", "BTF,FD->BTD", hidden)
 
 
 class Block(nnx.Module):

@@ -152,10 +152,12 @@ class Plan:
     compile_s: float
     headroom: float = DEFAULT_HEADROOM
     attention: str = "xla"
+    frozen_bytes: int = 0  # the base weights LoRA keeps fixed (not in the optimizer)
 
     @property
     def total_bytes(self) -> int:
-        return self.params_bytes + self.opt_bytes + self.batch_bytes + self.temp_bytes + self.other_bytes
+        return (self.params_bytes + self.frozen_bytes + self.opt_bytes + self.batch_bytes + self.temp_bytes
+                + self.other_bytes)
 
     @property
     def fits(self) -> bool:
@@ -182,7 +184,9 @@ class Plan:
     def report(self) -> str:
         per = "chip" if self.target.peak_flops else "device"
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh_shape.items())
-        rows = [("parameters", self.params_bytes), ("optimizer state", self.opt_bytes), ("batch", self.batch_bytes),
+        trained = [("parameters", self.params_bytes)] if not self.frozen_bytes else [
+            ("LoRA adapters", self.params_bytes), ("frozen base", self.frozen_bytes)]
+        rows = [*trained, ("optimizer state", self.opt_bytes), ("batch", self.batch_bytes),
                 ("activations + temporaries", self.temp_bytes), ("outputs + code", self.other_bytes)]
         lines = [f"plan: {self.target.description}", f"mesh: {mesh}; global batch {self.batch[0]} x {self.batch[1]} "
                  f"tokens; attention {self.attention}; compiled in {self.compile_s:.1f} s", f"memory per {per}:"]
@@ -209,21 +213,21 @@ def plan_step(cfg: Config, target: Target, headroom: float = DEFAULT_HEADROOM) -
     mesh = make_mesh(cfg.mesh, target.devices)
     check_model_fits(cfg.model, mesh)
     trainer = Trainer(cfg, mesh)
-    state = trainer.abstract_state()
+    state, frozen = trainer.abstract_state(), trainer.abstract_frozen()
     shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
     batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))}
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = trainer.jitted_train_step(batch).lower(state, batch).compile()
+        compiled = trainer.jitted_train_step(batch).lower(state, frozen, batch).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    params, opt, data = (bytes_per_device(x) for x in (state.params, state.opt_state, batch))
-    other = (memory.argument_size_in_bytes - params - opt - data + memory.output_size_in_bytes
+    params, opt, data, fixed = (bytes_per_device(x) for x in (state.params, state.opt_state, batch, frozen))
+    other = (memory.argument_size_in_bytes - params - opt - data - fixed + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.generated_code_size_in_bytes)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     return Plan(target, dict(_mesh_sizes(mesh)), (cfg.train.batch_size, cfg.data.seq_len), params, opt, data,
                 memory.temp_size_in_bytes, other, cfg.model.flops_per_token(cfg.data.seq_len) * tokens, seconds,
-                headroom, resolve(cfg.execution.attention, target.devices[0].platform))
+                headroom, resolve(cfg.execution.attention, target.devices[0].platform), fixed)
 
 
 def _mesh_sizes(mesh: Mesh) -> list[tuple[str, int]]:

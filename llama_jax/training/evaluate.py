@@ -2,7 +2,8 @@
 
 Bits per byte = total target nats / ln 2 / total UTF-8 bytes of the target text, so it compares models with
 different tokenizers. Batches are `{"tokens": int32[B, T+1], "target_bytes": int32[B]}` as `llama_jax.data` yields
-them (already sharded over the mesh); one jitted loss-sum program serves every call.
+them (already sharded over the mesh), or fine-tuning batches (`llama_jax.data.sft`), whose loss covers only the
+learned (answer) tokens and which have no bits per byte; one jitted loss-sum program serves every call.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ _loss_sums = jax.jit(token_losses)
 class EvalResult:
     loss: float
     perplexity: float
-    bits_per_byte: float
+    bits_per_byte: float | None
     tokens: int
     bytes: int
 
     def scalars(self) -> dict[str, float]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        out = {"loss": self.loss, "perplexity": self.perplexity}
+        return out if self.bits_per_byte is None else {**out, "bits_per_byte": self.bits_per_byte}
 
     def report(self) -> str:
+        if self.bits_per_byte is None:
+            return f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  ({self.tokens} target tokens)"
         return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.3f}  bits/byte {self.bits_per_byte:.4f}  "
                 f"({self.tokens} tokens, {self.bytes} bytes)")
 
@@ -52,18 +56,19 @@ def evaluate(model: Llama, batches: Iterable[dict[str, Any]], mesh: Mesh | None 
              max_batches: int | None = None) -> EvalResult:
     """Mean next-token loss, perplexity and bits per byte over (at most `max_batches` of) `batches`."""
     graphdef, params = nnx.split(model)
-    nats, tokens, n_bytes = 0.0, 0.0, 0.0
+    nats, tokens, n_bytes, has_bytes = 0.0, 0.0, 0.0, True
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         for batch in itertools.islice(batches, max_batches):
-            loss_sum, count = _loss_sums(graphdef, params, {"tokens": batch["tokens"]})
+            loss_sum, count = _loss_sums(graphdef, params, {k: v for k, v in batch.items() if k != "target_bytes"})
             nats += float(loss_sum)
             tokens += float(count)
-            n_bytes += float(jnp.sum(batch["target_bytes"]))
+            has_bytes = has_bytes and "target_bytes" in batch
+            n_bytes += float(jnp.sum(batch["target_bytes"])) if has_bytes else 0.0
     if tokens == 0:
         raise ValueError("the validation stream yielded no batches; provide more validation text or a smaller batch")
     loss = nats / tokens
-    return EvalResult(loss, math.exp(min(loss, 700.0)), nats / math.log(2) / max(n_bytes, 1.0), int(tokens),
-                      int(n_bytes))
+    bits_per_byte = nats / math.log(2) / max(n_bytes, 1.0) if has_bytes else None
+    return EvalResult(loss, math.exp(min(loss, 700.0)), bits_per_byte, int(tokens), int(n_bytes))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, tokenizer: str | Path | None = None,

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from llama_jax.checkpoints import load_pretrained
@@ -48,6 +47,8 @@ class TrainResult:
     train_loss: float | None
     validation: EvalResult | None
     sample: str | None
+    state: TrainState | None = None
+    tokens_per_s: float | None = None  # the last logged training throughput
 
     def report(self) -> str:
         """Human-readable summary: where the run stopped, the final validation metrics and the sample."""
@@ -89,26 +90,39 @@ def _stop_reason(step: int, every: int, sigterm: threading.Event, deadline: floa
     return "signal" if flags[0] else "time" if flags[1] else None
 
 
-def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
-    """Resume from the newest readable checkpoint; else start from `train.init_from` or a fresh init."""
+def _load_init(cfg: Config, trainer: Trainer, init_from: str) -> Any:
+    """The model at `init_from` (any checkpoint format), checked against the model section."""
+    model = load_pretrained(init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
+    differences = model.cfg.shape_differences(cfg.model)
+    if differences:
+        raise ConfigError(f"init_from '{init_from}' does not match the model section (checkpoint vs config: "
+                          f"{'; '.join(differences)}); set the model fields to the checkpoint's")
+    return model
+
+
+def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any, init_from: str | None) -> TrainState:
+    """Resume from the newest readable checkpoint; else start from `init_from` or a fresh init.
+
+    Under LoRA the frozen base is read from `init_from` every time: checkpoints hold only the adapters.
+    """
     def abstract_state(execution: ExecutionConfig) -> tuple[Any, Any]:
         state = trainer.abstract_state(execution)
         return state.params, state.opt_state
 
+    base = None
+    if trainer.lora:
+        if not init_from:
+            raise ConfigError("LoRA (lora.rank > 0) trains adapters on a pretrained model; set finetune.init_from")
+        base = _load_init(cfg, trainer, init_from)
+        trainer.set_base(base)
     restored = ckpt.restore_latest(cfg.model, cfg.execution, abstract_state)
     if restored is not None:
         data.restore(restored.data_state)
         log.info("resumed from %s step %d", ckpt.directory, restored.step)
         step = jax.device_put(np.int32(restored.step), trainer.state_sharding.step)
         return TrainState(step, restored.params, restored.opt_state)
-    if cfg.train.init_from:
-        model = load_pretrained(cfg.train.init_from, trainer.mesh, cfg.execution, max_seq_len=cfg.model.max_seq_len)
-        differences = model.cfg.shape_differences(cfg.model)
-        if differences:
-            raise ConfigError(f"train.init_from '{cfg.train.init_from}' does not match the model section "
-                              f"(checkpoint vs config: {'; '.join(differences)}); set the model fields to the "
-                              "checkpoint's")
-        return trainer.init_state(nnx.state(model))
+    if init_from:
+        return trainer.init_state(base if base is not None else _load_init(cfg, trainer, init_from))
     return trainer.init_state()
 
 
@@ -124,21 +138,32 @@ def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) ->
     return tokenizer.decode(prompt + out[0])
 
 
+def check_train(cfg: Config) -> None:
+    if cfg.train.stop_check_every <= 0:
+        raise ConfigError(f"train.stop_check_every must be positive, got {cfg.train.stop_check_every}")
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
-    t = cfg.train
-    if t.stop_check_every <= 0:
-        raise ConfigError(f"train.stop_check_every must be positive, got {t.stop_check_every}")
-    initialize(t)
+    check_train(cfg)
+    initialize(cfg.train)
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
     tokenizer = provision_tokenizer(cfg, run_dir)
     data = build_train_data(cfg, tokenizer, mesh=mesh)
     validation = build_validation_data(cfg, tokenizer, mesh=mesh)
-    trainer = Trainer(cfg, mesh)
+    return run_training(cfg, Trainer(cfg, mesh), data, validation, tokenizer, cfg.train.init_from)
+
+
+def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer,
+                 init_from: str | None) -> TrainResult:
+    """The training loop shared by pretraining and fine-tuning: resume or initialise (from `init_from`), then step
+    `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits; returns the summary."""
+    t, mesh = cfg.train, trainer.mesh
+    run_dir = as_path(cfg.checkpoint.dir)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    state = _initial_state(cfg, trainer, ckpt, data)
+    state = _initial_state(cfg, trainer, ckpt, data, init_from)
     step = first_step = int(state.step)
 
     main = jax.process_index() == 0
@@ -148,7 +173,7 @@ def train(cfg: Config) -> TrainResult:
     speed = Throughput(cfg.model.flops_per_token(cfg.data.seq_len), peak)
     deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
     pending: list[dict[str, jax.Array]] = []
-    train_loss, stopped = None, "steps"
+    train_loss, stopped, throughput = None, "steps", None
 
     def run_eval(at: int, max_batches: int | None) -> EvalResult | None:
         if validation is None:
@@ -174,6 +199,7 @@ def train(cfg: Config) -> TrainResult:
                 train_loss = float(np.mean([m["loss"] for m in fetched]))
                 if step % t.log_every == 0 or step == t.steps:
                     rate, mfu = speed.update()
+                    throughput = rate
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
@@ -195,4 +221,4 @@ def train(cfg: Config) -> TrainResult:
     sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None
     logger.plot()
     logger.close()
-    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample)
+    return TrainResult(run_dir, step, stopped, train_loss, validation_result, sample, state, throughput)

@@ -3,13 +3,16 @@
 A `TrainState` holds the model's parameters (an nnx State split from a `Llama`), the optax state and the step
 counter. `Trainer` owns the graphdef, the optimizer and the mesh; its step is compiled once with explicit in/out
 shardings from `llama_jax.sharding.state_shardings`, and the train step donates the state it consumes.
-Batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.data` yields them): inputs are `tokens[:, :-1]`,
-targets `tokens[:, 1:]`.
+Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.data` yields them): inputs are
+`tokens[:, :-1]`, targets `tokens[:, 1:]`. Fine-tuning batches (`llama_jax.data.sft`) give `tokens` and `targets`
+(`[batch, seq_len]`) with a `loss_mask` and packed examples' `segment_ids` and `positions`.
+
+With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
+optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_jax import lora
 from llama_jax.config import Config, ExecutionConfig
+from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
 from llama_jax.training.loss import chunked_token_losses
@@ -37,13 +42,27 @@ class TrainState:
     opt_state: Any
 
 
-def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy (nats, float32) and the number of targets, logits chunked along the sequence."""
-    tokens = batch["tokens"]
-    model = nnx.merge(graphdef, params)
-    features, _ = model.features(tokens[:, :-1])
-    losses = chunked_token_losses(model.logits, features, tokens[:, 1:])
-    return jnp.sum(losses), jnp.float32(losses.size)
+def model_losses(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy (nats, float32) over the learned targets, and how many there are; the logits
+    are computed in sequence chunks (`chunked_token_losses`).
+
+    Masked targets are multiplied by zero, so neither the loss nor any gradient depends on them.
+    """
+    if "targets" not in batch:
+        tokens = batch["tokens"]
+        features, _ = model.features(tokens[:, :-1])
+        losses = chunked_token_losses(model.logits, features, tokens[:, 1:])
+        return jnp.sum(losses), jnp.float32(losses.size)
+    features, _ = model.features(batch["tokens"], positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids"))
+    weights = batch["loss_mask"].astype(jnp.float32)
+    losses = chunked_token_losses(model.logits, features, batch["targets"])
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *frozen: Any) -> tuple[jax.Array, jax.Array]:
+    """`model_losses` of the model `graphdef` + `params` (+ the `frozen` states of a partly trained model)."""
+    return model_losses(nnx.merge(graphdef, params, *frozen), batch)
 
 
 class Trainer:
@@ -51,34 +70,61 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
+        self.lora = cfg.lora.rank > 0
+        self.trainable = LoRAParam if self.lora else nnx.Param
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        self.graphdef = nnx.graphdef(nnx.eval_shape(self._ctor))
+        self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
+        self.frozen_sharding = state_shardings(abstract_frozen, mesh)
+        # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
+        self.frozen: Any = None if self.lora else abstract_frozen
         self.state_sharding = self._shardings(cfg.execution)
         self._train: Callable[..., Any] | None = None
 
     def _ctor(self, execution: ExecutionConfig | None = None) -> Llama:
-        return Llama(self.cfg.model, execution or self.cfg.execution, rngs=nnx.Rngs(self.cfg.train.seed))
+        return self.with_adapters(Llama(self.cfg.model, execution or self.cfg.execution,
+                                        rngs=nnx.Rngs(self.cfg.train.seed)))
+
+    def with_adapters(self, model: Llama) -> Llama:
+        """`model` with fresh LoRA adapters attached (seeded by `train.seed`) when LoRA is on; else unchanged."""
+        return lora.attach(model, self.cfg.lora, nnx.Rngs(self.cfg.train.seed + 1)) if self.lora else model
+
+    def _split(self, model: Llama) -> tuple[nnx.GraphDef, Any, Any]:
+        """(graphdef, trainable params, the rest: LoRA's frozen base, or nothing when every weight trains)."""
+        return nnx.split(model, self.trainable, ...)
 
     def _shardings(self, execution: ExecutionConfig) -> TrainState:
-        abstract_params = nnx.state(nnx.eval_shape(lambda: self._ctor(execution)))
+        abstract_params = self._split(nnx.eval_shape(lambda: self._ctor(execution)))[1]
         return TrainState(step=NamedSharding(self.mesh, PartitionSpec()),
                           params=state_shardings(abstract_params, self.mesh),
                           opt_state=state_shardings(jax.eval_shape(self.tx.init, abstract_params), self.mesh))
+
+    def abstract_frozen(self) -> Any:
+        """Shapes, dtypes and shardings of the frozen part (the base weights under LoRA; empty otherwise)."""
+        frozen = self._split(nnx.eval_shape(self._ctor))[2]
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen,
+                            self.frozen_sharding)
 
     def abstract_state(self, execution: ExecutionConfig | None = None) -> TrainState:
         """Shapes, dtypes and shardings of the train state (a restore target), allocating nothing; `execution`
         gives the state of another layout (e.g. the `scan_layers` a checkpoint was saved with)."""
         execution = execution or self.cfg.execution
-        shapes = jax.eval_shape(lambda: self.init_state_from(nnx.state(self._ctor(execution))))
+        shapes = jax.eval_shape(lambda: self.init_state_from(self._split(self._ctor(execution))[1]))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, self._shardings(execution))
 
-    def init_state(self, params: Any | None = None) -> TrainState:
-        """A fresh state with sharded parameters (random from the seed, or the given ones) and zero moments."""
-        if params is None:
-            params = nnx.state(sharded_init(self._ctor, self.mesh, self.cfg.train.seed))
+    def init_state(self, model: Llama | Any | None = None) -> TrainState:
+        """A fresh state with sharded parameters (random from the seed, or the weights of `model` — a `Llama` or its
+        parameter State — plus fresh adapters under LoRA) and zero moments; sets `frozen`."""
+        if model is None:
+            model = sharded_init(self._ctor, self.mesh, self.cfg.train.seed)
         else:
-            params = jax.device_put(params, self.state_sharding.params)
+            if not isinstance(model, Llama):
+                plain = nnx.eval_shape(lambda: Llama(self.cfg.model, self.cfg.execution, rngs=nnx.Rngs(0)))
+                model = nnx.merge(nnx.graphdef(plain), model)
+            model = self.with_adapters(model)
+        _, params, frozen = self._split(model)
+        self.frozen = jax.device_put(frozen, self.frozen_sharding)
+        params = jax.device_put(params, self.state_sharding.params)
         with jax.set_mesh(self.mesh):
             init = jax.jit(self.init_state_from, out_shardings=self.state_sharding)
             return init(params)
@@ -86,11 +132,20 @@ class Trainer:
     def init_state_from(self, params: Any) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
-    def model(self, params: Any) -> Llama:
-        return nnx.merge(self.graphdef, params)
+    def set_base(self, model: Llama) -> None:
+        """Take `model`'s weights as the frozen base (LoRA), e.g. before restoring adapters from a checkpoint."""
+        self.frozen = jax.device_put(self._split(self.with_adapters(model))[2], self.frozen_sharding)
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        grad_fn = jax.value_and_grad(functools.partial(token_losses, self.graphdef), has_aux=True)
+    def model(self, params: Any) -> Llama:
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+    def _train_step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        def loss(params: Any, micro: Batch) -> tuple[jax.Array, jax.Array]:
+            model = nnx.merge(self.graphdef, params, frozen)
+            with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
+                return model_losses(model, micro)
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
         grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -100,14 +155,18 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update (over `optim.grad_accum_steps` microbatches); `state` is donated."""
+        if self.frozen is None:
+            raise ValueError("a LoRA trainer needs its base weights: call init_state(model) or set_base first")
         with jax.set_mesh(self.mesh):
-            return self.jitted_train_step(batch)(state, batch)
+            return self.jitted_train_step(batch)(state, self.frozen, batch)
 
     def jitted_train_step(self, batch: Batch) -> Any:
-        """The jitted step for batches shaped like `batch` (arrays or ShapeDtypeStructs); `plan` lowers it AOT."""
+        """The jitted `(state, frozen, batch)` step for batches shaped like `batch` (arrays or ShapeDtypeStructs);
+        `plan` lowers it AOT."""
         if self._train is None:
             self._train = jax.jit(self._train_step, donate_argnums=0,
-                                  in_shardings=(self.state_sharding, self._batch_shardings(batch)),
+                                  in_shardings=(self.state_sharding, self.frozen_sharding,
+                                                self._batch_shardings(batch)),
                                   out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())))
         return self._train
 

@@ -1,0 +1,239 @@
+"""Supervised fine-tuning data: JSONL records -> token examples with answer-only loss -> packed rows -> batches.
+
+A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
+encoded by `llama_jax.chat.encode_turns`; loss on every reply, or only the last with `last_turn_only`),
+`{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
+(`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
+and line, and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
+
+Rows hold `seq_len` positions: `tokens` (inputs), `targets` (the next tokens), `loss_mask` (1 where the target is
+learned), `segment_ids` (1, 2, ... per packed example, 0 = padding) and `positions` (restarting at 0 in each
+example), so attention and RoPE treat every packed example as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grain
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax.chat import encode_turns
+from llama_jax.config import Config, ConfigError
+from llama_jax.data.pipeline import (
+    READ_OPTIONS,
+    DataIterator,
+    ValidationData,
+    _fingerprint,
+    _local_batch,
+    _processes,
+    _seed,
+)
+from llama_jax.data.tokenized import tokenizer_hash
+from llama_jax.paths import as_path, is_remote
+from llama_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+POLICIES = ("truncate", "skip", "fail")
+ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclass
+class BadRecord:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class Examples:
+    """Encoded examples (token ids and per-token "learn this token" flags) and the records that were not usable."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    learn: list[np.ndarray] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    truncated: list[BadRecord] = field(default_factory=list)
+
+    def report(self) -> str:
+        """One line per file with counts, then one line per bad or truncated record (`file:line: reason`)."""
+        files = sorted({r.file for r in self.bad + self.truncated})
+        lines = [f"{f}: {sum(r.file == f for r in self.bad)} bad record(s) skipped, "
+                 f"{sum(r.file == f for r in self.truncated)} truncated" for f in files]
+        lines += [f"skipped {r}" for r in self.bad] + [f"truncated {r}" for r in self.truncated]
+        return "\n".join(lines)
+
+
+def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = False) -> tuple[list[int], list[bool]]:
+    """Ids and learn-flags of one record, or a ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        ids, learn = encode_turns(tokenizer, record["messages"], "assistant", last_turn_only)
+    elif "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("'prompt' and 'completion' must both be strings")
+        if not completion.strip():
+            raise ValueError("'completion' is empty")
+        head = tokenizer.encode(prompt, bos=True)
+        tail = tokenizer.encode(completion, eos=True)
+        ids, learn = head + tail, [False] * len(head) + [True] * len(tail)
+    elif "text" in record:
+        if not isinstance(record["text"], str) or not record["text"].strip():
+            raise ValueError("'text' must be a non-empty string")
+        ids = tokenizer.encode(record["text"], bos=True, eos=True)
+        learn = [False] + [True] * (len(ids) - 1)
+    else:
+        raise ValueError(f"record has none of 'messages', 'prompt'/'completion', 'text' (keys: {sorted(record)})")
+    return ids, learn
+
+
+def data_files(spec: str) -> list[str]:
+    """Comma-separated JSONL paths or globs (local or gs://) in order; every entry must match a file."""
+    files: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if is_remote(part):
+            path = as_path(part)
+            matches = [str(path)] if path.exists() else sorted(str(p) for p in path.parent.glob(path.name))
+        else:
+            matches = sorted(glob.glob(str(as_path(part).expanduser())))
+        if not matches:
+            raise FileNotFoundError(f"no file matches '{part}' (finetune data); check the path or glob")
+        files += matches
+    if not files:
+        raise ConfigError("finetune.train is empty; give JSONL files, e.g. finetune.train=data/sft.jsonl")
+    return files
+
+
+def _records(file: str) -> Iterator[tuple[int, str]]:
+    with as_path(file).open("r") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield line_no, line
+
+
+def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "truncate",
+                  last_turn_only: bool = False) -> Examples:
+    """Encode every record of the JSONL files in `spec`; examples longer than `seq_len + 1` tokens follow `policy`."""
+    if policy not in POLICIES:
+        raise ConfigError(f"finetune.bad_records '{policy}' is not one of {POLICIES}")
+    out = Examples()
+    for file in data_files(spec):
+        for line_no, line in _records(file):
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+                ids, learn = encode_record(record, tokenizer, last_turn_only)
+                if len(ids) > seq_len + 1:
+                    problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
+                    if policy != "truncate":
+                        raise ValueError(problem)
+                    ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
+                    if not any(learn[1:]):
+                        raise ValueError(f"{problem}, and no answer token is left after truncating it")
+                    out.truncated.append(BadRecord(file, line_no, problem))
+                if not any(learn[1:]):
+                    raise ValueError("no answer tokens to learn")
+            except ValueError as err:
+                if policy == "fail":
+                    raise ValueError(f"{file}:{line_no}: {err} (finetune.bad_records=fail; fix the record or "
+                                     "choose skip/truncate)") from None
+                out.bad.append(BadRecord(file, line_no, str(err)))
+                continue
+            out.ids.append(np.asarray(ids, np.int32))
+            out.learn.append(np.asarray(learn, bool))
+    if out.bad or out.truncated:
+        report = out.report()
+        log.warning("%s", report)
+        print(f"WARNING: {report}", file=sys.stderr, flush=True)
+    if not out.ids:
+        raise ValueError(f"no usable fine-tuning examples in '{spec}'; see the bad-record report above")
+    return out
+
+
+def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarray | None = None
+         ) -> dict[str, np.ndarray]:
+    """Rows `[n_rows, seq_len]` of ROW_FIELDS: examples (in `order`) placed one after another while they fit
+    (`packing`), else one per row; the rest of a row is padding (segment 0, loss_mask 0)."""
+    order = np.arange(len(examples.ids)) if order is None else order
+    rows: list[list[int]] = []
+    used = seq_len
+    for i in order:
+        length = len(examples.ids[i]) - 1
+        if not packing or used + length > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(int(i))
+        used += length
+    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ROW_FIELDS}
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members, 1):
+            ids, learn = examples.ids[i], examples.learn[i]
+            span = slice(start, start + len(ids) - 1)
+            out["tokens"][r, span] = ids[:-1]
+            out["targets"][r, span] = ids[1:]
+            out["loss_mask"][r, span] = learn[1:]
+            out["segment_ids"][r, span] = segment
+            out["positions"][r, span] = np.arange(len(ids) - 1)
+            start += len(ids) - 1
+    return out
+
+
+def _row_dataset(rows: dict[str, np.ndarray]) -> grain.MapDataset:
+    """Row i as a dict, with the (single) source index the shared `DataIterator` counts tokens by."""
+    return grain.MapDataset.source(list(range(len(rows["tokens"])))).map(
+        lambda i: {**{k: v[i] for k, v in rows.items()}, "source": np.int32(0)})
+
+
+@dataclass
+class SFTData:
+    train: DataIterator
+    validation: ValidationData | None
+    train_rows: int
+    train_examples: int
+    steps_per_epoch: int
+
+
+def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, *, process_index: int | None = None,
+                   process_count: int | None = None) -> SFTData:
+    """Packed training rows (shuffled afresh each epoch, endless, checkpointable) and the validation rows in order
+    (the last batch filled with empty rows so no example is dropped)."""
+    ft, seq_len, batch_size = cfg.finetune, cfg.data.seq_len, cfg.train.batch_size
+    if not 0 < seq_len <= cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len {seq_len} must be in 1..model.max_seq_len ({cfg.model.max_seq_len})")
+    index, count = _processes(process_index, process_count)
+    local = _local_batch(batch_size, count)
+    examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+    order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
+    rows = pack(examples, seq_len, ft.packing, order)
+    n_rows = len(rows["tokens"])
+    shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
+    fingerprint = _fingerprint("sft", ft.train, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
+                               cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
+    train = DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
+                         ["finetune"], seq_len)
+    validation = None
+    if ft.validation:
+        held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+        val_rows = pack(held, seq_len, ft.packing)
+        pad = -len(val_rows["tokens"]) % batch_size
+        val_rows = {k: np.concatenate([v, np.zeros((pad, seq_len), v.dtype)]) for k, v in val_rows.items()}
+        validation = ValidationData(_row_dataset(val_rows)[index::count].batch(local), mesh,
+                                    _fingerprint(fingerprint, ft.validation))
+    return SFTData(train, validation, n_rows, len(examples.ids), math.ceil(n_rows / batch_size))
