@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
 
 
-def _nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+def nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
@@ -57,7 +57,7 @@ class LlamaConfig:
     def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
         """Build a named preset (`llama2-7b`, `tiny`, ...), optionally with field overrides."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown model preset '{name}'{_nearest(name, PRESETS)}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown model preset '{name}'{nearest(name, PRESETS)}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @property
@@ -138,7 +138,7 @@ class ExecutionConfig:
         for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{_nearest(str(value), choices)}")
+                raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{nearest(str(value), choices)}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
@@ -308,7 +308,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             continue
         if cls is LlamaConfig and key in EXECUTION_FIELDS:
             raise ConfigError(f"'{prefix}{key}' is an execution setting, not architecture; write it as execution.{key}")
-        raise ConfigError(f"unknown config key '{prefix}{key}'{_nearest(key, names, prefix)}")
+        raise ConfigError(f"unknown config key '{prefix}{key}'{nearest(key, names, prefix)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     if preset is not None:
         return LlamaConfig.preset(str(preset), **kwargs)
@@ -330,7 +330,11 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
                 child = {} if child is None else _as_dict(child)
                 node[part] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); quote "
+                              "it or fix the brackets") from None
     return raw
 
 

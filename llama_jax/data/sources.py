@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from llama_jax.config import DataSource
+from llama_jax.config import DataSource, nearest
 from llama_jax.data.local_text import SUFFIXES, local_builder
 
 DEFAULT_CACHE_DIR = Path("~/.cache/llama_jax")
@@ -46,7 +46,12 @@ def open_source(source: DataSource, data_dir: str | None, cache_dir: str | None)
         builder = local_builder(local_files(source.name), source.text_feature, cache_root(cache_dir) / "tfds")
         feature = "text"
     else:
-        builder = tfds.builder(source.name, data_dir=data_dir)
+        try:
+            builder = tfds.builder(source.name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            base = source.name.split("/")[0].split(":")[0]
+            raise ValueError(f"data source '{source.name}' is neither a TFDS dataset{nearest(base, tfds.list_builders())}"
+                             f" nor {'/'.join(SUFFIXES)} files; fix the source's name") from None
         builder.download_and_prepare()
         feature = source.text_feature
     if feature not in builder.info.features:

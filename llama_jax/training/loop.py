@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llama_jax.checkpoints import load_pretrained
+from llama_jax.checkpoints.lock import RunLock
 from llama_jax.checkpoints.manager import Checkpointer
 from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
@@ -116,9 +117,16 @@ def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) ->
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
+    """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM.
+
+    The run directory is locked against a second writer for the whole run (see `checkpoints.lock`)."""
+    initialize(cfg.train)
+    with RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> TrainResult:
     t = cfg.train
-    initialize(t)
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
