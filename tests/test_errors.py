@@ -1,7 +1,6 @@
 """Every bad input through the CLI ends in one line on stderr, exit status 2, no traceback, and leaves every file that
 existed before byte-identical; `--debug` / LLAMA_JAX_DEBUG=1 show the traceback; bugs keep theirs."""
 
-import json
 import shutil
 from pathlib import Path
 

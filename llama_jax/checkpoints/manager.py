@@ -5,8 +5,8 @@ A run directory holds one sub-directory per saved step: the parameter format of 
 full run config, for people; restoring never parses it). Restoring targets abstract arrays carrying the *current*
 mesh's shardings and dtypes, so a run resumes onto a different mesh or dtype; a different `scan_layers` restacks
 parameters and optimizer moments. A stored architecture that differs from the config's is refused before anything
-is touched; a newest step that fails to read for another reason is set aside (renamed `corrupt-<step>`) with a loud
-warning and the previous one is used instead.
+is touched; steps newer than the newest readable one that fail to read for another reason are set aside (renamed
+`corrupt-<step>-<time>`) with a loud warning, and the readable one is used. The newest readable step is never moved.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flax import nnx
 from llama_jax.checkpoints.layout import relayout_states
 from llama_jax.checkpoints.orbax_format import model_item, read_stored
 from llama_jax.config import CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig
+from llama_jax.errors import one_line
 from llama_jax.paths import PathLike, absolute
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,15 @@ class Restored:
     params: Any
     opt_state: Any
     data_state: Any
+
+
+def _damage(err: Exception) -> Exception:
+    """`err` if it means the step's files are damaged; failures of this machine (memory, permissions, network)
+    are re-raised, since setting a good step aside for them would lose progress."""
+    machine = (MemoryError, PermissionError, ConnectionError, TimeoutError)
+    if isinstance(err, machine) or "RESOURCE_EXHAUSTED" in str(err):
+        raise err
+    return err
 
 
 def _warn(message: str) -> None:
@@ -75,14 +85,18 @@ class Checkpointer:
                        abstract_state: Callable[[ExecutionConfig], AbstractState]) -> Restored | None:
         """The newest readable checkpoint restored as `execution` lays it out, or None if there is none.
 
-        `abstract_state(execution)` gives the restore target for a layout. A step whose architecture differs from
-        `model` raises ConfigError and nothing is moved. A step that fails to read is renamed aside with a warning
-        and the next older one is tried; if every step fails, the last error is raised rather than silently
-        starting again from step 0.
+        `abstract_state(execution)` gives the restore target for a layout. Steps are tried newest first; nothing is
+        renamed until one restores, so a step whose architecture differs from `model` (ConfigError), a failure that
+        is not the step's fault (memory, permissions, network: re-raised), or no readable step at all (ValueError)
+        leaves the directory as it was. Only the unreadable steps newer than the restored one are set aside.
         """
-        steps = sorted(self._manager.all_steps(), reverse=True)
-        for i, step in enumerate(steps):
-            stored = read_stored(self.directory / str(step))
+        unreadable: list[tuple[int, Exception]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                stored = read_stored(self.directory / str(step))
+            except Exception as err:  # noqa: BLE001 - a missing or damaged description means this step is unusable
+                unreadable.append((step, _damage(err)))
+                continue
             differences = stored.cfg.shape_differences(model)
             if differences:
                 raise ConfigError(f"checkpoint step {step} in {self.directory} was written for another model "
@@ -91,15 +105,18 @@ class Checkpointer:
             try:
                 restored = self._restore(step, stored.variable_leaves, model.n_layers, execution, stored.scan_layers,
                                          abstract_state)
-            except Exception as err:  # noqa: BLE001 - any read failure means this step is unusable
-                if i == len(steps) - 1:
-                    raise ValueError(f"no readable checkpoint in {self.directory}: step {step} failed with "
-                                     f"{type(err).__name__}: {err}") from err
-                _warn(f"checkpoint step {step} in {self.directory} is unreadable ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); falling back to step {steps[i + 1]}")
-                self._set_aside(step)
+            except Exception as err:  # noqa: BLE001 - any read failure of the step's own files makes it unusable
+                unreadable.append((step, _damage(err)))
                 continue
+            for bad, err in unreadable:
+                _warn(f"checkpoint step {bad} in {self.directory} is unreadable ({type(err).__name__}: "
+                      f"{one_line(err)}); set aside as corrupt-{bad}-*, resuming from step {step}")
+                self._set_aside(bad)
             return restored
+        if unreadable:
+            step, err = unreadable[0]
+            raise ValueError(f"no readable checkpoint in {self.directory}: step {step} failed with "
+                             f"{type(err).__name__}: {one_line(err)}; nothing was changed there") from err
         return None
 
     def _restore(self, step: int, variable_leaves: bool, n_layers: int, execution: ExecutionConfig,

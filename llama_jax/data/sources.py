@@ -50,8 +50,9 @@ def open_source(source: DataSource, data_dir: str | None, cache_dir: str | None)
             builder = tfds.builder(source.name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
             base = source.name.split("/")[0].split(":")[0]
-            raise ValueError(f"data source '{source.name}' is neither a TFDS dataset{nearest(base, tfds.list_builders())}"
-                             f" nor {'/'.join(SUFFIXES)} files; fix the source's name") from None
+            hint = nearest(base, tfds.list_builders())
+            raise ValueError(f"data source '{source.name}' is neither a TFDS dataset{hint} nor "
+                             f"{'/'.join(SUFFIXES)} files; fix the source's name") from None
         builder.download_and_prepare()
         feature = source.text_feature
     if feature not in builder.info.features:
