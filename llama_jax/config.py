@@ -19,6 +19,7 @@ import yaml
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("halt", "skip")
 
 
 class ConfigError(ValueError):
@@ -212,6 +213,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run. A step whose loss or gradient is NaN/Inf never changes the parameters or optimizer state;
+    `nonfinite` says what happens next: `halt` (stop with an error naming the step and metric, saving nothing newer)
+    or `skip` (drop that batch, go on, and halt after `max_nonfinite_skips` such steps in a row)."""
+
     steps: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -228,6 +233,15 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    nonfinite: str = "halt"
+    max_nonfinite_skips: int = 10
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite '{self.nonfinite}' is not one of {NONFINITE_POLICIES}"
+                              f"{nearest(self.nonfinite, NONFINITE_POLICIES)}")
+        if self.max_nonfinite_skips < 1:
+            raise ConfigError(f"train.max_nonfinite_skips must be at least 1, got {self.max_nonfinite_skips}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ def one_line(err: BaseException) -> str:
 
 def expected_failure(err: BaseException) -> str | None:
     """One line for an expected failure (bad input, missing/unwritable files, full disk, out of memory), else None."""
-    if isinstance(err, (ValueError, OSError)):
+    if isinstance(err, (ValueError, OSError, TrainingHalted)):
         return one_line(err)
     if isinstance(err, _library_input_errors()):
         return f"{type(err).__name__}: {one_line(err)}"
@@ -42,3 +42,7 @@ def expected_failure(err: BaseException) -> str | None:
         return (f"out of device memory ({one_line(err)}); lower train.batch_size or data.seq_len, set "
                 "execution.remat=full, or use more devices")
     return None
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on purpose (e.g. NaN/Inf under `train.nonfinite`); the message says where and why."""

@@ -145,6 +145,18 @@ class Checkpointer:
             path.rename(self.directory / f"corrupt-{step}-{int(time.time())}")
         self._manager.reload()
 
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for an async save to finish and release Orbax's threads (safe to call twice)."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -34,6 +34,7 @@ from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.evaluate import EvalResult, evaluate
 from llama_jax.training.metrics import MetricsLogger, Throughput, peak_flops_per_device
+from llama_jax.training.nonfinite import NonFiniteGuard, finite_mean
 from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,11 @@ def train(cfg: Config) -> TrainResult:
 
     The run directory is locked against a second writer for the whole run (see `checkpoints.lock`)."""
     initialize(cfg.train)
-    with RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0):
-        return _train(cfg)
+    with RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0), contextlib.ExitStack() as cleanup:
+        return _train(cfg, cleanup)
 
 
-def _train(cfg: Config) -> TrainResult:
+def _train(cfg: Config, cleanup: contextlib.ExitStack) -> TrainResult:
     t = cfg.train
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
@@ -134,7 +135,7 @@ def _train(cfg: Config) -> TrainResult:
     data = build_train_data(cfg, tokenizer, mesh=mesh)
     validation = build_validation_data(cfg, tokenizer, mesh=mesh)
     trainer = Trainer(cfg, mesh)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    ckpt = cleanup.enter_context(Checkpointer(run_dir, cfg.checkpoint))  # an error still finishes an async save
     state = _initial_state(cfg, trainer, ckpt, data)
     step = first_step = int(state.step)
 
@@ -146,6 +147,14 @@ def _train(cfg: Config) -> TrainResult:
     deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
     pending: list[dict[str, jax.Array]] = []
     train_loss, stopped = None, "steps"
+    guard = NonFiniteGuard(t)
+
+    def flush() -> list[dict[str, Any]]:
+        """Fetch the pending steps' metrics and apply train.nonfinite to them (always before a save)."""
+        fetched = jax.device_get(pending)
+        pending.clear()
+        guard.check(fetched, step, ckpt.latest_step())
+        return fetched
 
     def run_eval(at: int, max_batches: int | None) -> EvalResult | None:
         if validation is None:
@@ -165,15 +174,15 @@ def _train(cfg: Config) -> TrainResult:
             else:
                 speed.add(tokens_per_step)
             logger.advance(1)
-            if step % t.log_every == 0 or step % SYNC_EVERY == 0 or step == t.steps:
-                fetched = jax.device_get(pending)
-                pending = []
-                train_loss = float(np.mean([m["loss"] for m in fetched]))
+            if step % t.log_every == 0 or step % SYNC_EVERY == 0 or step == t.steps or ckpt.due(step):
+                fetched = flush()
+                train_loss = finite_mean(fetched, "loss")
                 if step % t.log_every == 0 or step == t.steps:
                     rate, mfu = speed.update()
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
-                                      "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
+                                      "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
+                                      "nonfinite_skips": guard.skipped})
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)
                 speed.reset()
@@ -186,6 +195,7 @@ def _train(cfg: Config) -> TrainResult:
             if deadline is not None and _all_processes(time.monotonic() > deadline):
                 stopped = "time"
                 break
+        flush()
         ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
         ckpt.close()
 
