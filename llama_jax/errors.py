@@ -8,7 +8,9 @@ message onto one line; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 DEBUG_ENV = "LLAMA_JAX_DEBUG"
 MAX_CHARS = 400
@@ -46,3 +48,9 @@ def expected_failure(err: BaseException) -> str | None:
 
 class TrainingHalted(RuntimeError):
     """Training stopped on purpose (e.g. NaN/Inf under `train.nonfinite`); the message says where and why."""
+
+
+def warn(log: logging.Logger, message: str) -> None:
+    """A warning that must not be missed: logged, and printed on stderr even where logging is not configured."""
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)

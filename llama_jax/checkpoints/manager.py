@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from flax import nnx
 from llama_jax.checkpoints.layout import relayout_states
 from llama_jax.checkpoints.orbax_format import model_item, read_stored
 from llama_jax.config import CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig
-from llama_jax.errors import one_line
+from llama_jax.errors import one_line, warn
 from llama_jax.paths import PathLike, absolute
 
 log = logging.getLogger(__name__)
@@ -50,11 +49,6 @@ def _damage(err: Exception) -> Exception:
     if isinstance(err, machine) or "RESOURCE_EXHAUSTED" in str(err):
         raise err
     return err
-
-
-def _warn(message: str) -> None:
-    log.warning(message)
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -109,7 +103,7 @@ class Checkpointer:
                 unreadable.append((step, _damage(err)))
                 continue
             for bad, err in unreadable:
-                _warn(f"checkpoint step {bad} in {self.directory} is unreadable ({type(err).__name__}: "
+                warn(log, f"checkpoint step {bad} in {self.directory} is unreadable ({type(err).__name__}: "
                       f"{one_line(err)}); set aside as corrupt-{bad}-*, resuming from step {step}")
                 self._set_aside(bad)
             return restored

@@ -8,14 +8,13 @@ only decides whether the run goes on: `halt` stops at the first one; `skip` goes
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from llama_jax.config import TrainConfig
-from llama_jax.errors import TrainingHalted
+from llama_jax.errors import TrainingHalted, warn
 
 log = logging.getLogger(__name__)
 WATCHED = ("loss", "grad_norm")
@@ -49,9 +48,7 @@ class NonFiniteGuard:
             if self.in_a_row >= self.max_in_a_row:
                 raise TrainingHalted(f"step {step}: {bad}, {self.in_a_row} steps in a row were skipped "
                                      f"(train.max_nonfinite_skips={self.max_in_a_row}); halted, {kept}; {fix}")
-            message = f"step {step}: {bad}; update skipped ({self.skipped} so far, train.nonfinite=skip)"
-            log.warning(message)
-            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+            warn(log, f"step {step}: {bad}; update skipped ({self.skipped} so far, train.nonfinite=skip)")
 
 
 def finite_mean(fetched: Sequence[dict[str, Any]], name: str) -> float:
