@@ -65,6 +65,7 @@ def saved_steps(run_dir):
     return sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.e2e
 def test_halt_names_the_step_and_metric_and_saves_nothing_newer(files, tmp_path, monkeypatch, capsys):  # noqa: F811
     with pytest.raises(TrainingHalted, match=r"step 3: loss is nan; halted \(train.nonfinite=halt\), "
                                              r"the last checkpoint \(step 2\) is kept"):
@@ -73,6 +74,7 @@ def test_halt_names_the_step_and_metric_and_saves_nothing_newer(files, tmp_path,
     assert not (tmp_path / "run" / ".lock").exists()
 
 
+@pytest.mark.e2e
 def test_skip_drops_the_update_and_goes_on(files, tmp_path, monkeypatch, capsys):  # noqa: F811
     from llama_jax import load_pretrained
     result = run(files, tmp_path, monkeypatch, {2, 4}, "train.nonfinite=skip")
@@ -83,6 +85,7 @@ def test_skip_drops_the_update_and_goes_on(files, tmp_path, monkeypatch, capsys)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model))
 
 
+@pytest.mark.e2e
 def test_skip_halts_after_max_skips_in_a_row(files, tmp_path, monkeypatch):  # noqa: F811
     with pytest.raises(TrainingHalted, match=r"step 4: .* 3 steps in a row were skipped"):
         run(files, tmp_path, monkeypatch, {2, 3, 4, 5}, "train.nonfinite=skip", "train.max_nonfinite_skips=3")

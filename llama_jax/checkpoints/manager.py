@@ -11,10 +11,13 @@ is touched; steps newer than the newest readable one that fail to read for anoth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +63,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step being written in the background
 
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
@@ -68,12 +72,32 @@ class Checkpointer:
         """Start saving `step` (returns once arrays are copied; writing continues in the background)."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-            model=ocp.args.JsonSave(model_item(config.model, config.execution)),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({"step": step, "data": data_state}),
-            config=ocp.args.JsonSave(config.to_dict())))
+        with self._writing(self._pending or step):  # a failed background write surfaces at the next save
+            self._manager.wait_until_finished()
+        self._pending = step
+        with self._writing(step):
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+                model=ocp.args.JsonSave(model_item(config.model, config.execution)),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave({"step": step, "data": data_state}),
+                config=ocp.args.JsonSave(config.to_dict())))
+
+    @contextlib.contextmanager
+    def _writing(self, step: int) -> Iterator[None]:
+        """A failed write (full disk, quota, permissions) as one OSError line naming the step that is still intact;
+        Orbax leaves the partial step in a temporary directory that the next run ignores and cleans up."""
+        try:
+            yield
+        except Exception as err:
+            code = re.search(r"os_error_code='(\d+)'", str(err))
+            if not isinstance(err, OSError) and code is None:
+                raise
+            reason = os.strerror(int(code[1])) if code else (err.strerror or one_line(err))
+            intact = [s for s in self._manager.all_steps() if s != step]
+            kept = f"step {max(intact)} is intact" if intact else "no earlier step exists"
+            raise OSError(f"writing checkpoint step {step} to {self.directory} failed ({reason}); {kept}; free space "
+                          "or fix the directory, then rerun to resume") from err
 
     def restore_latest(self, model: LlamaConfig, execution: ExecutionConfig,
                        abstract_state: Callable[[ExecutionConfig], AbstractState]) -> Restored | None:
@@ -144,8 +168,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for an async save to finish and release Orbax's threads (safe to call twice)."""
-        if self._manager is not None:
-            self._manager.wait_until_finished()
+        if self._manager is None:
+            return
+        try:
+            with self._writing(self._pending or 0):
+                self._manager.wait_until_finished()
+        finally:
             self._manager.close()
             self._manager = None
 
