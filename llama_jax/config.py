@@ -215,7 +215,8 @@ class OptimConfig:
 class TrainConfig:
     """The training run. A step whose loss or gradient is NaN/Inf never changes the parameters or optimizer state;
     `nonfinite` says what happens next: `halt` (stop with an error naming the step and metric, saving nothing newer)
-    or `skip` (drop that batch, go on, and halt after `max_nonfinite_skips` such steps in a row)."""
+    or `skip` (drop that batch, go on, and halt after `max_nonfinite_skips` such steps in a row). In a multi-process
+    run a process that stops sending heartbeats for `heartbeat_timeout_s` ends every process instead of a hang."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -233,6 +234,7 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    heartbeat_timeout_s: int = 100
     nonfinite: str = "halt"
     max_nonfinite_skips: int = 10
 
@@ -240,6 +242,8 @@ class TrainConfig:
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.nonfinite '{self.nonfinite}' is not one of {NONFINITE_POLICIES}"
                               f"{nearest(self.nonfinite, NONFINITE_POLICIES)}")
+        if self.heartbeat_timeout_s < 1:
+            raise ConfigError(f"train.heartbeat_timeout_s must be at least 1, got {self.heartbeat_timeout_s}")
         if self.max_nonfinite_skips < 1:
             raise ConfigError(f"train.max_nonfinite_skips must be at least 1, got {self.max_nonfinite_skips}")
 

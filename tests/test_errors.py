@@ -141,3 +141,16 @@ def test_bugs_keep_their_traceback(monkeypatch):
     with pytest.raises(KeyError):
         main(["info"])
     assert expected_failure(TypeError("x")) is None and expected_failure(OSError(28, "No space left")) is not None
+
+
+@pytest.mark.e2e
+def test_mismatched_resume_is_refused_untouched_and_a_corrected_rerun_continues(files, tmp_path, capsys):
+    run = ["train", "--config", str(files["config"]), f"checkpoint.dir={tmp_path / 'run'}"]
+    assert main([*run, "train.steps=2"]) == 0
+    capsys.readouterr()
+    fails_cleanly([*run, "train.steps=3", "model.dim=48"], capsys, tmp_path, "written for another model",
+                  "dim: 32 vs 48", "use another checkpoint.dir or the original model settings")
+    assert main([*run, "train.steps=3"]) == 0
+    out, err = capsys.readouterr()
+    assert "stopped at step 3" in out and "Exception ignored" not in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == ["1", "2", "3"]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -134,3 +135,37 @@ def test_damaged_token_cache_is_detected_and_rebuilt(files, tmp_path, capfd):  #
     np.testing.assert_array_equal(np.array(rebuilt.tokens), first)
     token_stream(docs, "corpus", tokenizer, tmp_path)
     assert "is damaged" not in capfd.readouterr().err  # an intact cache is used as it is
+
+
+@pytest.mark.e2e
+def test_a_killed_process_ends_the_other_instead_of_a_hang(files, tmp_path):  # noqa: F811
+    """2 processes x 2 devices; SIGKILL process 1 mid-training: process 0, left waiting in a collective, exits non-zero
+    with JAX's "another task died" error once heartbeats stop (train.heartbeat_timeout_s=10), not hours later."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from launch_local import free_port, process_env
+
+    from llama_jax.config import load_config
+    from llama_jax.data import build_train_data
+    cfg = load_config(files["config"])  # prepare the data once, before two processes would race to
+    build_train_data(cfg, Tokenizer(cfg.data.tokenizer), process_index=0, process_count=1)
+    address = f"127.0.0.1:{free_port()}"
+    base = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    command = [sys.executable, "-m", "llama_jax", "train", "--config", str(files["config"]), "train.distributed=true",
+               "train.steps=100000", "train.heartbeat_timeout_s=10", f"checkpoint.dir={tmp_path / 'run'}"]
+    procs = [subprocess.Popen(command, env=process_env(base, 2, address, 2, i), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        output = []
+        for line in procs[0].stdout:
+            output.append(line)
+            if "train step 3:" in line:
+                break
+        procs[1].kill()
+        start = time.monotonic()
+        rest, _ = procs[0].communicate(timeout=240)
+        waited = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0 and waited < 120, (waited, rest[-3000:])
+    assert "another task died" in rest and "stopped sending heartbeats" in rest, rest[-3000:]
