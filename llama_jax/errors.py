@@ -8,9 +8,11 @@ message onto one line; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 DEBUG_ENV = "LLAMA_JAX_DEBUG"
 MAX_CHARS = 400
@@ -54,3 +56,13 @@ def warn(log: logging.Logger, message: str) -> None:
     """A warning that must not be missed: logged, and printed on stderr even where logging is not configured."""
     log.warning(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def reading(path: object, errors: tuple[type[BaseException], ...] = (ValueError,),
+            fix: str = "re-download or re-create it") -> Iterator[None]:
+    """Turn a library's error while parsing the file or directory `path` into one line naming it and the fix."""
+    try:
+        yield
+    except errors as err:
+        raise ValueError(f"{path} could not be read ({one_line(err)}); it is damaged or incomplete: {fix}") from err

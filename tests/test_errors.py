@@ -60,7 +60,7 @@ def test_truncated_safetensors(files, tmp_path, capsys):
                   capsys, tmp_path, str(weights), "re-download")
 
 
-@pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"),
+@pytest.mark.parametrize("content, problem", [("{not json", "could not be read"),
                                               ('{"model_type": "llama"}', "lacks 'hidden_size'")])
 def test_broken_hf_config_json(files, tmp_path, capsys, content, problem):
     hf = shutil.copytree(files["hf"], tmp_path / "hf")

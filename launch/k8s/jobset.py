@@ -65,9 +65,9 @@ def jobset(name: str, image: str, train_args: Sequence[str], *, tpu: str | None 
            "terminationGracePeriodSeconds": 300}  # SIGTERM first: the run saves a checkpoint and stops
     job = {"parallelism": hosts, "completions": hosts, "completionMode": "Indexed", "backoffLimit": 0,
            "template": {"spec": pod}}
+    exclusive = {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}  # a slice per job
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
-            "metadata": {"name": name,
-                         "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
+            "metadata": {"name": name, "annotations": exclusive},
             "spec": {"failurePolicy": {"maxRestarts": max_restarts},
                      "replicatedJobs": [{"name": "workers", "replicas": 1, "template": {"spec": job}}]}}
 

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import reading
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -61,15 +62,8 @@ def _head_count(meta_name: str, cfg: LlamaConfig) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def _reading(file: Path) -> Iterator[None]:
-    """Turn a truncated or damaged file's library error into one line naming the file and the fix."""
-    try:
-        yield
-    except (SafetensorError, json.JSONDecodeError) as err:
-        kind = "safetensors" if isinstance(err, SafetensorError) else "valid JSON"
-        raise ValueError(f"{file} is not {kind} (truncated or damaged: {err}); re-download or re-convert the "
-                         "checkpoint") from err
+def _reading(file: Path) -> contextlib.AbstractContextManager[None]:
+    return reading(file, (SafetensorError, json.JSONDecodeError), "re-download or re-convert the checkpoint")
 
 
 def config_from_hf(path: Path) -> LlamaConfig:
