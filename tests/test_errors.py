@@ -117,6 +117,12 @@ def test_invalid_yaml_config(tmp_path, capsys):
     fails_cleanly(["train", "--config", str(tmp_path / "bad.yaml")], capsys, tmp_path, "not valid YAML")
 
 
+def test_a_garbage_file_as_checkpoint(tmp_path, capsys):
+    (tmp_path / "model.bin").write_bytes(b"\x01\x02" * 50)  # a header with an odd head_dim, not llama2.c
+    fails_cleanly(["convert", "--input", str(tmp_path / "model.bin"), "--output", str(tmp_path / "out"),
+                   "--format", "hf"], capsys, tmp_path, str(tmp_path / "model.bin"), "not a known checkpoint layout")
+
+
 def test_convert_of_a_missing_checkpoint(tmp_path, capsys):
     fails_cleanly(["convert", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"), "--format", "hf"],
                   capsys, tmp_path, str(tmp_path / "nope"))
