@@ -388,6 +388,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold sections (model:, data:, train:, ...), not a "
+                              f"{type(raw).__name__}")
     return from_dict(Config, apply_overrides(raw, overrides))
 
 

@@ -106,15 +106,18 @@ def test_checkpoint_dir_is_a_file(files, capsys):
     ("data.sources=[{name: missing/*.txt}]", "missing/*.txt"),
     ("data.tokenizer=/nonexistent/tok.model", "/nonexistent/tok.model"),
     ("train.nonfinite=ignore", "train.nonfinite"),
+    ("optim.lr=-1", "optim.lr must be positive"),
+    ("optim.b2=1.5", "optim.b2 must be in [0, 1]"),
 ])
 def test_bad_train_settings(files, tmp_path, capsys, override, expected):
     fails_cleanly(["train", "--config", str(files["config"]), f"checkpoint.dir={tmp_path / 'run'}", override],
                   capsys, files["root"], expected)
 
 
-def test_invalid_yaml_config(tmp_path, capsys):
-    (tmp_path / "bad.yaml").write_text("model: {dim: [\n")
-    fails_cleanly(["train", "--config", str(tmp_path / "bad.yaml")], capsys, tmp_path, "not valid YAML")
+@pytest.mark.parametrize("content, expected", [("model: {dim: [\n", "not valid YAML"), ("- a\n- b\n", "not a list")])
+def test_invalid_yaml_config(tmp_path, capsys, content, expected):
+    (tmp_path / "bad.yaml").write_text(content)
+    fails_cleanly(["train", "--config", str(tmp_path / "bad.yaml")], capsys, tmp_path, expected)
 
 
 def test_a_garbage_file_as_checkpoint(tmp_path, capsys):
