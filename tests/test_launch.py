@@ -93,3 +93,27 @@ def test_jobset_for_gpu_nodes(capsys):
 def test_jobset_rejects_an_unknown_slice(capsys):
     assert jobset.main(["--name", "x", "--image", "i", "--tpu", "v9-8", "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown TPU topology 'v9-8'")
+
+
+def readme_launch_lines() -> list[list[str]]:
+    from test_readme import _blocks
+    return [shlex.split(line.split("  #")[0]) for block in _blocks("bash") for line in block.splitlines()
+            if "launch/slurm/" in line or "launch/k8s/" in line]
+
+
+def test_readme_launch_examples_render(capsys):
+    """Every README line that uses launch/ runs here in dry-run form (sbatch lines: the script's own dry run)."""
+    lines = readme_launch_lines()
+    assert len(lines) >= 4
+    for words in lines:
+        script = next(i for i, w in enumerate(words) if w.startswith("launch/"))
+        args = [w for w in words[script + 1:] if w != "--dry-run"]
+        if words[script].endswith(".sbatch"):
+            run = subprocess.run(["bash", str(REPO / words[script]), "--dry-run", *args], capture_output=True,
+                                 text=True, cwd=REPO)
+            assert run.returncode == 0 and "-m llama_jax train" in run.stdout, run.stderr
+        else:
+            config = args[args.index("--config") + 1]
+            assert (REPO / config).is_file(), config
+            assert jobset.main([*args, "--dry-run"]) == 0
+            assert yaml.safe_load(capsys.readouterr().out)["kind"] == "JobSet"
