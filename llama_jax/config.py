@@ -224,6 +224,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "eps", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"optim.warmup_steps ({self.warmup_steps}) and optim.weight_decay "
+                              f"({self.weight_decay}) must not be negative")
+
 
 @dataclass
 class TrainConfig:

@@ -38,15 +38,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     """The optax chain (clip, then AdamW with the masked decay) and its learning-rate schedule."""
     if cfg.grad_accum_steps < 1:
         raise ConfigError(f"optim.grad_accum_steps must be >= 1, got {cfg.grad_accum_steps}")
-    for name in ("lr", "eps", "grad_clip"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"optim.{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("min_lr_ratio", "b1", "b2"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.warmup_steps < 0 or cfg.weight_decay < 0:
-        raise ConfigError(f"optim.warmup_steps ({cfg.warmup_steps}) and optim.weight_decay ({cfg.weight_decay}) "
-                          "must not be negative")
     schedule = lr_schedule(cfg, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
