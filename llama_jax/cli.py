@@ -1,7 +1,8 @@
 """Command line: `python -m llama_jax <command> ...`. Each command only parses arguments and calls the library.
 
 Every command is an `_add_<name>` function registering a subparser whose `run` default is the function to call.
-Library errors (bad config, bad input files) become one line on stderr and exit status 2.
+Expected failures (bad config, bad input files, full disk: see `llama_jax.errors`) become one line on stderr and
+exit status 2; `--debug` (or LLAMA_JAX_DEBUG=1) shows their traceback instead. Bugs always keep their traceback.
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
     from llama_jax import Tokenizer, generate_text, load_pretrained
+    from llama_jax.tokenizer import check_utf8
+    prompt = check_utf8(args.prompt, "--prompt")
     tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
-    print(args.prompt, end="", flush=True)
-    generate_text(model, tokenizer, [args.prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+    print(prompt, end="", flush=True)
+    generate_text(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                   args.seed, on_text=lambda _, piece: print(piece, end="", flush=True))
     print()
 
@@ -257,6 +260,7 @@ COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_gen
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llama_jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -264,10 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llama_jax.errors import debug_enabled, expected_failure
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = expected_failure(err)
+        if message is None or args.debug or debug_enabled():
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -20,13 +20,14 @@ import yaml
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "offload_attention")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("halt", "skip")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
 
 
-def _nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+def nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
@@ -58,7 +59,7 @@ class LlamaConfig:
     def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
         """Build a named preset (`llama2-7b`, `tiny`, ...), optionally with field overrides."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown model preset '{name}'{_nearest(name, PRESETS)}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown model preset '{name}'{nearest(name, PRESETS)}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @property
@@ -142,7 +143,7 @@ class ExecutionConfig:
                               ("attention", ATTENTION)):
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{_nearest(str(value), choices)}")
+                raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{nearest(str(value), choices)}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
@@ -227,11 +228,26 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "eps", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"optim.warmup_steps ({self.warmup_steps}) and optim.weight_decay "
+                              f"({self.weight_decay}) must not be negative")
+
 
 @dataclass
 class TrainConfig:
     """Run length, batch, logging, sampling and cluster settings. With several processes, SIGTERM and
-    `max_minutes` are agreed across them every `stop_check_every` steps (one small all-gather)."""
+    `max_minutes` are agreed across them every `stop_check_every` steps (one small all-gather), and a process that
+    stops sending heartbeats for `heartbeat_timeout_s` ends every process instead of a hang. A step whose loss or
+    gradient is NaN/Inf never changes the parameters or optimizer state; `nonfinite` says what happens next: `halt`
+    (stop with an error naming the step and metric, saving nothing newer) or `skip` (drop that batch, go on, and
+    halt after `max_nonfinite_skips` such steps in a row)."""
 
     steps: int = 1000
     batch_size: int = 16
@@ -250,6 +266,18 @@ class TrainConfig:
     num_processes: int | None = None
     process_id: int | None = None
     stop_check_every: int = 10
+    heartbeat_timeout_s: int = 100
+    nonfinite: str = "halt"
+    max_nonfinite_skips: int = 10
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite '{self.nonfinite}' is not one of {NONFINITE_POLICIES}"
+                              f"{nearest(self.nonfinite, NONFINITE_POLICIES)}")
+        if self.heartbeat_timeout_s < 1:
+            raise ConfigError(f"train.heartbeat_timeout_s must be at least 1, got {self.heartbeat_timeout_s}")
+        if self.max_nonfinite_skips < 1:
+            raise ConfigError(f"train.max_nonfinite_skips must be at least 1, got {self.max_nonfinite_skips}")
 
 
 @dataclass
@@ -362,7 +390,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             continue
         if cls is LlamaConfig and key in EXECUTION_FIELDS:
             raise ConfigError(f"'{prefix}{key}' is an execution setting, not architecture; write it as execution.{key}")
-        raise ConfigError(f"unknown config key '{prefix}{key}'{_nearest(key, names, prefix)}")
+        raise ConfigError(f"unknown config key '{prefix}{key}'{nearest(key, names, prefix)}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     if preset is not None:
         return LlamaConfig.preset(str(preset), **kwargs)
@@ -384,7 +412,11 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
                 child = {} if child is None else _as_dict(child)
                 node[part] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); quote "
+                              "it or fix the brackets") from None
     return raw
 
 
@@ -403,6 +435,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold sections (model:, data:, train:, ...), not a "
+                              f"{type(raw).__name__}")
     return from_dict(Config, apply_overrides(raw, overrides))
 
 

@@ -5,6 +5,10 @@ With `train.distributed` set, each process calls `jax.distributed.initialize` be
 (and SLURM / Open MPI clusters) JAX finds the coordinator, process count and index itself. Elsewhere they come from
 the config (`train.coordinator_address`, `train.num_processes`, `train.process_id`) or, for any left unset, from the
 environment variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+
+If a process dies, the others would wait for it in their next collective; instead JAX's coordination service notices
+its missing heartbeats within `train.heartbeat_timeout_s` and ends every process with "Terminating process because
+the JAX distributed service detected fatal errors ... another task died" (a non-zero exit a scheduler can restart).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def initialize(train: TrainConfig) -> None:
         return
     args = cluster_args(train)
     try:
-        jax.distributed.initialize(**args)
+        jax.distributed.initialize(**args, heartbeat_timeout_seconds=train.heartbeat_timeout_s)
     except (RuntimeError, ValueError) as err:
         how = ("JAX found no cluster to join here; set train.coordinator_address, train.num_processes and "
                "train.process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)" if not args else

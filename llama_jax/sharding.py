@@ -43,14 +43,16 @@ RULES: dict[str, tuple[str, ...]] = {
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve `-1` and check that the axis sizes multiply to the device count."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    label = f"mesh.data={cfg.data} mesh.fsdp={cfg.fsdp} mesh.tensor={cfg.tensor}"
     if sizes.count(-1) > 1:
-        raise ConfigError(f"mesh {tuple(sizes)}: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError(f"{label}: at most one of data/fsdp/tensor may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh {tuple(sizes)}: axis sizes must be positive or -1")
+        raise ConfigError(f"{label}: axis sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(f"mesh {tuple(sizes)}: {known} does not divide the {n_devices} devices")
+            raise ConfigError(f"{label}: {known} does not divide the {n_devices} devices; choose sizes "
+                              f"whose product divides {n_devices}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise ConfigError(

@@ -62,7 +62,12 @@ class Tokenizer:
 
     def encode(self, text: str | list[str], bos: bool = False, eos: bool = False) -> list[int] | list[list[int]]:
         """Token ids of one string, or of each string in a list (batched in C++)."""
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        try:
+            return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        except TypeError:
+            for item in [text] if isinstance(text, str) else text:
+                check_utf8(item, "text to encode")
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a sequence of ids (a list, or a 1-D numpy/jax array)."""
@@ -168,12 +173,26 @@ class Tokenizer:
         return cls(out_path)
 
 
+def check_utf8(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; undecodable input bytes (kept by Python as lone surrogates) are an error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start:err.end].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8 (bytes {bad!r} at character {err.start}); pass UTF-8 text "
+                         "(e.g. convert it with iconv -t utf-8)") from None
+    return text
+
+
 def _train_sentencepiece(**kwargs: object) -> None:
     """SentencePieceTrainer.train with its errors (vocab too small for the corpus' characters, ...) as ValueError."""
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed: {e}") from None
+        if "sentences_.empty()" in str(e):
+            raise ValueError("sentencepiece training got no text (every input is empty); train on a corpus with "
+                             "text") from None
+        raise ValueError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
 
 
 def _check_writable(path: Path, overwrite: bool) -> None:
@@ -191,6 +210,8 @@ def _input_options(inputs: PathLike | Sequence[PathLike] | Iterable[str]) -> dic
         for f in inputs:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"training input file not found: {f} (pass strings as an iterator, not a list)")
+            if Path(f).stat().st_size == 0:
+                raise ValueError(f"training input file {f} is empty; pass a text file with the corpus")
         return {"input": [str(f) for f in inputs]}
     return {"sentence_iterator": (line for text in inputs for line in text.splitlines())}
 

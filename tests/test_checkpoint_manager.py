@@ -81,7 +81,7 @@ def test_corrupted_newest_checkpoint_falls_back_loudly(trained, tmp_path, caplog
         _, restored = restore(cfg, tmp_path / "run", (8, 1, 1))
     assert restored.step == 1 and restored.data_state == {"position": 10}
     assert_trees_equal((restored.params, restored.opt_state), saved[1])
-    assert "checkpoint step 2" in caplog.text and "falling back to step 1" in caplog.text
+    assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
     assert "WARNING: checkpoint step 2" in capfd.readouterr().err
     assert not (tmp_path / "run" / "2").exists() and list((tmp_path / "run").glob("corrupt-2-*"))
 
@@ -159,3 +159,79 @@ def test_resume_onto_another_execution_layout(trained, execution):
     step = jax.device_put(np.int32(2), trainer.state_sharding.step)
     _, metrics = trainer.train_step(TrainState(step, restored.params, restored.opt_state), {"tokens": tokens})
     assert np.isfinite(float(metrics["loss"]))
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_unreadable_newest_with_a_mismatched_older_step_touches_nothing(trained, tmp_path):
+    """Nothing is renamed before a step restores: a refusal further down leaves even the damaged step in place."""
+    cfg, run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "run" / "2" / "model" / "metadata").write_text("{truncated")
+    before = snapshot(tmp_path / "run")
+    other = Config(model=dataclasses.replace(cfg.model, n_layers=2), optim=cfg.optim, train=cfg.train)
+    with pytest.raises(ConfigError, match="checkpoint step 1 .* written for another model"):
+        restore(other, tmp_path / "run", (8, 1, 1))
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_damaged_description_falls_back_and_no_readable_step_renames_nothing(trained, tmp_path):
+    cfg, run_dir, saved = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "run" / "2" / "model" / "metadata").write_text("{truncated")
+    _, restored = restore(cfg, tmp_path / "run", (8, 1, 1))
+    assert restored.step == 1 and (tmp_path / "run" / "1").is_dir() and list((tmp_path / "run").glob("corrupt-2-*"))
+    assert_trees_equal((restored.params, restored.opt_state), saved[1])
+
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(run_dir, tmp_path / "run")
+    for step in ("1", "2"):
+        (tmp_path / "run" / step / "model" / "metadata").write_text("{truncated")
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ValueError, match="no readable checkpoint .* nothing was changed"):
+        restore(cfg, tmp_path / "run", (8, 1, 1))
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_machine_failures_never_set_a_step_aside(trained, tmp_path, monkeypatch):
+    """Out of memory (or permissions, network) while restoring is not the step's fault: re-raised, nothing moved."""
+    cfg, run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 12 GiB")
+
+    monkeypatch.setattr(Checkpointer, "_restore", oom)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        restore(cfg, tmp_path / "run", (8, 1, 1))
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_run_lock_refuses_a_second_writer_and_takes_over_a_dead_owner(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from llama_jax.checkpoints.lock import RunLock
+    with RunLock(tmp_path / "run") as lock:
+        owner = json.loads(lock.path.read_text())
+        assert owner["host"] == socket.gethostname() and owner["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"):
+            RunLock(tmp_path / "run").__enter__()
+        RunLock(tmp_path / "run", owner=False).__enter__()  # other processes of the same run take no lock
+    assert not lock.path.exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
+    with RunLock(tmp_path / "run"):
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(ConfigError, match=f"delete {lock.path} if that job has ended"):
+        RunLock(tmp_path / "run").__enter__()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="checkpoint.dir .* is a file"):
+        RunLock(tmp_path / "file").__enter__()

@@ -7,6 +7,7 @@ k/v rows already hold `n_kv_heads * head_dim` outputs in head order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import reading
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -60,8 +62,20 @@ def _head_count(meta_name: str, cfg: LlamaConfig) -> int | None:
     return None
 
 
+def _reading(file: Path) -> contextlib.AbstractContextManager[None]:
+    return reading(file, (SafetensorError, json.JSONDecodeError), "re-download or re-convert the checkpoint")
+
+
 def config_from_hf(path: Path) -> LlamaConfig:
     """Read `config.json`; a non-LLaMA model is a one-line error."""
+    with _reading(path / CONFIG):
+        try:
+            return _config_from_hf(path)
+        except KeyError as err:
+            raise ValueError(f"{path / CONFIG} lacks {err}; re-download the checkpoint's config.json") from None
+
+
+def _config_from_hf(path: Path) -> LlamaConfig:
     raw = json.loads((path / CONFIG).read_text())
     if raw.get("model_type") != "llama":
         raise ValueError(f"{path / CONFIG}: model_type is {raw.get('model_type')!r}, not 'llama'; "
@@ -95,9 +109,10 @@ class HFReader:
     def __init__(self, path: Path, cfg: LlamaConfig):
         self.path, self.cfg = path, cfg
         if (path / INDEX).is_file():
-            self.files = {k: path / v for k, v in json.loads((path / INDEX).read_text())["weight_map"].items()}
+            with _reading(path / INDEX):
+                self.files = {k: path / v for k, v in json.loads((path / INDEX).read_text())["weight_map"].items()}
         else:
-            with safe_open(path / SINGLE, framework="flax") as f:
+            with _reading(path / SINGLE), safe_open(path / SINGLE, framework="flax") as f:
                 self.files = {k: path / SINGLE for k in f.keys()}
 
     @staticmethod
@@ -111,7 +126,7 @@ class HFReader:
         file = self.files[name]
         if not file.is_file():
             raise FileNotFoundError(f"{file} is listed in {INDEX} but missing; re-download the checkpoint")
-        with safe_open(file, framework="flax") as f:
+        with _reading(file), safe_open(file, framework="flax") as f:
             tensor = f.get_tensor(name)
         heads = _head_count(meta_name, self.cfg)
         return _rope_permute(tensor, heads, inverse=True) if heads else tensor

@@ -17,7 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llama_jax.checkpoints.layout import meta_shape
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.model import rope_inv_freq
 
 MODEL = "model.bin"
@@ -93,8 +93,11 @@ def _read_header(file: Path) -> LlamaConfig | None:
     dim, hidden, layers, heads, kv_heads, vocab, seq = (int(x) for x in np.fromfile(file, np.int32, 7))
     if min(dim, hidden, layers, heads, kv_heads, abs(vocab), seq) <= 0 or dim % heads or heads % kv_heads:
         return None
-    cfg = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, vocab_size=abs(vocab),
-                      ffn_hidden_dim=hidden, max_seq_len=seq, tie_embeddings=vocab > 0)
+    try:
+        cfg = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, vocab_size=abs(vocab),
+                          ffn_hidden_dim=hidden, max_seq_len=seq, tie_embeddings=vocab > 0)
+    except ConfigError:  # numbers no model has (e.g. an odd head_dim): not a llama2.c file
+        return None
     return cfg if _offsets(cfg)[1] == file.stat().st_size else None
 
 

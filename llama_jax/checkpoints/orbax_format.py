@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_tensors, restack, restore_target
 from llama_jax.config import ExecutionConfig, LlamaConfig, from_dict, stored_model_section
+from llama_jax.errors import reading
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, absolute, as_path
 
@@ -85,9 +86,10 @@ def read_stored(path: PathLike) -> StoredModel:
     """The architecture and parameter layout stored at `path` (an export, a step or a run directory)."""
     step = step_dir(as_path(path))
     if (step / MODEL).is_dir():
-        raw = read_json_item(step / MODEL)
-        return StoredModel(from_dict(LlamaConfig, raw["architecture"], "model."), bool(raw["scan_layers"]),
-                           str(raw["param_dtype"]))
+        with reading(step / MODEL, (ValueError, KeyError), "use another step or re-create it"):
+            raw = read_json_item(step / MODEL)
+            return StoredModel(from_dict(LlamaConfig, raw["architecture"], "model."), bool(raw["scan_layers"]),
+                               str(raw["param_dtype"]))
     if (step / LEGACY_EXPORT_CONFIG).is_file():
         cfg, execution = stored_model_section(json.loads((step / LEGACY_EXPORT_CONFIG).read_text()))
         return StoredModel(cfg, execution.scan_layers, execution.param_dtype)
@@ -116,7 +118,7 @@ def restore_params(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None
     graphdef, target = restore_target(cfg, execution, mesh)
     _, as_stored = restore_target(cfg, dataclasses.replace(execution, scan_layers=stored.scan_layers), mesh)
     tree = nnx.to_pure_dict(as_stored)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer() as checkpointer, reading(step / PARAMS, fix="use another step or re-create it"):
         if stored.variable_leaves:
             restored = _unwrap(checkpointer.restore(absolute(step / PARAMS), _wrap(tree)))
         else:

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from tensorflow_datasets.core import constants
 
-from llama_jax.config import DataSource
+from llama_jax.config import DataSource, nearest
 from llama_jax.data.local_text import SUFFIXES, local_builder
 from llama_jax.data.shards import is_hf, source_documents
 
@@ -73,7 +73,13 @@ def _find_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder |
 
 def missing_dataset_message(name: str, data_dir: str | None, allow_download: bool | None, process_count: int,
                             builder: tfds.core.DatasetBuilder | None) -> str:
-    """One line: which dataset is missing where, where to copy a prepared one from, and how to build it instead."""
+    """One line: which dataset is missing where, where to copy a prepared one from, and how to build it instead;
+    for a name tfds does not know at all, the nearest one it does (a typo is likelier than a missing copy)."""
+    known = tfds.list_builders()
+    base = name.split("/")[0].split(":")[0]
+    if builder is None and base not in known:
+        return (f"data source '{name}' is neither a TFDS dataset{nearest(base, known)} nor {'/'.join(SUFFIXES)} files; "
+                "fix the source's name")
     root = str(data_dir or constants.DATA_DIR).rstrip("/")
     relative = builder.info.full_name if builder is not None else name.replace(":", "/")  # e.g. c4/en/3.0.1
     why = ("tfds cannot build this version" if builder is None else

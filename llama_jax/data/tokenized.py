@@ -5,6 +5,8 @@ The in-memory path caches a corpus's stream on disk; the streaming path packs th
 Alongside each token we keep the number of UTF-8 bytes of source text it covers (from sentencepiece's byte
 offsets; 0 for EOS), so validation can report bits per byte exactly. The cache is keyed by (dataset, split, text
 cut, tokenizer hash), written atomically, and memory-mapped, so reruns start fast and large corpora stay on disk.
+Its meta.json records each file's SHA-256; a cache whose files no longer match (a disk error, a partial copy) is
+rebuilt with a warning instead of feeding damaged tokens to training.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.errors import warn
 from llama_jax.tokenizer import Tokenizer
 
-FORMAT = "packed-v1"
+log = logging.getLogger(__name__)
+FORMAT = "packed-v2"  # v2 adds the files' SHA-256
+FILES = ("tokens.bin", "bytes.bin")
 CHUNK_CHARS = 8_000_000
 
 
@@ -90,11 +96,29 @@ def token_stream(docs: Iterable[str], key: str, tokenizer: Tokenizer, cache_dir:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
     path = cache_dir / "tokens" / f"{name}-{tokenizer_hash(tokenizer)}"
     token_dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    if (path / "meta.json").exists() and not _intact(path):
+        warn(log, f"token cache {path} is damaged or from an older version (its files do not match the SHA-256 "
+                  "in meta.json); rebuilding it")
+        shutil.rmtree(path, ignore_errors=True)
     if not (path / "meta.json").exists():
         _write(docs, key, tokenizer, path, token_dtype)
     count = json.loads((path / "meta.json").read_text())["tokens"]
     return TokenStream(np.memmap(path / "tokens.bin", token_dtype, "r", shape=(count,)),
                        np.memmap(path / "bytes.bin", np.uint32, "r", shape=(count,)))
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """True when meta.json is this format and every file hashes to what it records (one read of the cache)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return meta.get("format") == FORMAT and all(_sha256(path / name) == meta["sha256"][name] for name in FILES)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _write(docs: Iterable[str], key: str, tokenizer: Tokenizer, path: Path, token_dtype: np.dtype) -> None:
@@ -112,7 +136,7 @@ def _write(docs: Iterable[str], key: str, tokenizer: Tokenizer, path: Path, toke
         shutil.rmtree(tmp)
         raise ValueError(f"data source {key} holds no text; check its name, split and text_feature")
     meta = {"format": FORMAT, "source": key, "tokenizer": tokenizer_hash(tokenizer), "tokens": count,
-            "text_bytes": text_bytes}
+            "text_bytes": text_bytes, "sha256": {name: _sha256(tmp / name) for name in FILES}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(path)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax.checkpoints import load_pretrained
+from llama_jax.checkpoints.lock import RunLock
 from llama_jax.checkpoints.manager import Checkpointer
 from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.data import build_train_data, build_validation_data, provision_tokenizer
@@ -33,6 +34,7 @@ from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.evaluate import EvalResult, evaluate
 from llama_jax.training.metrics import MetricsLogger, Throughput, peak_flops_per_device
+from llama_jax.training.nonfinite import NonFiniteGuard, finite_mean
 from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
@@ -159,10 +161,18 @@ def train(cfg: Config) -> TrainResult:
 def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer,
                  init_from: str | None) -> TrainResult:
     """The training loop shared by pretraining and fine-tuning: resume or initialise (from `init_from`), then step
-    `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits; returns the summary."""
+    `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits; returns the summary.
+
+    The run directory is locked against a second writer for the whole run (see `checkpoints.lock`)."""
+    with RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0), contextlib.ExitStack() as cleanup:
+        return _run(cfg, trainer, data, validation, tokenizer, init_from, cleanup)
+
+
+def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer, init_from: str | None,
+         cleanup: contextlib.ExitStack) -> TrainResult:
     t, mesh = cfg.train, trainer.mesh
     run_dir = as_path(cfg.checkpoint.dir)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    ckpt = cleanup.enter_context(Checkpointer(run_dir, cfg.checkpoint))  # an error still finishes an async save
     state = _initial_state(cfg, trainer, ckpt, data, init_from)
     step = first_step = int(state.step)
 
@@ -174,6 +184,14 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
     deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
     pending: list[dict[str, jax.Array]] = []
     train_loss, stopped, throughput = None, "steps", None
+    guard = NonFiniteGuard(t)
+
+    def flush() -> list[dict[str, Any]]:
+        """Fetch the pending steps' metrics and apply train.nonfinite to them (always before a save)."""
+        fetched = jax.device_get(pending)
+        pending.clear()
+        guard.check(fetched, step, ckpt.latest_step())
+        return fetched
 
     def run_eval(at: int, max_batches: int | None) -> EvalResult | None:
         if validation is None:
@@ -193,16 +211,16 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
             else:
                 speed.add(tokens_per_step)
             logger.advance(1)
-            if step % t.log_every == 0 or step % SYNC_EVERY == 0 or step == t.steps:
-                fetched = jax.device_get(pending)
-                pending = []
-                train_loss = float(np.mean([m["loss"] for m in fetched]))
+            if step % t.log_every == 0 or step % SYNC_EVERY == 0 or step == t.steps or ckpt.due(step):
+                fetched = flush()
+                train_loss = finite_mean(fetched, "loss")
                 if step % t.log_every == 0 or step == t.steps:
                     rate, mfu = speed.update()
                     throughput = rate
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
-                                      "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
+                                      "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
+                                      "nonfinite_skips": guard.skipped})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)
@@ -213,6 +231,7 @@ def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, toke
             if reason := _stop_reason(step, t.stop_check_every, sigterm, deadline):
                 stopped = reason
                 break
+        flush()
         ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
         ckpt.close()
         data.close()

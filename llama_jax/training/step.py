@@ -149,8 +149,14 @@ class Trainer:
         grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
-                   "lr": self.schedule(state.step), "tokens": count}
+        loss, grad_norm = loss_sum / jnp.maximum(count, 1.0), optax.tree.norm(grads)
+        # A NaN/Inf loss or gradient drops the whole update, so the state never holds one (the host decides what
+        # to do next: train.nonfinite); selecting costs one elementwise pass over the state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                         (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state.step), "tokens": count,
+                   "finite": finite}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
