@@ -184,3 +184,15 @@ def test_local_only_formats_refuse_uris_in_one_line(bucket):
     assert not (root / "out").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         detect_format(uri + "/missing")
+
+
+def test_convert_reads_a_uri_like_load_pretrained(bucket, redirected_restores, tmp_path):
+    """`convert` accepts the same path kinds as `load_pretrained`: an orbax directory on gs:// becomes local HF."""
+    from llama_jax.checkpoints.convert import convert
+
+    uri, root = bucket
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    save_pretrained(model, root / "model", format="orbax")
+    out = convert(uri + "/model", tmp_path / "hf", "hf")
+    assert redirected_restores == [uri + "/model/params"] and detect_format(out) == "hf"
+    _assert_same_params(model, load_pretrained(out))
