@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from lm_eval.utils import get_rolling_token_windows
 
 from llama_jax.evaluation.lm_eval_adapter import LlamaJaxLM
@@ -31,8 +29,16 @@ QUESTIONS = [
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     hf_dir, tok_path, model, tok = make_tiny_lm(root, max_seq_len=32)
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
-    return SimpleNamespace(root=root, hf_dir=hf_dir, tok_path=tok_path, model=model, tok=tok, hf_model=hf_model)
+    return SimpleNamespace(root=root, hf_dir=hf_dir, tok_path=tok_path, model=model, tok=tok)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """`tiny` plus the same checkpoint in transformers (torch), the independent reference (tests marked torch_ref)."""
+    import transformers
+
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(tiny.hf_dir, attn_implementation="eager").eval()
+    return SimpleNamespace(**vars(tiny), hf_model=hf_model)
 
 
 def _direct_loglikelihood(tiny, context: str, cont: str) -> float:
@@ -45,6 +51,8 @@ def _direct_loglikelihood(tiny, context: str, cont: str) -> float:
 
 def _torch_logprob_sum(tiny, inputs: list[int], preds: list[int]) -> float:
     """Summed log-probability of `preds` at the last len(preds) positions of `inputs`, per transformers."""
+    import torch
+
     with torch.no_grad():
         logits = tiny.hf_model(torch.tensor([inputs])).logits[0, -len(preds):].double()
     return float(torch.log_softmax(logits, -1)[torch.arange(len(preds)), torch.tensor(preds)].sum())
@@ -81,7 +89,11 @@ def _expected_accuracies(tiny, questions) -> tuple[float, float]:
     return float(np.mean(acc)), float(np.mean(acc_norm))
 
 
-def test_scores_equal_direct_forward_pass(tiny):
+@pytest.mark.torch_ref
+def test_scores_equal_direct_forward_pass(reference):
+    import torch
+
+    tiny = reference
     lm = LlamaJaxLM(model=tiny.model, tokenizer=tiny.tok, batch_size=4)
     requests = [SimpleNamespace(args=(q, " " + c)) for q, choices, _ in QUESTIONS for c in choices]
     got = lm.loglikelihood(requests)
@@ -95,7 +107,9 @@ def test_scores_equal_direct_forward_pass(tiny):
     assert (greedy_top, greedy_other) == (True, False) and lp_top > lp_other
 
 
-def test_rolling_loglikelihood_predicts_each_token_once(tiny):
+@pytest.mark.torch_ref
+def test_rolling_loglikelihood_predicts_each_token_once(reference):
+    tiny = reference
     lm = LlamaJaxLM(model=tiny.model, tokenizer=tiny.tok, batch_size=4)
     short = "The cat sat on the mat."
     long = " ".join(q for q, _, _ in QUESTIONS)  # more tokens than the 32-token context: several windows
@@ -122,7 +136,9 @@ def test_generate_until_cuts_at_stop_sequences(tiny):
     assert got[1:] == [text[:text.index(stop)] if stop in text else text for text in full[1:]]
 
 
-def test_lm_eval_task_accuracy_equals_direct_computation(tiny):
+@pytest.mark.torch_ref
+def test_lm_eval_task_accuracy_equals_direct_computation(reference):
+    tiny = reference
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -136,7 +152,9 @@ def test_lm_eval_task_accuracy_equals_direct_computation(tiny):
 
 
 @pytest.mark.e2e
-def test_cli_runs_lm_eval_with_our_model(tiny):
+@pytest.mark.torch_ref
+def test_cli_runs_lm_eval_with_our_model(reference):
+    tiny = reference
     tasks, out = _write_task(tiny.root, QUESTIONS), tiny.root / "cli_results"
     result = subprocess.run(
         [sys.executable, "-m", "llama_jax", "lm-eval", "run", "--model", "llama_jax", "--model_args",
