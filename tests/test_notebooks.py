@@ -43,7 +43,9 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
         CHECKPOINT_TOKENIZER=str(run_dir / "tokenizer.model"),
         OVERRIDES=[f"data.sources=[{{name: {corpus}}}]", "data.validation=null", "data.validation_fraction=0.1",
                    f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer_vocab_size=320", "model.vocab_size=320",
-                   "model.max_seq_len=256"])  # room for the chat turns
+                   "model.max_seq_len=256",  # room for the chat turns
+                   "checkpoint.every=1000", "train.sample_tokens=0"])  # one save; the notebook samples itself
+
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
 
     def text(i: int) -> str:

@@ -91,6 +91,7 @@ def test_streaming_equals_generate_and_stop_sequences_cut(live):
     assert streamed == cut.choices[0].text
 
 
+@pytest.mark.e2e  # ~60 s on the loaded 2-core machine: kept out of the default tier's budget
 def test_32_concurrent_streaming_clients_get_generates_outputs(live):
     prompts = [f"{TEXT[i % len(TEXT)][: 8 + 3 * i]}" for i in range(32)]  # 32 different prompts and lengths
     client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=300)
