@@ -54,7 +54,7 @@ if [ "$SMOKE" = 1 ]; then
   XLA_FLAGS="" section decode-graphs 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 1 --prompt-len 8 --new-tokens 3 --repeats 1
 else
   MODEL=(--models llama2-7b --layers 8)
-  section attention 45 experiments/check_attention.py --impls cudnn --batch 1 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128
+  section attention 60 experiments/check_attention.py --impls cudnn --batch 1 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128
   section train 150 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 5 --warmup 2 --dtype bfloat16 --remat full --scan --compare-torch
   section decode 150 experiments/bench_decode.py --models llama2-7b --batch-sizes 1,16 --prompt-len 128 --new-tokens 128 --repeats 2 --dtype bfloat16 --compare-torch
   section init 60 experiments/bench_init.py --preset llama2-7b
