@@ -1,11 +1,16 @@
 """Meta-layout tensors and Meta checkpoints built from a transformers model with torch alone (independent of
-llama_jax's writers): HF names mapped back to Meta's, q/k rows un-permuted, matrices split per model-parallel rank."""
+llama_jax's writers): HF names mapped back to Meta's, q/k rows un-permuted, matrices split per model-parallel rank.
+torch is imported inside the functions, like in hf_reference."""
+
+from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import LlamaForCausalLM
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
 
 _LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
           "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
@@ -41,9 +46,12 @@ def meta_state_dict(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_meta_checkpoint(hf: LlamaForCausalLM, path: Path, num_shards: int, dtype=torch.float32,
+def write_meta_checkpoint(hf: LlamaForCausalLM, path: Path, num_shards: int, dtype: torch.dtype | None = None,
                           vocab_from_tokenizer: bool = False) -> Path:
     """params.json + consolidated.NN.pth like Meta's release (plus a `rope.freqs` extra key per shard)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     c = hf.config
     path.mkdir(parents=True)
     sd = meta_state_dict(hf)

@@ -1,21 +1,29 @@
 """Llama-2-chat dialog encoding against prompts built by hand from Meta's chat_completion format."""
 
+import inspect
 from pathlib import Path
 
 import pytest
 
 from llama_jax import Tokenizer
-from llama_jax.chat import B_INST, B_SYS, CHAT_TEMPERATURE, CHAT_TOP_P, E_INST, E_SYS, encode_dialog
+from llama_jax.chat import encode_dialog
+from llama_jax.cli import build_parser
+from llama_jax.inference import chat_session
 
 
 @pytest.fixture
-def tok(tokenizer_32k: Path) -> Tokenizer:
-    return Tokenizer(tokenizer_32k)
+def tok(tokenizer_1k: Path) -> Tokenizer:
+    return Tokenizer(tokenizer_1k)
 
 
-def test_constants():
-    assert (B_INST, E_INST, B_SYS, E_SYS) == ("[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n")
-    assert (CHAT_TEMPERATURE, CHAT_TOP_P) == (0.6, 0.9)
+def test_chat_samples_with_metas_defaults_and_generate_is_greedy():
+    """Meta's chat_completion samples at temperature 0.6 and top_p 0.9: so do the `chat` command and function."""
+    chat = build_parser().parse_args(["chat", "--checkpoint", "c", "--tokenizer", "t"])
+    generate = build_parser().parse_args(["generate", "--checkpoint", "c", "--tokenizer", "t", "--prompt", "p"])
+    assert (chat.temperature, chat.top_p, chat.top_k) == (0.6, 0.9, 0)
+    assert (generate.temperature, generate.top_p, generate.top_k) == (0.0, 1.0, 0)
+    defaults = inspect.signature(chat_session.chat).parameters
+    assert (defaults["temperature"].default, defaults["top_p"].default) == (0.6, 0.9)
 
 
 def test_single_user_turn(tok: Tokenizer):

@@ -19,6 +19,7 @@ from llama_jax.config import MeshConfig
 from llama_jax.sharding import make_mesh
 
 TOKENS = np.random.RandomState(3).randint(0, 128, (2, 19)).astype(np.int32)
+pytestmark = pytest.mark.torch_ref
 
 
 def _params(model):
@@ -94,6 +95,7 @@ def test_resize_vocab_keeps_old_logits(tokenizer_1k, tmp_path):
         resize_vocab(big, 999)
 
 
+@pytest.mark.e2e
 def test_bench_convert_runs_in_tiny_form(tmp_path):
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench_convert.py"
     args = ["--dim", "64", "--layers", "2", "--vocab", "256", "--shards", "2", "--formats", "hf",

@@ -35,9 +35,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok1k():
-    from conftest import shared_path
-    return Tokenizer(shared_path("tokenizers", "botchan_en_bpe_1000.model"))
+def tok1k(tokenizer_1k):
+    return Tokenizer(tokenizer_1k)
 
 
 def _cfg(root, sources, **data) -> Config:
@@ -138,8 +137,8 @@ def test_mixture_follows_weights(corpus, tok1k):
     assert abs(from_a / len(rows) - 0.75) < 0.02
 
 
-def test_validation_bytes_are_exact(tmp_path, tokenizer_32k):
-    tok = Tokenizer(tokenizer_32k)
+def test_validation_bytes_are_exact(tmp_path, tok1k):
+    tok = tok1k  # byte fallback: every character below is encoded, most of them as UTF-8 bytes
     text = "Héllo wörld, 日本語 🙂 ꙮ𓀀 tabs\tand  spaces\n\n" + "plain words to finish the text " * 6
     path = tmp_path / "val.txt"
     path.write_text(text)
@@ -174,22 +173,30 @@ def test_local_txt_and_jsonl_through_the_builder(tmp_path, tok1k):
         open_source(DataSource(name=str(tmp_path / "missing*.txt")), None, str(tmp_path / "cache"))
 
 
-def test_tiny_shakespeare_offline_with_holdout(tmp_path, tfds_dir, shakespeare_txt, tok1k):
+def test_tiny_shakespeare_offline_with_holdout(tmp_path, tfds_dir, play_txt, tok1k):
     cfg = _cfg(tmp_path, [DataSource()], data_dir=str(tfds_dir), validation_fraction=0.1)
     source = cfg.data.sources[0]
     builder = open_source(source, cfg.data.data_dir, None)
     full = list(documents(source, builder))
     head = "".join(documents(source, builder, 0.1))
     tail = "".join(documents(source, builder, 0.1, tail=True))
-    assert len(full) == 1 and head + tail == full[0] and shakespeare_txt.read_text().startswith(full[0][:10000])
+    assert len(full) == 1 and head + tail == full[0] and play_txt.read_text().startswith(full[0])
     assert abs(len(tail) / len(full[0]) - 0.1) < 1e-4
 
     batch = next(build_train_data(cfg, tok1k, 4))["tokens"]
     assert batch.shape == (4, SEQ + 1) and batch.dtype == np.int32
     val = build_validation_data(cfg, tok1k, 4)
     first = next(iter(val))
-    assert tok1k.decode(first["tokens"][0]) in tail.replace("\n", " ")
+    assert tok1k.decode(first["tokens"][0]) in tail
     assert 0 < int(first["target_bytes"].sum()) < 4 * SEQ * 8
+
+
+def test_real_tiny_shakespeare_copy_is_the_whole_text(tmp_path, shared_tfds_dir, shakespeare_txt):
+    """../shared's prepared TFDS copy, read by name like a downloaded one: its three splits are the raw text."""
+    splits = [DataSource(split=split) for split in ("train", "validation", "test")]
+    builder = open_source(splits[0], str(shared_tfds_dir), None)
+    text = "".join(doc for source in splits for doc in documents(source, builder))
+    assert len(text) == 1_115_394 and text == shakespeare_txt.read_text()
 
 
 def test_config_errors(corpus, tok1k):

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from hf_reference import make_hf_model, save_hf_model
+from random_checkpoint import save_random_checkpoint
 
 import llama_jax
 from llama_jax import KVCache, generate
-from llama_jax.config import MeshConfig
+from llama_jax.config import LlamaConfig, MeshConfig
 from llama_jax.inference import generate as gen
 from llama_jax.sharding import make_mesh
 
@@ -25,6 +25,8 @@ NEW = 32
 
 def hf_greedy(hf, prompts, new_tokens, pad_id=0):
     """transformers greedy generate with left padding + attention_mask; returns new ids per row up to EOS."""
+    import torch
+
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -47,11 +49,13 @@ def hf_pair(request, hf_dirs):
     return hf, llama_jax.load_pretrained(path)
 
 
+@pytest.mark.torch_ref
 def test_greedy_matches_transformers_token_for_token(hf_pair):
     hf, model = hf_pair
     assert generate(model, PROMPTS, max_new_tokens=NEW) == hf_greedy(hf, PROMPTS, NEW)
 
 
+@pytest.mark.torch_ref
 def test_stops_each_row_at_eos_and_includes_it(hf_pair):
     _, model = hf_pair
     free = generate(model, PROMPTS, max_new_tokens=NEW)
@@ -63,6 +67,7 @@ def test_stops_each_row_at_eos_and_includes_it(hf_pair):
     assert len(stopped[0]) <= 6
 
 
+@pytest.mark.torch_ref
 def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
     _, model = hf_pair
     steps = 6
@@ -86,10 +91,11 @@ def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
         np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
 
 
-@pytest.fixture
-def tiny(hf_dirs):
-    """The GQA model with a 40-token context (loading avoids compiling a random init)."""
-    return llama_jax.load_pretrained(hf_dirs[2][1], max_seq_len=40)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random GQA model with a 40-token context."""
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, ffn_hidden_dim=172, max_seq_len=40)
+    return llama_jax.load_pretrained(save_random_checkpoint(cfg, tmp_path_factory.mktemp("tiny")))
 
 
 def test_decode_loop_compiles_once_per_bucket(tiny):
@@ -125,6 +131,7 @@ def test_sampling_is_seeded(tiny):
     assert generate(tiny, [[1, 2], [3]], seed=8, **kwargs) != first
 
 
+@pytest.mark.torch_ref
 def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
     hf, path = hf_dirs[2]
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
@@ -140,6 +147,7 @@ def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
     assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
 
 
+@pytest.mark.e2e
 def test_bench_decode_runs_in_short_form():
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench_decode.py"
     run = subprocess.run([sys.executable, str(script), "--models", "tiny", "--batch-sizes", "2", "--prompt-len", "8",

@@ -1,24 +1,30 @@
-"""`python -m llama_jax generate` and `chat` end to end on a tiny saved HF model with a real tokenizer."""
+"""`generate` and `chat` commands on a tiny random checkpoint saved in HF layout, with the session's tokenizer:
+in-process through `main([...])`, and once through `python -m llama_jax chat` with piped stdin."""
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
-from hf_reference import make_hf_model, save_hf_model
+from random_checkpoint import save_random_checkpoint
 
 import llama_jax
 from llama_jax.chat import encode_dialog
 from llama_jax.cli import main
+from llama_jax.config import LlamaConfig
 from llama_jax.inference.chat_session import HELP, PROMPT
 from llama_jax.inference.text import complete
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT_LINES = ["Hello there", "How are you?", "/reset", "How are you?", "/exit", "never read"]
+CHAT_ARGS = ["--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief."]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_hf_model(make_hf_model(vocab=1000), tmp_path_factory.mktemp("hf1000"))
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=2048)
+    return save_random_checkpoint(cfg, tmp_path_factory.mktemp("hf1000"))
 
 
 def test_generate_streams_the_greedy_continuation(checkpoint, tokenizer_1k, capsys):
@@ -42,15 +48,15 @@ def test_generate_rejects_a_prompt_longer_than_the_context(checkpoint, tokenizer
     assert err.startswith("error: prompt 0 has") and "context is 2048" in err and "\n" not in err
 
 
-def test_chat_keeps_history_resets_and_exits_on_piped_stdin(checkpoint, tokenizer_1k):
-    lines = ["Hello there", "How are you?", "/reset", "How are you?", "/exit", "never read"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    run = subprocess.run(
-        [sys.executable, "-m", "llama_jax", "chat", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k),
-         "--temperature", "0", "--max-new-tokens", "12", "--system", "Be brief."],
-        input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert run.returncode == 0, run.stderr
+def test_missing_tokenizer_is_one_line(checkpoint, tmp_path, capsys):
+    args = ["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path / "nope.model"), "--prompt", "a"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: tokenizer model not found: {tmp_path / 'nope.model'} " \
+                                      "(pass a sentencepiece .model file)\n"
 
+
+def expected_chat_transcript(checkpoint, tokenizer_1k) -> str:
+    """What the chat session must print for CHAT_LINES, built from `complete` on the dialogs it should keep."""
     model, tok = llama_jax.load_pretrained(checkpoint), llama_jax.Tokenizer(tokenizer_1k)
 
     def reply(dialog):
@@ -61,7 +67,23 @@ def test_chat_keeps_history_resets_and_exits_on_piped_stdin(checkpoint, tokenize
     second = reply([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
                     {"role": "user", "content": "How are you?"}])
     fresh = reply([{"role": "user", "content": "How are you?"}])
-    assert second != fresh  # the history changes the answer, so the check below can tell them apart
-    expected = (HELP + PROMPT + first + "\n" + PROMPT + second + "\n" + PROMPT + "(history cleared)\n"
-                + PROMPT + fresh + "\n" + PROMPT + "\n")
-    assert run.stdout == expected
+    assert second != fresh  # the history changes the answer, so the transcript can tell them apart
+    return (HELP + PROMPT + first + "\n" + PROMPT + second + "\n" + PROMPT + "(history cleared)\n"
+            + PROMPT + fresh + "\n" + PROMPT + "\n")
+
+
+def test_chat_keeps_history_resets_and_exits(checkpoint, tokenizer_1k, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(CHAT_LINES) + "\n"))
+    assert main(["chat", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k), *CHAT_ARGS]) == 0
+    assert capsys.readouterr().out == expected_chat_transcript(checkpoint, tokenizer_1k)
+
+
+@pytest.mark.e2e
+def test_chat_command_on_piped_stdin(checkpoint, tokenizer_1k):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    run = subprocess.run(
+        [sys.executable, "-m", "llama_jax", "chat", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k),
+         *CHAT_ARGS], input="\n".join(CHAT_LINES) + "\n", capture_output=True, text=True, env=env, cwd=REPO,
+        timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected_chat_transcript(checkpoint, tokenizer_1k)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_reference import hf_logits, make_hf_model, save_hf_model
-from transformers import LlamaForCausalLM
 
 import llama_jax
+
+pytestmark = pytest.mark.torch_ref
 
 CASES = [
     dict(vocab=128, dim=64, ffn=172, layers=2, heads=4, kv_heads=4),
@@ -24,6 +25,8 @@ def _tokens(vocab: int, shape=(2, 33), seed: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"v{c['vocab']}d{c['dim']}h{c['heads']}kv{c['kv_heads']}")
 def test_logits_match_transformers_and_export_roundtrips(case, tmp_path):
+    from transformers import LlamaForCausalLM
+
     hf = make_hf_model(**case)
     model = llama_jax.load_pretrained(save_hf_model(hf, tmp_path / "hf"))
     tokens = _tokens(case["vocab"])

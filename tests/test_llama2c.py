@@ -10,6 +10,8 @@ from meta_reference import meta_state_dict
 import llama_jax
 from llama_jax.checkpoints import detect_format
 
+pytestmark = pytest.mark.torch_ref
+
 KINDS = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 

@@ -5,10 +5,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
 from hf_reference import hf_logits, make_hf_model
 from meta_reference import write_meta_checkpoint
+from random_checkpoint import save_random_checkpoint
 
 import llama_jax
 from llama_jax.checkpoints import detect_format
@@ -16,14 +15,19 @@ from llama_jax.checkpoints.convert import convert
 from llama_jax.config import LlamaConfig
 
 TOKENS = np.random.RandomState(1).randint(0, 128, (2, 17)).astype(np.int32)
+pytestmark = pytest.mark.torch_ref
 
 
 def _load_shards(path):
+    import torch
+
     return [torch.load(f, weights_only=True) for f in sorted(path.glob("consolidated.*.pth"))]
 
 
 @pytest.mark.parametrize("kv_heads,num_shards", [(4, 2), (2, 2), (4, 4), (2, 1)])
 def test_sharded_meta_checkpoint_matches_transformers_and_round_trips(kv_heads, num_shards, tmp_path):
+    import torch
+
     hf = make_hf_model(kv_heads=kv_heads)
     src = write_meta_checkpoint(hf, tmp_path / "meta", num_shards, vocab_from_tokenizer=num_shards == 2)
     assert detect_format(src) == "meta"
@@ -43,6 +47,8 @@ def test_sharded_meta_checkpoint_matches_transformers_and_round_trips(kv_heads, 
 
 
 def test_bf16_checkpoint_converts_streaming_without_changing_bits(tmp_path):
+    import torch
+
     src = write_meta_checkpoint(make_hf_model(kv_heads=4), tmp_path / "meta", 4, dtype=torch.bfloat16)
     out = convert(src, tmp_path / "out", "meta", num_shards=4)
     for orig, new in zip(_load_shards(src), _load_shards(out)):
@@ -56,8 +62,7 @@ def test_bf16_checkpoint_converts_streaming_without_changing_bits(tmp_path):
 def test_params_json_keeps_explicit_ffn_width_in_metas_own_keys(tmp_path):
     for ffn in (172, 100, 1000):
         cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=32, ffn_hidden_dim=ffn)
-        model = llama_jax.Llama(cfg, rngs=nnx.Rngs(0))
-        out = llama_jax.save_pretrained(model, tmp_path / str(ffn), format="meta")
+        out = save_random_checkpoint(cfg, tmp_path / str(ffn), format="meta")
         params = json.loads((out / "params.json").read_text())
         assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                                "ffn_dim_multiplier", "norm_eps", "rope_theta"}
@@ -77,6 +82,8 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_inconsistent_shard_shapes_name_tensor_and_file(tmp_path):
+    import torch
+
     src = write_meta_checkpoint(make_hf_model(), tmp_path / "meta", 2)
     shard = torch.load(src / "consolidated.01.pth", weights_only=True)
     shard["layers.1.feed_forward.w2.weight"] = shard["layers.1.feed_forward.w2.weight"][:-1].clone()

@@ -20,24 +20,37 @@ def _variant(model: Llama, **changes) -> Llama:
     return build_model(model.cfg, ExecutionConfig(**changes), tensors.__getitem__)
 
 
+# Jitted: one compile per model variant instead of one per operation in eager mode (~5x faster on CPU).
+forward = nnx.jit(lambda m, tokens: m(tokens))
+forward_cached = nnx.jit(lambda m, tokens, cache: m(tokens, cache=cache))
+
+
+@nnx.jit
+@nnx.grad
+def loss_grads(m: Llama) -> jax.Array:
+    return jnp.mean(jax.nn.log_softmax(m(TOKENS))[..., 0])
+
+
 @pytest.fixture(scope="module")
 def model() -> Llama:
     return Llama(CFG, rngs=nnx.Rngs(0))
 
 
+@pytest.fixture(scope="module")
+def reference(model) -> tuple[np.ndarray, np.ndarray]:
+    """The plain loop's logits and its gradient for layer 1's w1."""
+    return np.asarray(forward(model, TOKENS)), np.asarray(loss_grads(model).layers[1].feed_forward.w1[...])
+
+
 @pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(remat="full"), dict(remat="save_dots"),
                                      dict(scan_layers=True, remat="full")], ids=str)
-def test_scan_and_remat_match_plain_loop(model, changes):
+def test_scan_and_remat_match_plain_loop(model, reference, changes):
+    logits, w1_grad = reference
     variant = _variant(model, **changes)
-    np.testing.assert_allclose(np.asarray(variant(TOKENS)), np.asarray(model(TOKENS)), atol=1e-5, rtol=0)
-
-    def loss(m: Llama) -> jax.Array:
-        return jnp.mean(jax.nn.log_softmax(m(TOKENS))[..., 0])
-
-    grads = nnx.grad(loss)(variant)
-    ref = nnx.grad(loss)(model)
+    np.testing.assert_allclose(np.asarray(forward(variant, TOKENS)), logits, atol=1e-5, rtol=0)
+    grads = loss_grads(variant)
     g = grads.layers.feed_forward.w1[...][1] if changes.get("scan_layers") else grads.layers[1].feed_forward.w1[...]
-    np.testing.assert_allclose(np.asarray(g), np.asarray(ref.layers[1].feed_forward.w1[...]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), w1_grad, atol=1e-6)
 
 
 def test_bf16_compute_within_stated_tolerance(model):
@@ -49,18 +62,18 @@ def test_bf16_compute_within_stated_tolerance(model):
     assert 0 < err < 0.05
 
 
-def test_prefill_then_decode_equals_full_forward(model):
-    full = model(TOKENS)
+def test_prefill_then_decode_equals_full_forward(model, reference):
+    full, _ = reference
     cache = KVCache.create(CFG, batch=2, slots=32)
-    logits, cache = model(TOKENS[:, :10], cache=cache)
+    logits, cache = forward_cached(model, TOKENS[:, :10], cache)
     steps = [logits]
     for t in range(10, TOKENS.shape[1]):
-        logits, cache = model(TOKENS[:, t:t + 1], cache=cache)
+        logits, cache = forward_cached(model, TOKENS[:, t:t + 1], cache)
         steps.append(logits)
     assert int(cache.index) == TOKENS.shape[1]
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), full, atol=1e-4, rtol=0)
 
 
 def test_output_is_float32_logits_of_vocab_size(model):
-    out = model(TOKENS)
+    out = forward(model, TOKENS)
     assert out.shape == (2, 24, CFG.vocab_size) and out.dtype == jnp.float32

@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from tensorboardX.proto.event_pb2 import Event
@@ -46,8 +47,32 @@ def test_cluster_args_errors(train, env, message):
         cluster_args(train, env)
 
 
-def test_initialize_is_a_no_op_unless_distributed():
-    initialize(TrainConfig(distributed=False, coordinator_address="unreachable:1", num_processes=2, process_id=1))
+def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    cluster = dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+    initialize(TrainConfig(distributed=False, **cluster))
+    assert calls == []
+    initialize(TrainConfig(distributed=True, **cluster))
+    initialize(TrainConfig(distributed=True))  # TPU VM: JAX detects the cluster
+    assert calls == [cluster, {}]
+
+
+@pytest.mark.parametrize("train, hint", [
+    (TrainConfig(distributed=True), "JAX found no cluster to join here; set train.coordinator_address"),
+    (TrainConfig(distributed=True, coordinator_address="h:1", num_processes=2, process_id=0),
+     "start every process with the same coordinator address"),
+])
+def test_initialize_failure_is_one_line_with_the_fix(monkeypatch, train, hint):
+    def refuse(**kwargs):
+        raise RuntimeError("connection refused\n(grpc details)")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", refuse)
+    with pytest.raises(ConfigError) as err:
+        initialize(train)
+    assert "initialize failed (connection refused); " + hint in str(err.value) and "\n" not in str(err.value)
 
 
 def event_files(run_dir: Path) -> set[Path]:
@@ -75,12 +100,12 @@ def launch(config: Path, processes: int, devices: int, *overrides: str) -> subpr
 
 
 @pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.e2e)], ids=["in_memory", "streaming"])
-def run_config(request, tmp_path, shakespeare_txt, tokenizer_1k) -> Path:
-    """A tiny model on 100 KB of Shakespeare with a fixed tokenizer and a constant learning rate (so the schedule does
+def run_config(request, tmp_path, play_txt, tokenizer_1k) -> Path:
+    """A tiny model on 100 KB of play text with a fixed tokenizer and a constant learning rate (so the schedule does
     not depend on train.steps); the token cache is prepared here, before several processes would race to make it.
     Streaming reads the text as 4 files in 4 streams (2 per process)."""
-    text = tmp_path / "shakespeare.txt"
-    text.write_bytes(shakespeare_txt.read_bytes()[:100_000])
+    text = tmp_path / "play.txt"
+    text.write_bytes(play_txt.read_bytes()[:100_000])
     source, streaming = {"name": str(text)}, {}
     if request.param:
         lines = text.read_text().splitlines(keepends=True)
@@ -104,6 +129,7 @@ def run_config(request, tmp_path, shakespeare_txt, tokenizer_1k) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_two_processes_match_one_stop_together_and_resume(run_config, tmp_path):
     # 2 processes x 4 devices until process 1 alone gets SIGTERM (after process 0 logged step 3).
     two = launch(run_config, 2, 4)

@@ -27,6 +27,8 @@ def _blocks(lang: str) -> list[str]:
     return blocks
 
 
+@pytest.mark.e2e
+@pytest.mark.torch_ref  # the Meta export writes .pth files with torch
 def test_python_examples_run(tmp_path, monkeypatch):
     blocks = _blocks("python")
     assert blocks, "README has no python examples"

@@ -88,9 +88,10 @@ def torch_lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@pytest.mark.torch_ref
 def test_twenty_adamw_steps_match_torch(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
 
     cfg = tiny_config(n_layers=2, lr=3e-3, warmup_steps=4, grad_clip=0.5)
     data = batches(20, batch=4, seed=1)

@@ -12,6 +12,7 @@ paths share the tokenizer and `tokenized.window`, and batches reach the devices 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -83,6 +84,13 @@ def global_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
+def _put(mesh: Mesh | None, batch: Batch) -> Batch:
+    """The batch as global arrays on `mesh` (this runs in the prefetch thread), its source indices kept on the host."""
+    batch = dict(batch)
+    source = batch.pop("source")
+    return {**(global_batch(batch, mesh) if mesh is not None else batch), "source": source}
+
+
 class DataIterator:
     """Batches from a grain dataset, put onto the mesh in a background thread one step ahead of the train step.
 
@@ -92,19 +100,13 @@ class DataIterator:
 
     def __init__(self, dataset: grain.IterDataset, mesh: Mesh | None, fingerprint: str, labels: list[str],
                  seq_len: int):
-        self._mesh = mesh
-        self._iter = iter(grain.experimental.ThreadPrefetchIterDataset(dataset.map(self._put), prefetch_buffer_size=2))
+        put = functools.partial(_put, mesh)  # not a bound method: the iterator must not keep `self` alive
+        self._iter = iter(grain.experimental.ThreadPrefetchIterDataset(dataset.map(put), prefetch_buffer_size=2))
         weakref.finalize(self, self._iter.close)  # threads still running C++ code abort the interpreter at exit
         self._fingerprint = fingerprint
         self._labels = labels
         self._seq_len = seq_len
         self._tokens = np.zeros(len(labels), np.int64)
-
-    def _put(self, batch: Batch) -> Batch:
-        batch = dict(batch)
-        source = batch.pop("source")
-        out = global_batch(batch, self._mesh) if self._mesh is not None else batch
-        return {**out, "source": source}
 
     def __iter__(self) -> Iterator[Batch]:
         return self
