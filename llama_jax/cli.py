@@ -171,17 +171,54 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--topology", help="TPU slice: v4-8, v5p-128, v5e-16 / v5litepod-16, v6e-8, or v5p:4x4x8")
     target.add_argument("--gpus", type=int, help="number of GPUs (a CPU-compiled estimate)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU for --gpus (default 80)")
+    p.add_argument("--headroom", type=float, default=0.05, help="warn when less than this fraction of the usable "
+                   "memory per chip stays free (default 0.05)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.batch_size=128")
     p.set_defaults(run=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
     from llama_jax.plan import plan
-    print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib).report())
+    print(plan(args.config, args.overrides, args.topology, args.gpus, args.gpu_memory_gib, args.headroom).report())
+
+
+def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with our model registered as `--model llama_jax`",
+                       description="Runs lm_eval's own command line; everything after `lm-eval` goes to it, e.g. "
+                                   "run --model llama_jax --model_args checkpoint=DIR,tokenizer=FILE --tasks hellaswag")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval arguments (see `lm-eval run --help`)")
+    p.set_defaults(run=_run_lm_eval)
+
+
+def _run_lm_eval(args: argparse.Namespace) -> None:
+    from llama_jax.evaluation import run_lm_eval
+    run_lm_eval(args.lm_eval_args)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (any format load_pretrained reads)")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 503")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (the rest goes to fsdp)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from llama_jax.serving.engine import BatchingConfig
+    from llama_jax.serving.server import serve
+    serve(args.checkpoint, args.tokenizer, args.host, args.port, args.dtype, args.model_name,
+          BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train, _add_eval,
-            _add_plan]
+            _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

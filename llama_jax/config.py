@@ -166,7 +166,9 @@ class MeshConfig:
 
 @dataclass
 class DataSource:
-    """One text source: a TFDS dataset name, or local `.txt`/`.jsonl` files (comma-separated paths or a glob)."""
+    """One text source, by the form of its `name`: a TFDS dataset (`c4/en`); local `.txt`/`.jsonl`/`.parquet` files
+    (comma-separated paths or globs); or a Hugging Face dataset `hf:ORG/NAME[:config]` / `hf:/path` (a directory
+    written by `Dataset.save_to_disk`, or of data files), read in streaming mode (`data.streaming`)."""
 
     name: str = "tiny_shakespeare"
     split: str = "train"
@@ -181,7 +183,14 @@ class DataConfig:
     Validation comes from `validation` (another source), or else from holding out the last `validation_fraction`
     of the first source's text. `data_dir` is the TFDS directory (a `gs://` path works); `cache_dir` holds prepared
     local files and tokenized corpora (default `~/.cache/llama_jax`). Without `tokenizer`, one with
-    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory.
+    `tokenizer_vocab_size` pieces is trained on the first source and kept in the run directory. A TFDS dataset
+    missing from `data_dir` is built only if `allow_download` permits: unset = on single-process runs only, true =
+    by process 0 while the others wait, false = never (a one-line error says where to copy it from).
+
+    With `streaming`, training sources are read lazily (tokenized on the fly, nothing prepared up front) as
+    `streams` independent shard streams, each packing its own documents and shuffling them through a buffer of
+    `shuffle_buffer` windows. The batch order depends on `streams`, never on the process count, which must divide
+    `streams` (times `workers`, grain worker processes per host; 0 reads in background threads).
     """
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
@@ -193,6 +202,11 @@ class DataConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1024
     validation_fraction: float = 0.0
+    allow_download: bool | None = None
+    streaming: bool = False
+    streams: int = 8
+    shuffle_buffer: int = 256
+    workers: int = 0
 
 
 @dataclass
@@ -212,6 +226,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Run length, batch, logging, sampling and cluster settings. With several processes, SIGTERM and
+    `max_minutes` are agreed across them every `stop_check_every` steps (one small all-gather)."""
+
     steps: int = 1000
     batch_size: int = 16
     seed: int = 0
@@ -228,6 +245,7 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    stop_check_every: int = 10
 
 
 @dataclass

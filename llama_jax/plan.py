@@ -4,6 +4,8 @@ For TPUs, libtpu describes the named slice's chips without any TPU present (`jax
 `Trainer`'s jitted step is lowered on abstract inputs (ShapeDtypeStructs carrying the mesh's NamedShardings) and
 compiled by the TPU compiler, whose memory analysis gives the bytes each chip needs: arguments (parameters,
 optimizer state, batch), temporaries (activations, gradients, gathered weights) and code. Nothing is allocated.
+The total is compared with the chip's *usable* HBM (`llama_jax.chips`: what XLA may allocate, e.g. 30.75 of a v4's
+32 GiB), and a plan that leaves less than `headroom` of it free gets a warning.
 For GPUs there is no such compiler here, so the step is compiled for N CPU devices: an estimate of the same program's
 per-device memory, not a GPU measurement.
 
@@ -26,30 +28,30 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from llama_jax.chips import GIB, Chip, chip
 from llama_jax.config import Config, ConfigError, load_config
 from llama_jax.sharding import batch_sharding, bytes_per_device, check_model_fits, make_mesh, simulate_cpu_devices
-from llama_jax.training.metrics import PEAK_FLOPS
 from llama_jax.training.step import Trainer
 
-GIB = 2**30
+DEFAULT_HEADROOM = 0.05
 
 
 @dataclass(frozen=True)
 class Generation:
-    """One TPU generation: topology prefix, whether the name counts TensorCores, chip layout, HBM per chip."""
+    """One TPU generation: topology prefix, whether the name counts TensorCores, chip layout, the chip itself."""
 
     prefix: str
     cores_per_chip_in_name: int
     dims: int
     chip_config: str
-    hbm_gib: float
+    chip: Chip
 
 
 GENERATIONS = {
-    "v4": Generation("v4", 2, 3, "megacore", 32),
-    "v5p": Generation("v5p", 2, 3, "megacore", 95),
-    "v5e": Generation("v5e", 1, 2, "default", 16),
-    "v6e": Generation("v6e", 1, 2, "default", 32),
+    "v4": Generation("v4", 2, 3, "megacore", chip("v4")),
+    "v5p": Generation("v5p", 2, 3, "megacore", chip("v5p")),
+    "v5e": Generation("v5e", 1, 2, "default", chip("v5e")),
+    "v6e": Generation("v6e", 1, 2, "default", chip("v6e")),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 NAME_HELP = "e.g. v4-8, v5p-128, v5e-16 (or v5litepod-16), v6e-8, or an explicit topology such as v5p:4x4x8"
@@ -57,13 +59,14 @@ NAME_HELP = "e.g. v4-8, v5p-128, v5e-16 (or v5litepod-16), v6e-8, or an explicit
 
 @dataclass(frozen=True)
 class Target:
-    """What to compile for: devices, their memory, and words for the report."""
+    """What to compile for: devices, the memory a program may use on each (and the nominal size), report words."""
 
     devices: list[Any]
     memory_bytes: float
     description: str
     peak_flops: float | None
     estimate_note: str = ""
+    nominal_bytes: float | None = None
 
 
 def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -113,9 +116,11 @@ def tpu_target(name: str) -> Target:
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=gen.chip_config)
-    return Target(list(desc.devices), gen.hbm_gib * GIB,
+    spec = gen.chip
+    return Target(list(desc.devices), spec.usable_hbm_gib * GIB,
                   f"{name} (topology {topology}, {chips} chips of {desc.devices[0].device_kind}, "
-                  f"{gen.hbm_gib:g} GiB HBM each)", PEAK_FLOPS.get(gen.prefix))
+                  f"{spec.usable_hbm_gib:g} GiB usable of {spec.hbm_gib:g} GiB HBM each)", spec.peak_flops,
+                  nominal_bytes=spec.hbm_gib * GIB)
 
 
 def gpu_target(count: int, memory_gib: float) -> Target:
@@ -144,6 +149,7 @@ class Plan:
     other_bytes: int
     flops_per_step: float
     compile_s: float
+    headroom: float = DEFAULT_HEADROOM
 
     @property
     def total_bytes(self) -> int:
@@ -151,7 +157,25 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """At most the usable memory per device (what XLA may allocate, not the nominal HBM)."""
         return self.total_bytes <= self.target.memory_bytes
+
+    @property
+    def fits_with_headroom(self) -> bool:
+        """Fits and leaves at least `headroom` of the usable memory free (fragmentation, other libtpu releases)."""
+        return self.total_bytes <= (1 - self.headroom) * self.target.memory_bytes
+
+    def verdict(self) -> str:
+        """'fits', 'fits, but ...' (under the headroom) or 'does not fit ...', with the numbers."""
+        usable, total = self.target.memory_bytes / GIB, self.total_bytes / GIB
+        if not self.fits:
+            return (f"does not fit: needs {total:.2f} GiB per chip, {total - usable:.2f} GiB more than the "
+                    f"{usable:g} GiB usable")
+        free = 1 - total / usable
+        if not self.fits_with_headroom:
+            return (f"fits, but warning: only {100 * free:.1f}% ({usable - total:.2f} GiB) free, under the "
+                    f"{100 * self.headroom:g}% headroom; use a smaller batch or sequence, or more chips")
+        return f"fits ({100 * free:.0f}% free)"
 
     def report(self) -> str:
         per = "chip" if self.target.peak_flops else "device"
@@ -161,9 +185,11 @@ class Plan:
         lines = [f"plan: {self.target.description}", f"mesh: {mesh}; global batch {self.batch[0]} x {self.batch[1]} "
                  f"tokens; compiled in {self.compile_s:.1f} s", f"memory per {per}:"]
         lines += [f"  {name:<27}{b / GIB:9.2f} GiB" for name, b in rows]
-        verdict = "fits" if self.fits else "does not fit"
-        lines.append(f"  {'total':<27}{self.total_bytes / GIB:9.2f} GiB of {self.target.memory_bytes / GIB:g} GiB "
-                     f"({100 * self.total_bytes / self.target.memory_bytes:.0f}%): {verdict}")
+        nominal = self.target.nominal_bytes
+        of = f"{self.target.memory_bytes / GIB:g} GiB" + (
+            f" usable ({nominal / GIB:g} GiB nominal)" if nominal and nominal != self.target.memory_bytes else "")
+        lines.append(f"  {'total':<27}{self.total_bytes / GIB:9.2f} GiB of {of} "
+                     f"({100 * self.total_bytes / self.target.memory_bytes:.0f}%): {self.verdict()}")
         flops = f"model FLOPs per step: {self.flops_per_step:.3e}"
         if self.target.peak_flops:
             ideal = self.flops_per_step / (self.target.peak_flops * len(self.target.devices))
@@ -174,8 +200,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_step(cfg: Config, target: Target) -> Plan:
+def plan_step(cfg: Config, target: Target, headroom: float = DEFAULT_HEADROOM) -> Plan:
     """Compile `cfg`'s train step for `target`'s devices on `cfg.mesh` and measure its memory per device."""
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"--headroom must be a fraction in [0, 1), e.g. 0.05, got {headroom}")
     mesh = make_mesh(cfg.mesh, target.devices)
     check_model_fits(cfg.model, mesh)
     trainer = Trainer(cfg, mesh)
@@ -192,7 +220,8 @@ def plan_step(cfg: Config, target: Target) -> Plan:
              - memory.alias_size_in_bytes + memory.generated_code_size_in_bytes)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     return Plan(target, dict(_mesh_sizes(mesh)), (cfg.train.batch_size, cfg.data.seq_len), params, opt, data,
-                memory.temp_size_in_bytes, other, cfg.model.flops_per_token(cfg.data.seq_len) * tokens, seconds)
+                memory.temp_size_in_bytes, other, cfg.model.flops_per_token(cfg.data.seq_len) * tokens, seconds,
+                headroom)
 
 
 def _mesh_sizes(mesh: Mesh) -> list[tuple[str, int]]:
@@ -200,12 +229,13 @@ def _mesh_sizes(mesh: Mesh) -> list[tuple[str, int]]:
 
 
 def plan(config: str | None, overrides: list[str], topology: str | None = None, gpus: int | None = None,
-         gpu_memory_gib: float = 80.0) -> Plan:
-    """Plan `config` (+ overrides) for a TPU `topology` or for `gpus` GPUs of `gpu_memory_gib` each."""
+         gpu_memory_gib: float = 80.0, headroom: float = DEFAULT_HEADROOM) -> Plan:
+    """Plan `config` (+ overrides) for a TPU `topology` or for `gpus` GPUs of `gpu_memory_gib` each; warn when less
+    than `headroom` of the usable memory would stay free."""
     if (topology is None) == (gpus is None):
         raise ConfigError("give exactly one of --topology (e.g. v5p-128) or --gpus N")
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # the host side; TPU chips come from libtpu's description
     cfg = load_config(config, overrides)
     target = tpu_target(topology) if topology is not None else gpu_target(gpus, gpu_memory_gib)
-    return plan_step(cfg, target)
+    return plan_step(cfg, target, headroom)

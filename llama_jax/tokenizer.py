@@ -38,6 +38,11 @@ LLAMA_TRAINER_OPTIONS: dict[str, object] = {
 }
 
 
+def _sentencepiece_property(name: str) -> property:
+    """A read-only int property forwarding to the sentencepiece processor's method `name`."""
+    return property(lambda self: int(getattr(self.sp, name)()), doc=f"sentencepiece `{name}()`")
+
+
 class Tokenizer:
     """A thin, typed face over `sentencepiece.SentencePieceProcessor`; BOS/EOS are added only on request."""
 
@@ -63,25 +68,11 @@ class Tokenizer:
         """Text of a sequence of ids (a list, or a 1-D numpy/jax array)."""
         return self.sp.decode([int(i) for i in ids])
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.vocab_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    vocab_size = _sentencepiece_property("vocab_size")
+    bos_id = _sentencepiece_property("bos_id")
+    eos_id = _sentencepiece_property("eos_id")
+    pad_id = _sentencepiece_property("pad_id")
+    unk_id = _sentencepiece_property("unk_id")
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)

@@ -1,5 +1,6 @@
 """Multi-process training: 2 processes x 4 CPU devices train exactly like 1 process x 8, stop together on a SIGTERM
-to one of them, and leave a checkpoint that a single process resumes at the next step."""
+to one of them, and leave a checkpoint that a single process resumes at the next step — with in-memory and with
+streamed data (whose per-process positions are gathered into the checkpoint and regrouped for one process)."""
 
 import os
 import re
@@ -98,17 +99,25 @@ def launch(config: Path, processes: int, devices: int, *overrides: str) -> subpr
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture
-def run_config(tmp_path, play_txt, tokenizer_1k) -> Path:
+@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.e2e)], ids=["in_memory", "streaming"])
+def run_config(request, tmp_path, play_txt, tokenizer_1k) -> Path:
     """A tiny model on 100 KB of play text with a fixed tokenizer and a constant learning rate (so the schedule does
-    not depend on train.steps); the token cache is prepared here, before several processes would race to make it."""
+    not depend on train.steps); the token cache is prepared here, before several processes would race to make it.
+    Streaming reads the text as 4 files in 4 streams (2 per process)."""
     text = tmp_path / "play.txt"
     text.write_bytes(play_txt.read_bytes()[:100_000])
+    source, streaming = {"name": str(text)}, {}
+    if request.param:
+        lines = text.read_text().splitlines(keepends=True)
+        for i in range(4):
+            (tmp_path / f"part{i}.txt").write_text("".join(lines[i::4]))
+        source, streaming = {"name": str(tmp_path / "part*.txt")}, {"streaming": True, "streams": 4,
+                                                                     "shuffle_buffer": 8}
     raw = {
         "model": {"preset": "tiny", "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1024,
                   "max_seq_len": 32},
-        "data": {"sources": [{"name": str(text)}], "seq_len": 32, "tokenizer": str(tokenizer_1k),
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": {"sources": [source], "seq_len": 32, "tokenizer": str(tokenizer_1k),
+                 "cache_dir": str(tmp_path / "cache"), **streaming},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "min_lr_ratio": 1.0},
         "train": {"steps": 1000, "batch_size": 8, "log_every": 1, "eval_every": 0, "sample_tokens": 0},
         "checkpoint": {"dir": str(tmp_path / "two_processes"), "every": 0},

@@ -1,5 +1,6 @@
 """tpu_setup/ scripts (checked through --dry-run: the exact gcloud commands) and the TPU recipe configs."""
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -8,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.config import load_config
-from llama_jax.sharding import mesh_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "tpu_setup"
@@ -23,7 +22,7 @@ SETTINGS = {
     "RUNTIME_VERSION": "tpu-ubuntu2204-base",
     "GCS_BUCKET": "gs://my-bucket/",
     "REPO": "https://github.com/me/llama_jax.git",
-    "CONFIG": "experiments/configs/llama2_7b_v4_8.yaml",
+    "CONFIG": "experiments/configs/llama2_7b_v4_16.yaml",
 }
 
 
@@ -35,14 +34,15 @@ def env_file(tmp_path: Path, **changes: str | None) -> Path:
     return path
 
 
-def run(script: str, *args: str, env: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(TPU / script), "--dry-run", "--env", str(env), *args],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
+def run(script: str, *args: str, env: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """A script with --dry-run; $HOME is the env file's directory (prereqs.sh looks for the ssh key there)."""
+    return subprocess.run(["bash", str(TPU / script), "--dry-run", "--env", str(env), *args], capture_output=True,
+                          text=True, timeout=30, cwd=cwd, env={**os.environ, "HOME": str(env.parent)})
 
 
-def commands(script: str, *args: str, env: Path) -> list[list[str]]:
+def commands(script: str, *args: str, env: Path, cwd: Path = REPO) -> list[list[str]]:
     """The dry-run output of a script, each printed command split back into its words."""
-    result = run(script, *args, env=env)
+    result = run(script, *args, env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return [shlex.split(line) for line in result.stdout.splitlines()]
 
@@ -88,10 +88,11 @@ def test_setup_clones_and_installs_on_every_worker(tmp_path):
     assert line.startswith("set -e; if [ -d llama_jax/.git ]; then git -C llama_jax pull --ff-only; "
                            "else git clone --branch main https://github.com/me/llama_jax.git llama_jax; fi; ")
     steps = line.split("; ")
-    assert "$HOME/llama_jax_venv/bin/pip install -r requirements.txt -e ." in steps
-    assert "$HOME/llama_jax_venv/bin/pip install 'jax[tpu]==0.10.2'" in steps
+    # jax[tpu] in the same resolve as requirements.txt: a separate install could leave a jax libtpu does not match
+    install = "$HOME/llama_jax_venv/bin/pip install -r requirements.txt -e . 'jax[tpu]==0.10.2'"
+    assert install in steps and sum("pip install" in step for step in steps) == 2  # uv, then the project
     assert "gcloud storage cp gs://my-bucket/tok.model tokenizer.model" in steps
-    assert steps.index("cd llama_jax") < steps.index("$HOME/llama_jax_venv/bin/pip install -r requirements.txt -e .")
+    assert steps.index("cd llama_jax") < steps.index(install)
 
 
 def test_setup_without_repo_copies_the_checkout(tmp_path):
@@ -108,8 +109,9 @@ def test_train_starts_the_same_command_on_all_workers(tmp_path):
     (cmd,) = commands("train.sh", "optim.lr=1e-4", "train.steps=10", env=env_file(tmp_path))
     assert cmd[:-1] == SSH + ["--worker=all"]
     line = remote(cmd)
-    train = ("-m llama_jax train --config experiments/configs/llama2_7b_v4_8.yaml train.distributed=true "
-             "checkpoint.dir=gs://my-bucket/runs/llama-test optim.lr=1e-4 train.steps=10")
+    train = ("-m llama_jax train --config experiments/configs/llama2_7b_v4_16.yaml train.distributed=true "
+             "checkpoint.dir=gs://my-bucket/runs/llama-test data.data_dir=gs://my-bucket/tensorflow_datasets "
+             "optim.lr=1e-4 train.steps=10")
     assert (f"PYTHONUNBUFFERED=1 setsid nohup $HOME/llama_jax_venv/bin/python {train} "
             ">> $HOME/llama_jax_logs/train.log 2>&1 < /dev/null & echo $! > $HOME/llama_jax_logs/train.pid") in line
     assert "already running" in line and line.index("kill -0") < line.index("setsid")
@@ -159,6 +161,11 @@ def test_logs_stop_and_checkpoints(tmp_path):
     ("ckpt.sh", ("push", "/no/such/dir"), {}, "local directory '/no/such/dir' not found"),
     ("logs.sh", ("--worker", "x"), {}, "--worker must be a worker number or 'all'"),
     ("delete.sh", ("--force",), {}, "unexpected argument '--force'"),
+    ("recover.sh", (), {}, "a dry run cannot ask gcloud for the state; add --state PREEMPTED"),
+    ("prereqs.sh", (), {"GCS_BUCKET": "s3://b"}, "GCS_BUCKET must look like gs://my-bucket"),
+    ("data.sh", ("tokenizer", "/no/such.model"), {}, "tokenizer file '/no/such.model' not found"),
+    ("data.sh", ("weights",), {}, "unknown command 'weights'"),
+    ("create.sh", (), {"INTERNAL_IPS": "yes please"}, "INTERNAL_IPS must be true or false"),
 ])
 def test_bad_settings_fail_with_one_line(tmp_path, script, args, changes, message):
     result = run(script, *args, env=env_file(tmp_path, **changes))
@@ -176,9 +183,13 @@ def test_missing_env_file_and_help(tmp_path):
 
 
 def test_the_example_env_file_is_complete(tmp_path):
-    example = TPU / "tpu.env.example"
-    for script in ("create.sh", "setup.sh", "train.sh", "stop.sh", "logs.sh", "status.sh", "delete.sh"):
-        assert run(script, env=example).returncode == 0, script
+    example = tmp_path / "tpu.env"
+    shutil.copy(TPU / "tpu.env.example", example)
+    for script, *args in [("prereqs.sh",), ("data.sh", "dataset"), ("create.sh",), ("setup.sh",), ("train.sh",),
+                          ("stop.sh",), ("logs.sh",), ("status.sh",), ("recover.sh", "--state", "PREEMPTED"),
+                          ("delete.sh",)]:
+        result = run(script, *args, env=example)
+        assert result.returncode == 0, (script, result.stderr)
 
 
 def test_shellcheck_passes():
@@ -189,24 +200,145 @@ def test_shellcheck_passes():
     assert result.returncode == 0, result.stdout
 
 
-# name -> (chips, HBM GiB per chip) of the slice each recipe is written for
-RECIPES = {
-    "llama2_7b_v4_8": (4, 32),
-    "llama2_7b_v5e_16": (16, 16),
-    "llama2_13b_v5p_128": (64, 95),
-    "llama2_70b_v5p_128": (64, 95),
-}
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_configs_fit_their_slice(name):
-    chips, hbm_gib = RECIPES[name]
-    cfg = load_config(REPO / "experiments" / "configs" / f"{name}.yaml")
-    data, fsdp, tensor = mesh_shape(cfg.mesh, chips)
-    assert cfg.train.batch_size % (data * fsdp) == 0
-    assert cfg.model.n_heads % tensor == 0 and cfg.model.n_kv_heads % tensor == 0
-    assert cfg.execution.remat == "full" and cfg.execution.scan_layers and cfg.train.distributed
-    assert cfg.data.seq_len <= cfg.model.max_seq_len
-    # fp32 params + grads + AdamW mu/nu = 16 B/param, fully sharded over fsdp x tensor; leave >= 15% for activations
-    state_gib = cfg.model.num_params() * 16 / (fsdp * tensor) / 2**30
-    assert state_gib < 0.85 * hbm_gib, state_gib
+def test_network_settings_reach_create_ssh_and_scp(tmp_path):
+    env = env_file(tmp_path, NETWORK="tpu-net", SUBNET="tpu-subnet", INTERNAL_IPS="true",
+                   SERVICE_ACCOUNT="trainer@my-proj.iam.gserviceaccount.com", REPO=None)
+    (create,) = commands("create.sh", env=env)
+    assert create[-4:] == ["--network=tpu-net", "--subnetwork=tpu-subnet", "--internal-ips",
+                           "--service-account=trainer@my-proj.iam.gserviceaccount.com"]
+    (queued,) = commands("create.sh", env=env_file(tmp_path, QUEUED="true", NETWORK="tpu-net", INTERNAL_IPS="true"))
+    assert queued[3:5] == ["queued-resources", "create"] and queued[-2:] == ["--network=tpu-net", "--internal-ips"]
+    _, scp, ssh = commands("setup.sh", env=env)
+    assert scp[-1] == "--internal-ip" and ssh[:-1] == SSH + ["--worker=all", "--internal-ip"]
+    (logs,) = commands("logs.sh", env=env)
+    assert "--internal-ip" in logs
+
+
+def test_prereqs_enable_the_api_make_the_bucket_and_grant_the_tpu_account(tmp_path):
+    env = env_file(tmp_path, GCS_BUCKET="gs://my-bucket/team/")
+    key = str(tmp_path / ".ssh" / "google_compute_engine")
+    assert commands("prereqs.sh", env=env) == [
+        ["gcloud", "services", "enable", "tpu.googleapis.com", "--project=my-proj"],
+        ["gcloud", "storage", "buckets", "create", "gs://my-bucket", "--project=my-proj", "--location=us-central2",
+         "--uniform-bucket-level-access"],
+        ["gcloud", "projects", "describe", "my-proj", "--format=value(projectNumber)"],
+        ["gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-bucket",
+         "--member=serviceAccount:PROJECT_NUMBER-compute@developer.gserviceaccount.com",
+         "--role=roles/storage.objectAdmin"],
+        ["ssh-keygen", "-t", "rsa", "-f", key],  # before ssh-add, which fails on a missing key
+        ["ssh-add", key],
+    ]
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "google_compute_engine").write_text("key")
+    account = env_file(tmp_path, SERVICE_ACCOUNT="trainer@my-proj.iam.gserviceaccount.com")
+    again = commands("prereqs.sh", env=account)
+    assert [c[0] for c in again] == ["gcloud", "gcloud", "gcloud", "ssh-add"]  # no number lookup, no new key
+    assert "--member=serviceAccount:trainer@my-proj.iam.gserviceaccount.com" in again[2]
+
+
+def test_data_copies_the_prepared_dataset_and_uploads_the_tokenizer(tmp_path):
+    env = env_file(tmp_path, TOKENIZER_URI="gs://my-bucket/llama2/tokenizer.model")
+    assert commands("data.sh", "dataset", env=env) == [[
+        "gcloud", "storage", "cp", "-r", "--billing-project=my-proj",
+        "gs://allennlp-tensorflow-datasets/c4/en/3.0.1", "gs://my-bucket/tensorflow_datasets/c4/en/"]]
+    other = env_file(tmp_path, DATASET="lm1b/1.1.0", DATASET_SOURCE="gs://team-data/tfds/")
+    assert commands("data.sh", "dataset", env=other)[0][-2:] == ["gs://team-data/tfds/lm1b/1.1.0",
+                                                                 "gs://my-bucket/tensorflow_datasets/lm1b/"]
+    model = tmp_path / "tokenizer.model"
+    model.write_bytes(b"sentencepiece")
+    assert commands("data.sh", "tokenizer", str(model), env=env) == [
+        ["gcloud", "storage", "cp", str(model), "gs://my-bucket/llama2/tokenizer.model"]]
+
+
+DESCRIBE_VM = ["gcloud", "compute", "tpus", "tpu-vm", "describe", "llama-test", "--project=my-proj",
+               "--zone=us-central2-b", "--format=value(state)"]
+
+
+@pytest.mark.parametrize("state, recreated", [
+    ("PREEMPTED", True), ("TERMINATED", True), ("NOT_FOUND", False), ("READY", None), ("CREATING", None),
+])
+def test_recover_a_spot_vm(tmp_path, state, recreated):
+    env = env_file(tmp_path, SPOT="true")
+    (create,) = commands("create.sh", env=env)
+    transcript = commands("recover.sh", "--state", state, env=env)
+    delete = ["gcloud", "compute", "tpus", "tpu-vm", "delete", "llama-test", "--project=my-proj",
+              "--zone=us-central2-b", "--quiet"]
+    expected = {True: [DESCRIBE_VM, delete, create], False: [DESCRIBE_VM, create], None: [DESCRIBE_VM]}[recreated]
+    assert transcript == expected
+
+
+@pytest.mark.parametrize("state, recreated", [("SUSPENDED", True), ("FAILED", True), ("ACTIVE", False),
+                                              ("WAITING_FOR_RESOURCES", False)])
+def test_recover_a_queued_resource(tmp_path, state, recreated):
+    env = env_file(tmp_path, SPOT="true", QUEUED="true", ACCELERATOR_TYPE="v5p-128", RUNTIME_VERSION="v2-alpha-tpuv5")
+    (create,) = commands("create.sh", env=env)
+    transcript = commands("recover.sh", "--state", state, env=env)
+    assert transcript[0] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "llama-test",
+                             "--project=my-proj", "--zone=us-central2-b", "--format=value(state.state)"]
+    delete = ["gcloud", "compute", "tpus", "queued-resources", "delete", "llama-test", "--project=my-proj",
+              "--zone=us-central2-b", "--force", "--quiet"]  # --force: the request and its preempted VMs
+    assert transcript[1:] == ([delete, create] if recreated else [])
+
+
+def test_recover_reads_the_real_state_outside_dry_runs(tmp_path):
+    result = subprocess.run(["bash", str(TPU / "recover.sh"), "--env", str(env_file(tmp_path)), "--state", "READY"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "--state is only for --dry-run" in result.stderr
+
+
+def readme_blocks() -> list[list[str]]:
+    """The command lines of each bash block in tpu_setup/README.md (the first is the first-run walkthrough)."""
+    blocks = [block.split("```", 1)[0] for block in (TPU / "README.md").read_text().split("```bash\n")[1:]]
+    return [[code for code in (line.split(" #")[0].strip() for line in block.splitlines()) if code]
+            for block in blocks]
+
+
+def walkthrough() -> list[str]:
+    return readme_blocks()[0]
+
+
+def test_every_readme_command_runs_dry(tmp_path):
+    env = env_file(tmp_path, QUEUED="true", ACCELERATOR_TYPE="v5p-128", RUNTIME_VERSION="v2-alpha-tpuv5")
+    lines = [line for block in readme_blocks()[1:] for line in block]
+    assert lines
+    for line in lines:
+        script, *args = shlex.split(line)
+        assert script.startswith("tpu_setup/"), line
+        assert commands(script.removeprefix("tpu_setup/"), *args, env=env), line
+
+
+def test_the_readme_walkthrough_runs_dry(tmp_path):
+    """Every tpu_setup command of the README's first run, in order (with a preemption simulated by --state):
+    prereqs -> data -> create -> setup -> train -> recover -> setup -> train, checked by the gcloud commands."""
+    from llama_jax.cli import build_parser
+    env = env_file(tmp_path, SPOT="true", TOKENIZER_URI="gs://my-bucket/llama2/tokenizer.model")
+    (tmp_path / "llama-2-7b").mkdir()
+    (tmp_path / "llama-2-7b" / "tokenizer.model").write_bytes(b"sentencepiece")
+    steps: list[tuple[str, list[list[str]]]] = []
+    for line in walkthrough():
+        words = shlex.split(line)
+        if words[0].startswith("tpu_setup/"):
+            script, args = words[0].removeprefix("tpu_setup/"), words[1:]
+            if script == "recover.sh":
+                args += ["--state", "PREEMPTED"]  # what status.sh shows after a spot preemption
+            steps.append((script, commands(script, *args, env=env, cwd=tmp_path)))
+        elif words[:3] == ["python", "-m", "llama_jax"]:
+            assert callable(build_parser().parse_args(words[3:]).run)
+    scripts = [script for script, _ in steps]
+    assert scripts[:7] == ["prereqs.sh", "data.sh", "data.sh", "create.sh", "status.sh", "setup.sh", "train.sh"]
+    assert scripts[scripts.index("recover.sh"):][:3] == ["recover.sh", "setup.sh", "train.sh"]
+    run_of = dict(reversed(steps))  # the first transcript of each script
+    prereqs = [c[:3] for c in run_of["prereqs.sh"]]
+    assert prereqs[0] == ["gcloud", "services", "enable"] and prereqs[-2:] == [["ssh-keygen", "-t", "rsa"],
+                                                                             ["ssh-add", prereqs[-1][1]]]
+    (create,) = run_of["create.sh"]
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] and create[-1] == "--spot"
+    recover = steps[scripts.index("recover.sh")][1]
+    assert [c[4] for c in recover] == ["describe", "delete", "create"] and recover[-1] == create
+    trains = [cmds for script, cmds in steps if script == "train.sh"]
+    assert len(trains) == 2 and trains[0] == trains[1]  # the same command: it resumes from the GCS checkpoint
+    assert "checkpoint.dir=gs://my-bucket/runs/llama-test data.data_dir=gs://my-bucket/tensorflow_datasets" \
+        in remote(trains[0][0])
+    assert any(c[:4] == ["gcloud", "storage", "cp", "-r"] for c in run_of["data.sh"])

@@ -84,6 +84,24 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+def kill_at_step_6_then_resume(config: Path, resumed: list[str], seen: list, straight_batches: dict, straight_dir: Path,
+                               resumed_dir: Path) -> None:
+    """Run `config` + `resumed` overrides in a subprocess SIGKILLed at step 6 (checkpoint at 4), resume it here to
+    step 8, and check it ran the uninterrupted run's batches and ends with bit-identical parameters."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(config), *resumed], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in resumed_dir.iterdir() if p.name.isdigit()) == ["4"]
+    seen.clear()
+    train(load_config(config, resumed))
+    assert [s for s, _ in seen] == [4, 5, 6, 7]
+    assert all(straight_batches[s] == h for s, h in seen)  # the same batches, in the same order
+    a = nnx.state(load_pretrained(straight_dir))
+    b = nnx.state(load_pretrained(resumed_dir))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.e2e
 def test_sigkill_then_resume_is_bit_identical(overrides, tmp_path, monkeypatch, tfds_dir, tokenizer_1k):
     common = [*overrides[:-1], "train.steps=8", "checkpoint.every=4", "checkpoint.async_save=false",
@@ -98,19 +116,7 @@ def test_sigkill_then_resume_is_bit_identical(overrides, tmp_path, monkeypatch, 
     assert result.sample.startswith("ROMEO:") and 0 < result.validation.bits_per_byte < 10
     assert (tmp_path / "straight" / "loss.png").stat().st_size > 0
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(TINY), *resumed], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.name.isdigit()) == ["4"]
-
-    seen.clear()
-    train(load_config(TINY, resumed))
-    assert [s for s, _ in seen] == [4, 5, 6, 7]
-    assert all(straight_batches[s] == h for s, h in seen)  # the same batches, in the same order
-    a = nnx.state(load_pretrained(tmp_path / "straight"))
-    b = nnx.state(load_pretrained(tmp_path / "resumed"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    kill_at_step_6_then_resume(TINY, resumed, seen, straight_batches, tmp_path / "straight", tmp_path / "resumed")
 
     evaluated = evaluate_checkpoint(tmp_path / "straight", "tiny_shakespeare", tokenizer_1k, data_dir=str(tfds_dir),
                                     seq_len=64, batch_size=8, overrides=[f"data.cache_dir={tmp_path / 'cache'}"])

@@ -8,10 +8,13 @@ REPO_ROOT="$(dirname "$TPU_SETUP_DIR")"
 DRY_RUN=0
 ENV_FILE="$TPU_SETUP_DIR/tpu.env"
 ARGS=()
+CMD=()
+BUCKET=""
 
 # Every setting the env file may hold; they are cleared before it is read so only the file counts.
-SETTINGS="PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION SPOT QUEUED QUEUED_VALID_FOR GCS_BUCKET RUN_NAME
-REPO BRANCH CONFIG TOKENIZER_URI PYTHON_VERSION JAX_VERSION"
+SETTINGS="PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION SPOT QUEUED QUEUED_VALID_FOR NETWORK SUBNET
+INTERNAL_IPS SERVICE_ACCOUNT GCS_BUCKET RUN_NAME DATASET DATASET_SOURCE REPO BRANCH CONFIG TOKENIZER_URI PYTHON_VERSION
+JAX_VERSION"
 
 # Fixed paths on every worker, relative to the login user's home directory.
 REMOTE_DIR=llama_jax
@@ -67,6 +70,9 @@ load_env() {
   . "$ENV_FILE"
   SPOT=${SPOT:-false}
   QUEUED=${QUEUED:-false}
+  INTERNAL_IPS=${INTERNAL_IPS:-false}
+  DATASET=${DATASET:-c4/en/3.0.1}
+  DATASET_SOURCE=${DATASET_SOURCE:-gs://allennlp-tensorflow-datasets}
   BRANCH=${BRANCH:-main}
   PYTHON_VERSION=${PYTHON_VERSION:-3.11}
   JAX_VERSION=${JAX_VERSION:-0.10.2}
@@ -91,10 +97,23 @@ flag() {
   esac
 }
 
-checkpoint_uri() {
-  require GCS_BUCKET RUN_NAME
+check_bucket() {
+  # Set BUCKET to GCS_BUCKET without a trailing slash, or fail if it is not a gs:// URI.
+  require GCS_BUCKET
   [[ $GCS_BUCKET == gs://* ]] || die "GCS_BUCKET must look like gs://my-bucket, got '$GCS_BUCKET' (in $ENV_FILE)"
-  printf '%s/runs/%s\n' "${GCS_BUCKET%/}" "$RUN_NAME"
+  BUCKET=${GCS_BUCKET%/}
+}
+
+checkpoint_uri() {
+  check_bucket
+  require RUN_NAME
+  printf '%s/runs/%s\n' "$BUCKET" "$RUN_NAME"
+}
+
+data_dir_uri() {
+  # The TFDS data_dir every worker reads: GCS_BUCKET/tensorflow_datasets.
+  check_bucket
+  printf '%s/tensorflow_datasets\n' "$BUCKET"
 }
 
 no_args() {
@@ -114,6 +133,21 @@ quote() {
   printf '%s\n' "${out# }"
 }
 
+query() {
+  # query VAR DRY_ANSWER COMMAND...: set VAR to COMMAND's output. A dry run prints COMMAND (stdout) and sets
+  # DRY_ANSWER instead, since it asks gcloud nothing. Fails when COMMAND fails.
+  local var=$1 answer=$2 out
+  shift 2
+  if [[ $DRY_RUN -eq 1 ]]; then
+    quote "$@"
+    out=$answer
+  else
+    note "+ $(quote "$@")"
+    out=$("$@") || return 1
+  fi
+  printf -v "$var" '%s' "$out"
+}
+
 run() {
   # The single place commands run: with --dry-run they are printed (stdout), otherwise echoed to stderr and run.
   if [[ $DRY_RUN -eq 1 ]]; then
@@ -124,10 +158,61 @@ run() {
   fi
 }
 
+ssh_flags() {
+  # Extra flags for tpu-vm ssh/scp: workers without external IPs are reached on their internal ones (from a
+  # machine inside the VPC).
+  if flag INTERNAL_IPS; then
+    printf '%s\n' --internal-ip
+  fi
+}
+
 tpu_ssh() {
   # tpu_ssh WORKER COMMAND: run COMMAND (a remote shell line) on one worker, a list, or `all`.
   require PROJECT ZONE TPU_NAME
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker="$1" --command="$2"
+  local extra
+  extra=$(ssh_flags)
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker="$1" \
+    ${extra:+"$extra"} --command="$2"
+}
+
+create_command() {
+  # Set CMD to the gcloud command that creates TPU_NAME: a TPU VM (on demand or SPOT) or a queued resource.
+  require PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION
+  if flag QUEUED; then
+    CMD=(gcloud compute tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --project="$PROJECT"
+      --zone="$ZONE" --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION")
+    if [[ -n ${QUEUED_VALID_FOR:-} ]]; then
+      CMD+=(--valid-until-duration="$QUEUED_VALID_FOR")
+    fi
+  else
+    CMD=(gcloud compute tpus tpu-vm create "$TPU_NAME" --project="$PROJECT" --zone="$ZONE"
+      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION")
+  fi
+  if [[ -n ${NETWORK:-} ]]; then
+    CMD+=(--network="$NETWORK")
+  fi
+  if [[ -n ${SUBNET:-} ]]; then
+    CMD+=(--subnetwork="$SUBNET")
+  fi
+  if flag INTERNAL_IPS; then
+    CMD+=(--internal-ips)
+  fi
+  if [[ -n ${SERVICE_ACCOUNT:-} ]]; then
+    CMD+=(--service-account="$SERVICE_ACCOUNT")
+  fi
+  if flag SPOT; then
+    CMD+=(--spot)
+  fi
+}
+
+delete_command() {
+  # Set CMD to the gcloud command that deletes TPU_NAME (a queued resource with --force: its VMs too).
+  require PROJECT ZONE TPU_NAME
+  if flag QUEUED; then
+    CMD=(gcloud compute tpus queued-resources delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --force)
+  else
+    CMD=(gcloud compute tpus tpu-vm delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE")
+  fi
 }
 
 remote_script() {

@@ -19,11 +19,5 @@ for arg in ${ARGS[@]+"${ARGS[@]}"}; do
     *) die "unexpected argument '$arg'; see delete.sh --help" ;;
   esac
 done
-require PROJECT ZONE TPU_NAME
-
-if flag QUEUED; then
-  cmd=(gcloud compute tpus queued-resources delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --force)
-else
-  cmd=(gcloud compute tpus tpu-vm delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE")
-fi
-run "${cmd[@]}" ${quiet[@]+"${quiet[@]}"}
+delete_command
+run "${CMD[@]}" ${quiet[@]+"${quiet[@]}"}

@@ -4,7 +4,7 @@
 # Start the same training command on every worker of TPU_NAME, in the background (setsid
 # nohup), appending to ~/llama_jax_logs/train.log on each worker:
 #   python -m llama_jax train --config CONFIG train.distributed=true \
-#     checkpoint.dir=GCS_BUCKET/runs/RUN_NAME [key=value ...]
+#     checkpoint.dir=GCS_BUCKET/runs/RUN_NAME data.data_dir=GCS_BUCKET/tensorflow_datasets [key=value ...]
 # Refuses to start where a training started by this script is still running
 # (stop it with tpu_setup/stop.sh). Follow it with tpu_setup/logs.sh.
 #
@@ -33,10 +33,11 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 require PROJECT ZONE TPU_NAME CONFIG
-[[ -f $REPO_ROOT/$CONFIG ]] || die "config '$CONFIG' not found in $REPO_ROOT; give a path inside the repository, e.g. experiments/configs/llama2_7b_v4_8.yaml"
+[[ -f $REPO_ROOT/$CONFIG ]] || die "config '$CONFIG' not found in $REPO_ROOT; give a path inside the repository, e.g. experiments/configs/llama2_7b_v4_16.yaml"
 ckpt=$(checkpoint_uri)
+data_dir=$(data_dir_uri)
 
-train=$(quote -m llama_jax train --config "$CONFIG" train.distributed=true "checkpoint.dir=$ckpt" \
+train=$(quote -m llama_jax train --config "$CONFIG" train.distributed=true "checkpoint.dir=$ckpt" "data.data_dir=$data_dir" \
   ${overrides[@]+"${overrides[@]}"})
 tpu_ssh all "$(remote_script \
   "mkdir -p $REMOTE_LOG_DIR" \

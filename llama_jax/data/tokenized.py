@@ -1,4 +1,6 @@
-"""Tokenized corpora: documents -> one packed token stream (EOS after each document), cached on disk.
+"""Tokenization and packing: documents -> one token stream (EOS after each document) cut into windows.
+
+The in-memory path caches a corpus's stream on disk; the streaming path packs the same way on the fly.
 
 Alongside each token we keep the number of UTF-8 bytes of source text it covers (from sentencepiece's byte
 offsets; 0 for EOS), so validation can report bits per byte exactly. The cache is keyed by (dataset, split, text
@@ -35,8 +37,26 @@ class TokenStream:
         return len(self.tokens)
 
 
+def window_count(n_tokens: int, seq_len: int) -> int:
+    """How many windows of `seq_len + 1` tokens, stride `seq_len`, fit in a stream of `n_tokens`."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
+    """Window `index` of a packed stream: tokens [index * seq_len, index * seq_len + seq_len + 1) as int32 (consecutive
+    windows share one token, so every token but the first is a target exactly once)."""
+    start = index * seq_len
+    return np.asarray(tokens[start:start + seq_len + 1], np.int32)
+
+
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()[:16]
+
+
+def document_ids(tokenizer: Tokenizer, text: str, ends: bool = True) -> np.ndarray:
+    """Token ids of one document (or a piece of one), followed by EOS when it ends the document."""
+    ids = tokenizer.sp.encode(text)  # one string: a list would start sentencepiece's thread pool per call (5x slower)
+    return np.asarray(ids + [tokenizer.eos_id] if ends else ids, np.int32)
 
 
 def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -139,12 +139,13 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int) -> None:
 
 def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None,
-             seed: int = 0, stream: Callable[[np.ndarray], None] | None = None,
+             seed: int = 0, stream: Callable[[np.ndarray], bool | None] | None = None,
              mesh: Mesh | None = None) -> list[list[int]]:
     """Continue each prompt; return, per prompt, the new token ids (up to and including EOS, as HF does).
 
     `max_new_tokens` is capped so the longest prompt plus its continuation fits `model.cfg.max_seq_len`.
-    `stream`, if given, is called after every step with the `[batch]` new ids (PAD = -1 for rows already stopped).
+    `stream`, if given, is called after every step with the `[batch]` new ids (PAD = -1 for rows already stopped);
+    returning True ends generation there for every row (a server whose clients have all left or hit a stop string).
     The mesh defaults to the one the model's parameters are sharded on; the KV cache is laid out on it too.
     """
     cfg = model.cfg
@@ -167,8 +168,8 @@ def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
         if stream is None:
             state = decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
         else:
-            stream(np.asarray(state.token))
-            while int(state.step) < max_new and not bool(jnp.all(state.done)):
+            stop = stream(np.asarray(state.token))
+            while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
                 state = step_jit(graphdef, params, state, eos, sampling=sampling)
-                stream(np.asarray(state.token))
+                stop = stream(np.asarray(state.token))
     return [[int(t) for t in row if t != PAD] for row in np.asarray(state.out)]

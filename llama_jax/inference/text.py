@@ -40,6 +40,13 @@ class TextStream:
         self.write(text[len(self.shown):])
         self.shown = text
 
+    def finish(self) -> None:
+        """Write what is still held back once no more ids come (an unfinished character decodes as U+FFFD)."""
+        text = continuation(self.tokenizer, self.context, self.ids)
+        if text.startswith(self.shown) and text != self.shown:
+            self.write(text[len(self.shown):])
+            self.shown = text
+
 
 def complete(model: Llama, tokenizer: Tokenizer, prompt_ids: Sequence[Sequence[int]],
              on_text: Callable[[int, str], None] | None = None, context_tokens: int = 1, **kwargs) -> list[str]:

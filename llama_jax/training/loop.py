@@ -3,8 +3,9 @@
 A run lives in `checkpoint.dir`: tokenizer, checkpoints, TensorBoard events and the loss curve. Starting a run whose
 directory already holds checkpoints resumes from the newest readable one (parameters, optimizer, step and data
 position), so a killed or preempted job continues where it stopped. SIGTERM saves a checkpoint at the next step
-boundary and returns normally. The host blocks on a step result at least every 16 steps: on CPU devices more than
-~50 queued collective programs deadlock, and it bounds how far the progress bar runs ahead.
+boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
+blocks on a step result at least every 16 steps: on CPU devices more than ~50 queued collective programs deadlock,
+and it bounds how far the progress bar runs ahead.
 """
 
 from __future__ import annotations
@@ -73,11 +74,19 @@ def _sigterm_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _all_processes(flag: bool) -> bool:
-    """True if `flag` is set on any process (so every process stops at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+def _stop_reason(step: int, every: int, sigterm: threading.Event, deadline: float | None) -> str | None:
+    """"signal" or "time" when the run must stop after `step`, agreed by every process, else None.
+
+    Multi-process runs compare flags (one small all-gather) only every `every` steps, so hosts never wait on each
+    other in between; every process checks at the same steps, so all stop at the same step and save once.
+    """
+    multi = jax.process_count() > 1
+    if multi and step % every:
+        return None
+    flags = np.array([sigterm.is_set(), deadline is not None and time.monotonic() > deadline])
+    if multi:
+        flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+    return "signal" if flags[0] else "time" if flags[1] else None
 
 
 def _initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data: Any) -> TrainState:
@@ -118,6 +127,8 @@ def _sample(cfg: Config, trainer: Trainer, params: Any, tokenizer: Tokenizer) ->
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
     t = cfg.train
+    if t.stop_check_every <= 0:
+        raise ConfigError(f"train.stop_check_every must be positive, got {t.stop_check_every}")
     initialize(t)
     run_dir = as_path(cfg.checkpoint.dir)
     mesh = make_mesh(cfg.mesh)
@@ -166,20 +177,19 @@ def train(cfg: Config) -> TrainResult:
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu})
+                    logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)
                 speed.reset()
             if ckpt.due(step):
                 ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
                 speed.reset()
-            if _all_processes(sigterm.is_set()):
-                stopped = "signal"
-                break
-            if deadline is not None and _all_processes(time.monotonic() > deadline):
-                stopped = "time"
+            if reason := _stop_reason(step, t.stop_check_every, sigterm, deadline):
+                stopped = reason
                 break
         ckpt.save(step, state.params, state.opt_state, data.state(), cfg)
         ckpt.close()
+        data.close()
 
     validation_result = run_eval(step, None) if stopped != "signal" else None
     sample = _sample(cfg, trainer, state.params, tokenizer) if stopped != "signal" else None

@@ -1,7 +1,7 @@
 """Training metrics: throughput and MFU, a console progress bar, TensorBoard events and a loss-curve PNG.
 
 MFU = achieved model FLOPs/s (`LlamaConfig.flops_per_token` x tokens/s) over the devices' peak. The peak per device
-comes from a small table of dense bf16 peaks (override with `train.peak_flops_per_device`); on CPU, where no table
+comes from the chip table in `llama_jax.chips` (override with `train.peak_flops_per_device`); on CPU, where no table
 applies, a float32 matmul is timed once.
 """
 
@@ -19,12 +19,8 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from llama_jax.chips import chip_for_device_kind
 from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
-
-PEAK_FLOPS = {  # dense bf16 FLOP/s per chip, matched by substring of `device.device_kind` (most specific first)
-    "v5p": 459e12, "v5 lite": 197e12, "v5e": 197e12, "v6 lite": 918e12, "v6e": 918e12, "v4": 275e12, "v3": 123e12,
-    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12,
-}
 
 
 @functools.cache
@@ -46,10 +42,9 @@ def peak_flops_per_device(override: float | None = None) -> float:
     if override:
         return float(override)
     device = jax.devices()[0]
-    kind = device.device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
+    chip = chip_for_device_kind(device.device_kind)
+    if chip is not None:
+        return chip.peak_flops
     if device.platform == "cpu":
         return measured_matmul_flops() / jax.local_device_count()
     raise ValueError(f"no peak FLOP/s known for device kind '{device.device_kind}'; "

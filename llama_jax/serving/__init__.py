@@ -1,0 +1,1 @@
+"""`python -m llama_jax serve`: an OpenAI-compatible HTTP server over a dynamically batching decode engine."""

@@ -1,0 +1,213 @@
+"""`serve`: the official openai client against a live server on 127.0.0.1; greedy outputs equal `generate`'s."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from llama_jax.chat import encode_dialog
+from llama_jax.inference.generate import generate
+from llama_jax.inference.text import continuation
+from llama_jax.serving.api import create_app
+from llama_jax.serving.engine import BatchingConfig, Engine, Job, QueueFull
+from tiny_lm import TEXT, make_tiny_lm
+
+MAX_SEQ_LEN = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        time.sleep(0.05)
+    raise RuntimeError("server did not start within 10 s")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    _, _, model, tok = make_tiny_lm(tmp_path_factory.mktemp("serve"), max_seq_len=MAX_SEQ_LEN)
+    engine = Engine(model, tok, BatchingConfig(max_batch=32, max_queue=40, batch_wait_ms=50)).start()
+    server, thread, url = _start(create_app(engine, "tiny"))
+    yield SimpleNamespace(url=url, model=model, tok=tok, engine=engine,
+                          client=openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120))
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+def _expected(live, prompt_ids, max_tokens, context) -> str:
+    new = generate(live.model, [prompt_ids], max_new_tokens=max_tokens, eos_id=live.tok.eos_id)[0]
+    return continuation(live.tok, context, new)
+
+
+def test_completion_and_chat_equal_generate(live):
+    ids = live.tok.encode("The cat sat", bos=True)
+    got = live.client.completions.create(model="tiny", prompt="The cat sat", max_tokens=12, temperature=0)
+    assert got.choices[0].text == _expected(live, ids, 12, ids[-1:])
+    assert got.usage.prompt_tokens == len(ids) and got.choices[0].finish_reason in ("stop", "length")
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"}]
+    chat = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.content == _expected(live, encode_dialog(live.tok, messages), 10, [])
+    assert chat.choices[0].message.role == "assistant"
+    assert [m.id for m in live.client.models.list().data] == ["tiny"]
+
+
+def test_streaming_equals_generate_and_stop_sequences_cut(live):
+    ids = live.tok.encode("Once upon a time", bos=True)
+    want = _expected(live, ids, 16, ids[-1:])
+    pieces = [c.choices[0].text for c in live.client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True)]
+    assert "".join(pieces) == want and len(pieces) > 2
+
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    chunks = list(live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                                      temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == _expected(live, encode_dialog(live.tok, messages), 16, [])
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    stop = want[4:6]
+    cut = live.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0,
+                                         stop=[stop])
+    assert cut.choices[0].text == want[:want.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in live.client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
+
+
+@pytest.mark.e2e  # ~60 s on the loaded 2-core machine: kept out of the default tier's budget
+def test_32_concurrent_streaming_clients_get_generates_outputs(live):
+    prompts = [f"{TEXT[i % len(TEXT)][: 8 + 3 * i]}" for i in range(32)]  # 32 different prompts and lengths
+    client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def one(prompt: str) -> tuple[str, str]:
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                                 stream=True)
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def all_clients():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    before = httpx.get(live.url + "/health").json()
+    results = asyncio.run(all_clients())
+    after = httpx.get(live.url + "/health").json()
+    assert after["batched_requests"] - before["batched_requests"] == 32
+    assert after["batches"] - before["batches"] <= 8  # requests decoded together, not one by one
+    for prompt, (text, reason) in zip(prompts, results):
+        ids = live.tok.encode(prompt, bos=True)
+        assert text == _expected(live, ids, 20, ids[-1:]), prompt
+        assert reason in ("stop", "length")
+
+
+def test_bad_requests_get_4xx_with_a_message_and_serving_continues(live):
+    url = live.url + "/v1/completions"
+    cases = [
+        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "json"),
+        (httpx.post(url, json={"model": "gpt-9", "prompt": "hi"}), 404, "gpt-9"),
+        (httpx.post(url, json={"model": "tiny", "prompt": "hi", "max_tokens": -3}), 400, "max_tokens"),
+        (httpx.post(url, json={"model": "tiny", "prompt": "the sea " * 60}), 400, "context"),
+        (httpx.post(url, json={"model": "tiny", "prompt": "hi", "temperature": -1}), 400, "temperature"),
+        (httpx.post(live.url + "/v1/chat/completions",
+                    json={"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}), 400, "user"),
+    ]
+    for response, status, word in cases:
+        assert response.status_code == status, response.text
+        assert word in response.json()["error"]["message"].lower()
+    ok = httpx.post(url, json={"model": "tiny", "prompt": "The cat", "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_full_queue_is_503_and_a_disconnect_frees_its_slot(live):
+    engine = Engine(live.model, live.tok, BatchingConfig(max_batch=1, max_queue=1))  # never started: jobs wait
+    server, thread, url = _start(create_app(engine, "tiny"))
+    try:
+        body = {"model": "tiny", "prompt": "The cat", "max_tokens": 4}
+
+        def waiting_client():
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", json=body, timeout=2.0)
+
+        waiter = threading.Thread(target=waiting_client)
+        waiter.start()
+        for _ in range(100):
+            if engine.waiting == 1:
+                break
+            time.sleep(0.05)
+        busy = httpx.post(url + "/v1/completions", json=body, timeout=10)
+        assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+        waiter.join()
+        for _ in range(100):  # the server notices the closed connection within DISCONNECT_POLL_S
+            if httpx.get(url + "/health").json()["waiting"] == 0:
+                break
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json()["waiting"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_client_leaving_mid_stream_ends_its_row(live, monkeypatch):
+    ids = live.tok.encode("Water boils", bos=True)
+    max_tokens = MAX_SEQ_LEN - len(ids)
+    assert len(generate(live.model, [ids], max_new_tokens=max_tokens, eos_id=live.tok.eos_id)[0]) == max_tokens
+    jobs = []
+    submit = live.engine.submit
+    monkeypatch.setattr(live.engine, "submit", lambda job: (jobs.append(job), submit(job))[1])
+    body = {"model": "tiny", "prompt": "Water boils", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # the first token arrived; now hang up
+    for _ in range(200):
+        if jobs[0].finished and httpx.get(live.url + "/health").json()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert jobs[0].cancelled and jobs[0].finished and jobs[0].tokens < max_tokens
+
+
+def test_engine_queue_bound_and_cancel():
+    engine = Engine(SimpleNamespace(cfg=SimpleNamespace(max_seq_len=32)), None, BatchingConfig(max_queue=2))
+    jobs = [Job([1, 2], 4, lambda e: None) for _ in range(3)]
+    engine.submit(jobs[0])
+    engine.submit(jobs[1])
+    with pytest.raises(QueueFull, match="max_queue 2"):
+        engine.submit(jobs[2])
+    engine.cancel(jobs[0])
+    engine.submit(jobs[2])
+    assert engine.waiting == 2
+
+
+@pytest.mark.e2e
+def test_benchmark_script_runs_the_cli_server(tmp_path):
+    """experiments/bench_serve.py, shortened: `python -m llama_jax serve` in a subprocess under 1 and 4 clients."""
+    make_tiny_lm(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "bench_serve.py"), "--tokenizer", str(tmp_path / "tok.model"),
+         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 4 |")]
+    assert [int(r[1]) for r in rows] == [1, 4]
+    for r in rows:
+        requests_per_s, tokens_per_s, p50, p99 = map(float, r[2:6])
+        assert requests_per_s > 0 and 0 < tokens_per_s <= 4.05 * requests_per_s and p99 >= p50 > 0
