@@ -20,7 +20,7 @@ from llama_jax.distributed import initialize
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.loop import TrainResult, check_train, run_training
+from llama_jax.training.loop import TrainResult, check_train, lock_run_dir, run_training
 from llama_jax.training.step import Trainer
 
 ADAPTER_DIR = "adapter"
@@ -44,6 +44,12 @@ def finetune(cfg: Config) -> TrainResult:
         raise ConfigError("finetune.init_from is not set; give the checkpoint to fine-tune (HF, Meta, orbax, run dir)")
     check_train(cfg)
     initialize(cfg.train)
+    with lock_run_dir(cfg):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: Config) -> TrainResult:
+    ft = cfg.finetune
     architecture = FORMATS[detect_format(ft.init_from)].read(as_path(ft.init_from))[0]
     cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
     mesh = make_mesh(cfg.mesh)

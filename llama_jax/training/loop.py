@@ -145,26 +145,32 @@ def check_train(cfg: Config) -> None:
         raise ConfigError(f"train.stop_check_every must be positive, got {cfg.train.stop_check_every}")
 
 
+def lock_run_dir(cfg: Config) -> RunLock:
+    """The run directory's lock against a second writer, held for a whole run (see `checkpoints.lock`); taken
+    before anything is written there (a `checkpoint.dir` that is a file fails here, before data is prepared)."""
+    return RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0)
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the pretraining described by `cfg` until `train.steps`, `train.max_minutes` or SIGTERM."""
     check_train(cfg)
     initialize(cfg.train)
-    run_dir = as_path(cfg.checkpoint.dir)
-    mesh = make_mesh(cfg.mesh)
-    check_model_fits(cfg.model, mesh)
-    tokenizer = provision_tokenizer(cfg, run_dir)
-    data = build_train_data(cfg, tokenizer, mesh=mesh)
-    validation = build_validation_data(cfg, tokenizer, mesh=mesh)
-    return run_training(cfg, Trainer(cfg, mesh), data, validation, tokenizer, cfg.train.init_from)
+    with lock_run_dir(cfg):
+        run_dir = as_path(cfg.checkpoint.dir)
+        mesh = make_mesh(cfg.mesh)
+        check_model_fits(cfg.model, mesh)
+        tokenizer = provision_tokenizer(cfg, run_dir)
+        data = build_train_data(cfg, tokenizer, mesh=mesh)
+        validation = build_validation_data(cfg, tokenizer, mesh=mesh)
+        return run_training(cfg, Trainer(cfg, mesh), data, validation, tokenizer, cfg.train.init_from)
 
 
 def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer,
                  init_from: str | None) -> TrainResult:
-    """The training loop shared by pretraining and fine-tuning: resume or initialise (from `init_from`), then step
-    `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits; returns the summary.
-
-    The run directory is locked against a second writer for the whole run (see `checkpoints.lock`)."""
-    with RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0), contextlib.ExitStack() as cleanup:
+    """The training loop shared by pretraining and fine-tuning (callers hold `lock_run_dir`): resume or initialise
+    (from `init_from`), then step `data` with metrics, periodic validation, checkpoints, SIGTERM and time limits;
+    returns the summary."""
+    with contextlib.ExitStack() as cleanup:
         return _run(cfg, trainer, data, validation, tokenizer, init_from, cleanup)
 
 
