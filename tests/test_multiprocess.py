@@ -54,9 +54,9 @@ def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch):
     cluster = dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
     initialize(TrainConfig(distributed=False, **cluster))
     assert calls == []
-    initialize(TrainConfig(distributed=True, **cluster))
+    initialize(TrainConfig(distributed=True, heartbeat_timeout_s=30, **cluster))
     initialize(TrainConfig(distributed=True))  # TPU VM: JAX detects the cluster
-    assert calls == [cluster, {}]
+    assert calls == [{**cluster, "heartbeat_timeout_seconds": 30}, {"heartbeat_timeout_seconds": 100}]
 
 
 @pytest.mark.parametrize("train, hint", [
