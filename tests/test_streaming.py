@@ -182,12 +182,13 @@ def test_mixture_proportions_over_10000_windows(sources, tok, tmp_path):
     assert sorted(it.metrics()) == ["tokens_seen/0_jsonl", "tokens_seen/1_hf_disk", "tokens_seen/2_code"]
     np.testing.assert_allclose(np.array(list(it.metrics().values())) / (10_000 * SEQ), [0.8, 0.1, 0.1], atol=0.01)
     # Independently: each row is one of its source's own windows (a source streams the same alone as mixed).
-    counts = []
+    owns = []
     for part in parts:
         alone = build_train_data(stream_cfg([part], streams=4), tok, 100)
-        own = {bytes(r) for r in np.concatenate(take(alone, int(part.weight * 100) + 4))}
-        counts.append(sum(bytes(r) in own for r in rows))
-    assert sum(counts) == 10_000
+        owns.append({bytes(r) for r in np.concatenate(take(alone, int(part.weight * 100) + 4))})
+    # Every row is some source's own window; a few short windows can occur in two sources (identical text).
+    assert all(any(bytes(r) in own for own in owns) for r in rows)
+    counts = [sum(bytes(r) in own for r in rows) for own in owns]
     np.testing.assert_allclose(np.array(counts) / 10_000, [0.8, 0.1, 0.1], atol=0.01)
 
 
