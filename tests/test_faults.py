@@ -57,7 +57,8 @@ CHILD = textwrap.dedent("""
 
 
 def start_child(run_dir: Path, fault: str) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+    # The parent's XLA flags too: the child's initial state is compared bit for bit with one made in this process.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     # Output goes through a pipe: a file would count against the child's file size limit.
     return subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir), fault], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)

@@ -45,7 +45,7 @@ class RunLock:
     def __init__(self, run_dir: PathLike, owner: bool = True):
         self.run_dir = as_path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self.held = False
+        self.held = self.created = False
         self.enabled = owner and not is_remote(self.run_dir)
 
     def __enter__(self) -> RunLock:
@@ -53,6 +53,7 @@ class RunLock:
             raise ConfigError(f"checkpoint.dir '{self.run_dir}' is a file; set checkpoint.dir to a directory")
         if not self.enabled:
             return self
+        self.created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -90,3 +91,5 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # a run that failed before writing anything leaves no trace
