@@ -223,8 +223,9 @@ def test_run_lock_refuses_a_second_writer_and_takes_over_a_dead_owner(tmp_path):
         with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"):
             RunLock(tmp_path / "run").__enter__()
         RunLock(tmp_path / "run", owner=False).__enter__()  # other processes of the same run take no lock
-    assert not lock.path.exists()
+    assert not lock.path.parent.exists()  # the lock made the directory and nothing was written: no trace left
 
+    lock.path.parent.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "1"}))
     with RunLock(tmp_path / "run"):
