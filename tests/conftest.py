@@ -6,6 +6,7 @@ The session builds its own corpus (generated play text), a 1000-piece tokenizer 
 the real files in ../shared (or `LLAMA_JAX_SHARED`); without them they skip, or fail when `CI=true`.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -28,15 +29,26 @@ SHARED = Path(os.environ.get("LLAMA_JAX_SHARED", REPO.parent / "shared"))
 CORPUS_CHARS = 600_000  # TFDS's 5% validation split is then 30,000 characters, about 13,000 tokens
 
 
+def unavailable(message: str) -> None:
+    """Skip a test whose input or tool this machine lacks; under CI=true fail instead (CI must not pass blind)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; with CI=true this is a failure, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
 def shared_path(*parts: str) -> Path:
-    """A file under ../shared; when it is absent the test skips, or fails under CI=true (CI must not pass blind)."""
+    """A file under ../shared; when it is absent the test skips, or fails under CI=true."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        message = f"{path} is missing (tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}; with CI=true this is a failure, not a skip", pytrace=False)
-        pytest.skip(message)
+        unavailable(f"{path} is missing (tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)")
     return path
+
+
+@pytest.fixture
+def libtpu() -> None:
+    """For tests that need libtpu (the test extras): skips without it, or fails under CI=true."""
+    if importlib.util.find_spec("libtpu") is None:
+        unavailable("libtpu not installed (pip install -r requirements-tpu-plan.txt)")
 
 
 @pytest.fixture(scope="session")

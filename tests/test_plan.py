@@ -1,7 +1,6 @@
 """`plan`: the real train step AOT-compiled for TPU slices (libtpu, no TPU) or simulated GPUs; memory per chip."""
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from llama_jax.training import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed (pip install -r requirements-tpu-plan.txt)")
+needs_libtpu = pytest.mark.usefixtures("libtpu")
 # A small model with the recipes' settings (scan + full remat, bf16 compute): compiles in seconds.
 SMALL = ["model.preset=tiny", "execution.scan_layers=true", "execution.remat=full", "execution.dtype=bfloat16",
          "data.seq_len=256", "mesh.fsdp=-1"]

@@ -26,7 +26,7 @@ def test_platform_choice(monkeypatch):
     assert platforms.platforms({}) is None
 
 
-@pytest.mark.skipif(not platforms._installed("libtpu"), reason="libtpu (test extras) not installed")
+@pytest.mark.usefixtures("libtpu")
 def test_no_libtpu_noise_without_a_tpu():
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
     run = subprocess.run([sys.executable, "-c", "import llama_jax, jax; print(jax.devices()[0].platform)"],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def test_the_example_env_file_is_complete(tmp_path):
 def test_shellcheck_passes():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install -r requirements-dev.txt)")
+        unavailable("shellcheck not installed (pip install -r requirements-dev.txt)")
     result = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=TPU)
     assert result.returncode == 0, result.stdout
 
