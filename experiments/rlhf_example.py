@@ -18,13 +18,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import rlhf_task
+from llama_jax.alignment.dpo import train_dpo
+from llama_jax.alignment.reward import RewardModel, train_reward_model
+from llama_jax.alignment.sequences import sequence_logps
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained
-from llama_jax.config import LlamaConfig
+from llama_jax.config import Config, LlamaConfig
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
@@ -45,20 +49,50 @@ class Context:
     sft: Path  # the SFT policy's run directory (also every stage's reference model)
     eval_prompts: list[str]
     pairs: dict[str, str] = field(default_factory=dict)  # split -> preference JSONL path
+    reward_model: RewardModel | None = None  # set by the "rm" stage
+    samples: dict[str, Samples] = field(default_factory=dict)  # each measured policy's evaluation samples
     results: dict[str, float] = field(default_factory=dict)
+
+    def train(self, name: str, stage: Callable[[Config], Any], epochs: float) -> tuple[float, Any]:
+        """Run `stage` from the SFT policy on the pairs into `out/name` with `configs/<name>_rlhf_example.yaml`."""
+        return finetune_run(self.out, name, str(self.sft), self.pairs["train"], self.pairs["valid"], epochs,
+                            config=CONFIGS / f"{name}_rlhf_example.yaml", stage=stage)
+
+
+@dataclass
+class Samples:
+    prompts: list[list[int]]  # Llama-2-chat prompt ids
+    replies: list[list[int]]  # sampled ids, EOS included when the reply ended
+    texts: list[str]
 
 
 def sample(model: Llama, tokenizer: Tokenizer, prompt_texts: list[str], seed: int,
-           temperature: float = 1.0) -> list[str]:
-    """One reply per prompt (Llama-2-chat prompt, batched KV-cache sampling), decoded without EOS."""
+           temperature: float = 1.0) -> Samples:
+    """One reply per prompt (Llama-2-chat prompt, batched KV-cache sampling); texts decoded without EOS."""
     prompts = [encode_dialog(tokenizer, [{"role": "user", "content": p}]) for p in prompt_texts]
     replies = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, eos_id=tokenizer.eos_id,
                        seed=seed)
-    return [tokenizer.decode([t for t in reply if t != tokenizer.eos_id]).strip() for reply in replies]
+    texts = [tokenizer.decode([t for t in reply if t != tokenizer.eos_id]).strip() for reply in replies]
+    return Samples(prompts, replies, texts)
 
 
-def mean_true_reward(completions: list[str]) -> float:
-    return float(np.mean([rlhf_task.true_reward(c) for c in completions]))
+def mean_true_reward(texts: list[str]) -> float:
+    return float(np.mean([rlhf_task.true_reward(t) for t in texts]))
+
+
+def measure(ctx: Context, model: Llama, name: str, seed: int = 99) -> None:
+    """Sample `model` on the evaluation prompts (temperature 1) and record, under `name/`: the mean true reward,
+    the reward model's mean score (once trained) and the KL to the SFT policy, estimated on these samples as the
+    mean of log π(y) − log π_sft(y) per sequence (`kl`) and per reply token (`kl_per_token`)."""
+    samples = ctx.samples[name] = sample(model, ctx.tokenizer, ctx.eval_prompts, seed)
+    ctx.results[f"{name}/true_reward"] = mean_true_reward(samples.texts)
+    if ctx.reward_model is not None:
+        ctx.results[f"{name}/rm_score"] = float(np.mean(ctx.reward_model.score(samples.prompts, samples.replies)))
+    reference = load_pretrained(ctx.sft)
+    kl = sequence_logps(model, samples.prompts, samples.replies) - \
+        sequence_logps(reference, samples.prompts, samples.replies)
+    ctx.results[f"{name}/kl"] = float(np.mean(kl))
+    ctx.results[f"{name}/kl_per_token"] = float(np.sum(kl) / sum(len(r) for r in samples.replies))
 
 
 def build_policy(out: Path, scale: float) -> Context:
@@ -79,17 +113,42 @@ def make_pairs(ctx: Context) -> None:
     n = max(256, int(1024 * ctx.scale))
     prompt_texts = rlhf_task.prompts(rng, n)
     policy = load_pretrained(ctx.sft)
-    first = sample(policy, ctx.tokenizer, prompt_texts, seed=10)
-    second = sample(policy, ctx.tokenizer, prompt_texts, seed=11)
+    first = sample(policy, ctx.tokenizer, prompt_texts, seed=10).texts
+    second = sample(policy, ctx.tokenizer, prompt_texts, seed=11).texts
     pairs = rlhf_task.label_pairs(rng, prompt_texts, first, second)
     held = len(pairs) // 5
     ctx.pairs = {"train": write_jsonl(ctx.out / "pairs_train.jsonl", pairs[held:]),
                  "valid": write_jsonl(ctx.out / "pairs_valid.jsonl", pairs[:held])}
     ctx.results["pairs"] = len(pairs)
-    ctx.results["sft/true_reward"] = mean_true_reward(sample(policy, ctx.tokenizer, ctx.eval_prompts, seed=99))
+    measure(ctx, policy, "sft")
 
 
-STAGES: dict[str, Callable[[Context], None]] = {}
+SEPARATED = ("significantly better", "better")  # pairs 2+ target words apart: never label-flipped
+
+
+def train_rm(ctx: Context) -> None:
+    """Stage 3: the reward model from the SFT checkpoint; held-out accuracy per rating level, and on the clearly
+    separated pairs; then the SFT policy's samples are scored by it."""
+    seconds, result = ctx.train("rm", train_reward_model, max(2.0, 6 * ctx.scale))
+    held = result.heldout
+    ctx.results |= {f"rm/{k}": v for k, v in held.items()}
+    separated = [(held[f"accuracy/{r}"], held[f"pairs/{r}"]) for r in SEPARATED if f"pairs/{r}" in held]
+    ctx.results["rm/accuracy_separated"] = sum(a * n for a, n in separated) / sum(n for _, n in separated)
+    ctx.results["rm/seconds"] = seconds
+    ctx.reward_model = RewardModel.load(ctx.out / "rm")
+    sft = ctx.samples["sft"]
+    ctx.results["sft/rm_score"] = float(np.mean(ctx.reward_model.score(sft.prompts, sft.replies)))
+
+
+def train_dpo_stage(ctx: Context) -> None:
+    """Stage 4: DPO from the SFT policy on the same pairs; the policy is measured as the SFT one was."""
+    seconds, result = ctx.train("dpo", train_dpo, max(2.0, 4 * ctx.scale))
+    ctx.results["dpo/seconds"] = seconds
+    ctx.results["dpo/steps"] = result.training.step
+    measure(ctx, load_pretrained(ctx.out / "dpo"), "dpo")
+
+
+STAGES: dict[str, Callable[[Context], None]] = {"rm": train_rm, "dpo": train_dpo_stage}
 
 
 def run(out: Path, scale: float = 1.0, stages: tuple[str, ...] = tuple(STAGES)) -> dict[str, float]:

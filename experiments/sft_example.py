@@ -16,7 +16,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,12 +27,11 @@ from flax import nnx
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.peft import load_peft
-from llama_jax.config import LlamaConfig, load_config
+from llama_jax.config import Config, LlamaConfig, load_config
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.finetune import finetune
-from llama_jax.training.loop import TrainResult
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sft_reverse.yaml"
 WORDS = ("apple river stone cloud tiger lemon piano rocket garden silver candle forest violin marble copper "
@@ -65,14 +66,14 @@ def random_base(out: Path, model: LlamaConfig, corpus: list[str]) -> Tokenizer:
 
 
 def finetune_run(out: Path, name: str, init_from: str, data: str, validation: str | None, epochs: float,
-                 *extra: str, config: Path = CONFIG) -> tuple[float, TrainResult]:
-    """Fine-tune `init_from` on the JSONL `data` into `out/name` with `config` (tokenizer from `random_base`);
-    returns the seconds it took and the run's result."""
+                 *extra: str, config: Path = CONFIG, stage: Callable[[Config], Any] = finetune) -> tuple[float, Any]:
+    """Fine-tune `init_from` on the JSONL `data` into `out/name` with `config` (tokenizer from `random_base`), or run
+    another `stage` that starts from a checkpoint (reward model, DPO); returns the seconds it took and its result."""
     overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={validation}",
                  f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
                  f"finetune.epochs={epochs}", *extra]
     start = time.perf_counter()
-    result = finetune(load_config(config, overrides))
+    result = stage(load_config(config, overrides))
     return time.perf_counter() - start, result
 
 
@@ -100,7 +101,7 @@ def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANT
     corpus = [t["text"] for t in text]
     tokenizer = random_base(out, MODEL, chat_corpus(train) + corpus)
 
-    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, TrainResult]:
+    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, Any]:
         return finetune_run(out, name, init_from, data, files["valid"], epochs, *extra)
 
     tune("base", str(out / "random"), files["text"], max(1.0, 4 * scale))

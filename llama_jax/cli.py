@@ -164,6 +164,40 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                         "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
 
 
+def _align_reward(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import train_reward_model
+    return train_reward_model(cfg)
+
+
+def _align_score(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import score_file
+    return score_file(cfg)
+
+
+def _align_dpo(cfg: Any) -> Any:
+    from llama_jax.alignment.dpo import train_dpo
+    return train_dpo(cfg)
+
+
+# `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
+ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+    "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
+               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large", _align_reward),
+    "score": ("score prompt/completion JSONL records with a trained reward model",
+              "experiments/configs/rm_llama2_7b.yaml", "reward.score_input=IN.jsonl reward.score_output=OUT.jsonl",
+              _align_score),
+    "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
+            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
+}
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="RLHF stages after fine-tuning: " + ", ".join(ALIGN_ACTIONS))
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
+        _add_config_command(actions, name, help, example, overrides, run)
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base and write a full checkpoint")
     p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on (any format)")
@@ -255,7 +289,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
-            _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+            _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

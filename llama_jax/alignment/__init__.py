@@ -1,0 +1,1 @@
+"""Post-training after SFT, as Llama 2 did it: preference data, reward models, DPO (this package's offline half)."""
