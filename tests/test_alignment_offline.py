@@ -261,9 +261,18 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
     a, b = straight.training.state.params, again.training.state.params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    if stage == "reward":
-        scored = RewardModel.load(tmp_path / "resumed")
-        assert scored.score([[1, 5]], [[7, 2]]).shape == (1,)
+    if stage == "reward":  # score completions with the resumed reward model through the CLI
+        (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "say cat", "completion": "cat dog"}) + "\n" +
+                                           json.dumps({"messages": [{"role": "user", "content": "say sea"}],
+                                                       "completion": "sea"}) + "\n")
+        assert main(["align", "score", "--config", str(config), f"checkpoint.dir={tmp_path / 'resumed'}",
+                     f"data.tokenizer={tok_path}", f"reward.score_input={tmp_path / 'in.jsonl'}",
+                     f"reward.score_output={tmp_path / 'out.jsonl'}"]) == 0
+        scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        direct = RewardModel.load(tmp_path / "resumed").score(
+            [tok.encode("[INST] say cat [/INST]", bos=True)], [tok.encode(" cat dog ", eos=True)[1:]])
+        assert scored[0]["completion"] == "cat dog" and len(scored) == 2
+        assert scored[0]["reward"] == pytest.approx(float(direct[0]), abs=1e-4)
 
 
 @pytest.mark.e2e
