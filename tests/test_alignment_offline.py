@@ -19,6 +19,7 @@ from llama_jax.alignment import dpo, rewards_math
 from llama_jax.alignment.preferences import Pair, pair_rows, read_pairs
 from llama_jax.alignment.reward import RewardModel, accuracy_by_level, reward_objective
 from llama_jax.alignment.sequences import sequence_logps
+from llama_jax.chat import encode_turns
 from llama_jax.cli import main
 from llama_jax.config import Config, ConfigError, DpoConfig, LlamaConfig, MeshConfig, OptimConfig, TrainConfig
 from llama_jax.config import load_config
@@ -269,8 +270,8 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
                      f"data.tokenizer={tok_path}", f"reward.score_input={tmp_path / 'in.jsonl'}",
                      f"reward.score_output={tmp_path / 'out.jsonl'}"]) == 0
         scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-        direct = RewardModel.load(tmp_path / "resumed").score(
-            [tok.encode("[INST] say cat [/INST]", bos=True)], [tok.encode(" cat dog ", eos=True)[1:]])
+        dialog = [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat dog"}]
+        direct = RewardModel.load(tmp_path / "resumed").score([[]], [encode_turns(tok, dialog)[0]])
         assert scored[0]["completion"] == "cat dog" and len(scored) == 2
         assert scored[0]["reward"] == pytest.approx(float(direct[0]), abs=1e-4)
 
