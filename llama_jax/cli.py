@@ -164,6 +164,39 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                         "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
 
 
+def _align_ppo(cfg: Any) -> Any:
+    from llama_jax.alignment.ppo import ppo
+    return ppo(cfg)
+
+
+def _align_rejection(cfg: Any) -> Any:
+    from llama_jax.alignment.rejection import rejection_sampling
+    return rejection_sampling(cfg)
+
+
+def _align_gatt(cfg: Any) -> Any:
+    from llama_jax.alignment.gatt import gatt
+    return gatt(cfg)
+
+
+# align action -> (help, example config, example overrides, function of the config returning a reportable result)
+ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+    "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
+            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
+    "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",
+                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8", _align_rejection),
+    "gatt": ("Ghost Attention data: dialogs sampled with an instruction on every turn, kept in the first only",
+             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", _align_gatt),
+}
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="RLHF as Llama 2 did it: " + ", ".join(ALIGN_ACTIONS))
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
+        _add_config_command(actions, name, help, example, overrides, run)
+
+
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT format) into its base and write a full checkpoint")
     p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on (any format)")
@@ -255,7 +288,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
-            _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+            _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
