@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from llama_jax.training.step import TrainState
 
 log = logging.getLogger(__name__)
 POLICY_DIR = "policy"
+METRICS_FILE = "metrics.jsonl"  # one line per iteration, for scripts (TensorBoard has the same scalars)
 LOGIT_EPS = 1e-6
 
 
@@ -337,6 +339,9 @@ def _run(cfg: Config, trainer: PpoTrainer, tokenizer: Tokenizer, prompts: list, 
                 it += 1
                 logger.advance(1)
                 logger.log(it, metrics, prefix="ppo")
+                if main:
+                    with (run_dir / METRICS_FILE).open("a") as f:
+                        f.write(json.dumps({"iteration": it, **metrics}) + "\n")
                 if ckpt.due(it) or it == p.iterations or sigterm.is_set():
                     ckpt.save(it, state.params, state.opt_state, {"optimizer_steps": int(state.step)}, cfg)
                 if sigterm.is_set():

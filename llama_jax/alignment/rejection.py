@@ -85,8 +85,8 @@ def _key(record: dict[str, Any]) -> str:
 
 
 def read_pool(files: list[str]) -> dict[str, dict[str, Any]]:
-    """The best record per prompt over earlier rounds' outputs (records carrying a `reward`)."""
-    best: dict[str, dict[str, Any]] = {}
+    """The best record per prompt over earlier rounds' output files (records carrying a `reward`)."""
+    records = []
     for spec in files:
         for file in data_files(spec):
             for line_no, line in _records(file):
@@ -94,9 +94,17 @@ def read_pool(files: list[str]) -> dict[str, dict[str, Any]]:
                 if not isinstance(record, dict) or not isinstance(record.get("reward"), (int, float)):
                     raise ValueError(f"{file}:{line_no}: a pooled record needs a numeric 'reward' (write pools with "
                                      "rejection sampling)")
-                key = _key(record)
-                if key not in best or record["reward"] > best[key]["reward"]:
-                    best[key] = record
+                records.append(record)
+    return read_pool_records(records)
+
+
+def read_pool_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The highest-reward record per prompt."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in records:
+        key = _key(record)
+        if key not in best or record["reward"] > best[key]["reward"]:
+            best[key] = record
     return best
 
 
