@@ -215,8 +215,8 @@ def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after
         tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     common = [f"ppo.init_from={hf}", f"data.tokenizer={tok_path}", f"ppo.prompts={tmp_path / 'prompts.jsonl'}",
-              "ppo.reward=task_reward:low_tokens", "ppo.iterations=10", "ppo.batch_size=16", "ppo.minibatch_size=8",
-              "ppo.max_new_tokens=8", "ppo.lr=3e-3", "ppo.logit_reward=false", "ppo.critic=shared",
+              "ppo.reward=task_reward:low_tokens", "ppo.iterations=12", "ppo.batch_size=16", "ppo.minibatch_size=8",
+              "ppo.max_new_tokens=8", "ppo.lr=1e-2", "ppo.kl_coef=0.1", "ppo.logit_reward=false", "ppo.critic=shared",
               "checkpoint.every=4", "checkpoint.async_save=false"]
 
     def run(*args, run_dir):
@@ -227,8 +227,9 @@ def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after
     assert straight.returncode == 0, straight.stderr[-3000:]
     history = [json.loads(line) for line in (tmp_path / "straight" / ppo.METRICS_FILE).read_text().splitlines()]
     rewards = [h["reward"] for h in history]
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
-    assert max(h["kl"] for h in history) < 10.0  # nats per completion of 8 tokens
+    # measured: the share rises from 0.48 to 0.87 (mean of the first and last three iterations), KL at most 13
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+    assert max(h["kl"] for h in history) < 20.0, history  # nats per completion of 8 tokens
     assert (tmp_path / "straight" / ppo.POLICY_DIR).is_dir()
 
     killed = run(sys.executable, "-c", KILLED_RUN, str(CONFIG), run_dir="resumed")

@@ -212,15 +212,16 @@ class PpoTrainer:
         self._train = jax.jit(self._train_step, donate_argnums=0,
                               out_shardings=(self.state_sharding, replicated))
 
+    def _fresh_state(self, params: Any) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
     def init_state(self) -> TrainState:
-        init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
-                       out_shardings=self.state_sharding)
         with jax.set_mesh(self.mesh):
-            return init(self._params)
+            return jax.jit(self._fresh_state, out_shardings=self.state_sharding)(self._params)
 
     def abstract_state(self, execution: ExecutionConfig | None = None) -> tuple[Any, Any]:
         """(params, opt_state) as a checkpoint restore target (the layout never changes within a PPO run)."""
-        shapes = jax.eval_shape(self.init_state)
+        shapes = jax.eval_shape(self._fresh_state, self._params)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                               self.state_sharding)
         return target.params, target.opt_state
