@@ -164,6 +164,21 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                         "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
 
 
+def _align_reward(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import train_reward_model
+    return train_reward_model(cfg)
+
+
+def _align_score(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import score_file
+    return score_file(cfg)
+
+
+def _align_dpo(cfg: Any) -> Any:
+    from llama_jax.alignment.dpo import train_dpo
+    return train_dpo(cfg)
+
+
 def _align_ppo(cfg: Any) -> Any:
     from llama_jax.alignment.ppo import ppo
     return ppo(cfg)
@@ -179,8 +194,15 @@ def _align_gatt(cfg: Any) -> Any:
     return gatt(cfg)
 
 
-# align action -> (help, example config, example overrides, function of the config returning a reportable result)
+# `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
 ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+    "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
+               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large", _align_reward),
+    "score": ("score prompt/completion JSONL records with a trained reward model",
+              "experiments/configs/rm_llama2_7b.yaml", "reward.score_input=IN.jsonl reward.score_output=OUT.jsonl",
+              _align_score),
+    "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
+            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
     "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
             "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
     "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",

@@ -21,6 +21,8 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "of
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("halt", "skip")
+MARGIN_TABLES = ("none", "small", "large")  # llama_jax.alignment.rewards_math.MARGINS
+DPO_VARIANTS = ("dpo", "ipo")
 
 
 class ConfigError(ValueError):
@@ -319,6 +321,50 @@ class FinetuneConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward-model training and scoring (`align reward|score`). Pairs come from `finetune.train` (held-out:
+    `finetune.validation`), the backbone from `finetune.init_from`. `margin` is the table m(rating) of the ranking
+    loss: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0). `score` reads `score_input` JSONL (prompt/messages +
+    completion) and writes it with rewards to `score_output`, using the reward run `checkpoint` (default
+    `checkpoint.dir`)."""
+
+    margin: str = "small"
+    checkpoint: str | None = None
+    score_input: str = ""
+    score_output: str = ""
+
+    def __post_init__(self) -> None:
+        if self.margin not in MARGIN_TABLES:
+            raise ConfigError(f"reward.margin '{self.margin}' is not one of {MARGIN_TABLES}"
+                              f"{nearest(self.margin, MARGIN_TABLES)}")
+
+
+@dataclass
+class DpoConfig:
+    """Direct preference optimisation (`align dpo`) on the pairs of `finetune.train`, from `finetune.init_from`,
+    which is also the reference (under LoRA: the base with adapters off). `variant` dpo minimises
+    `-log σ(β h)` (with `label_smoothing` ε > 0: conservative DPO, `-(1-ε) log σ(β h) - ε log σ(-β h)`); ipo
+    minimises `(h - 1/(2β))²`; h = the policy's minus the reference's log-ratio of chosen over rejected. The reference
+    log-probabilities are computed once and cached at `reference_cache` (default `<checkpoint.dir>/reference_logps.npz`)."""
+
+    beta: float = 0.1
+    variant: str = "dpo"
+    label_smoothing: float = 0.0
+    reference_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in DPO_VARIANTS:
+            raise ConfigError(f"dpo.variant '{self.variant}' is not one of {DPO_VARIANTS}"
+                              f"{nearest(self.variant, DPO_VARIANTS)}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.variant != "dpo":
+            raise ConfigError("dpo.label_smoothing applies to variant dpo only; set it to 0 for ipo")
+
+
+@dataclass
 class PpoConfig:
     """PPO as Llama 2 ran it (paper section 3.2.3): per iteration, `batch_size` rollouts from prompts of `prompts`
     (JSONL `messages` ending with a user turn, or `prompt` text), scored by `reward` (a reward-model directory or a
@@ -430,6 +476,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GattConfig = field(default_factory=GattConfig)

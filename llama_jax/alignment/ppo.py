@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
+from llama_jax.alignment.rewards_math import logit, whiten
 from llama_jax.alignment.rollout import RewardFn, Rollout, Sampler, load_reward, read_prompts
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.manager import Checkpointer
@@ -51,7 +52,6 @@ from llama_jax.training.step import TrainState
 log = logging.getLogger(__name__)
 POLICY_DIR = "policy"
 METRICS_FILE = "metrics.jsonl"  # one line per iteration, for scripts (TensorBoard has the same scalars)
-LOGIT_EPS = 1e-6
 
 
 # ---- the objective, on `[B, T]` per-target arrays whose `mask` marks the generated tokens -------------------------
@@ -67,16 +67,10 @@ def masked_whiten(x: jax.Array, mask: jax.Array) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + 1e-8) * mask
 
 
-def logit(p: jax.Array) -> jax.Array:
-    """The inverse of the sigmoid, for scores in (0, 1) (clipped away from 0 and 1)."""
-    p = jnp.clip(p, LOGIT_EPS, 1 - LOGIT_EPS)
-    return jnp.log(p) - jnp.log1p(-p)
-
-
 def sequence_scores(raw: jax.Array, use_logit: bool, use_whiten: bool) -> jax.Array:
     """`whiten(logit(R))` over the batch (each step switchable), the paper's reward before the KL penalty."""
-    score = logit(raw) if use_logit else raw
-    return masked_whiten(score, jnp.ones_like(score)) if use_whiten else score
+    score = logit(raw) if use_logit else raw.astype(jnp.float32)
+    return whiten(score) if use_whiten else score
 
 
 def token_rewards(scores: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, kl_coef: float

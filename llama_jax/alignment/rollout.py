@@ -86,9 +86,18 @@ def load_reward(spec: str, tokenizer: Tokenizer, mesh: Any = None) -> RewardFn:
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"reward '{spec}' cannot be imported ({err}); give module:factory") from None
         return factory(tokenizer)
-    from llama_jax.alignment.reward import RewardModel  # noqa: PLC0415 - only runs with a trained reward model
-    model = RewardModel.load(spec, mesh)
-    return lambda prompts, completions, mask: model.score(prompts, completions, mask)
+    from llama_jax.alignment.reward import RewardModel
+    return reward_model_fn(RewardModel.load(spec, mesh))
+
+
+def reward_model_fn(model: Any) -> RewardFn:
+    """A `RewardFn` of a `reward.RewardModel`: its scores squashed to (0, 1) by a sigmoid (the scale the paper's
+    `logit` and safety threshold assume; `logit` of them gives back the raw score)."""
+    def score(prompts: np.ndarray, completions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        prompt_ids = [[int(t) for t in row if t != PAD] for row in prompts]
+        completion_ids = [[int(t) for t, keep in zip(row, kept) if keep] for row, kept in zip(completions, mask)]
+        return np.asarray(jax.nn.sigmoid(model.score(prompt_ids, completion_ids)))
+    return score
 
 
 @dataclass

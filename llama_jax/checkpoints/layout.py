@@ -108,9 +108,12 @@ def check_shape(name: str, tensor: Any, cfg: LlamaConfig, file_name: str | None 
                          "the checkpoint does not match its config")
 
 
-def restore_target(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh | None) -> tuple[Any, Any]:
-    """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0."""
-    graphdef, abstract = abstract_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
+def restore_target(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh | None,
+                   attach: Callable[[Llama], Llama] | None = None) -> tuple[Any, Any]:
+    """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0;
+    `attach` adds weights a training objective put on the model (a reward head)."""
+    attach = attach or (lambda model: model)
+    graphdef, abstract = abstract_init(lambda: attach(Llama(cfg, execution, rngs=nnx.Rngs(0))), mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
