@@ -21,7 +21,7 @@ import yaml
 from llama_jax.chat import Message, encode_dialog
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.config import Config, ConfigError, GattConfig
-from llama_jax.data.sft import _records, data_files
+from llama_jax.data.records import read_records
 from llama_jax.distributed import initialize
 from llama_jax.inference.text import complete
 from llama_jax.model import Llama
@@ -124,15 +124,13 @@ def model_replies(model: Llama, tokenizer: Tokenizer, cfg: GattConfig, seed: int
 def read_dialogs(spec: str) -> list[list[Message]]:
     """Dialogs (JSONL `messages`) with at least one user turn; the system message, if any, is dropped (GAtt's
     instruction takes its place)."""
-    dialogs = []
-    for file in data_files(spec):
-        for line_no, line in _records(file):
-            record = json.loads(line)
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not any(m.get("role") == "user" for m in messages):
-                raise ValueError(f"{file}:{line_no}: a dialog record needs 'messages' with at least one user turn")
-            dialogs.append([m for m in messages if m.get("role") != "system"])
-    return dialogs
+    def encode(record: Any, _: bool) -> tuple[list[Message], None]:
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user"
+                                                     for m in messages):
+            raise ValueError("a dialog record needs 'messages' with at least one user turn")
+        return [m for m in messages if m.get("role") != "system"], None
+    return read_records(spec, encode, "fail", "gatt.dialogs")[0]
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from llama_jax.alignment.rollout import Prompt, RewardFn, Sampler, completion_texts, load_reward, read_prompts
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.config import Config, ConfigError, RejectionConfig
-from llama_jax.data.sft import _records, data_files
+from llama_jax.data.records import read_records
 from llama_jax.distributed import initialize
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
@@ -86,16 +86,11 @@ def _key(record: dict[str, Any]) -> str:
 
 def read_pool(files: list[str]) -> dict[str, dict[str, Any]]:
     """The best record per prompt over earlier rounds' output files (records carrying a `reward`)."""
-    records = []
-    for spec in files:
-        for file in data_files(spec):
-            for line_no, line in _records(file):
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("reward"), (int, float)):
-                    raise ValueError(f"{file}:{line_no}: a pooled record needs a numeric 'reward' (write pools with "
-                                     "rejection sampling)")
-                records.append(record)
-    return read_pool_records(records)
+    def encode(record: Any, _: bool) -> tuple[dict[str, Any], None]:
+        if not isinstance(record, dict) or not isinstance(record.get("reward"), (int, float)):
+            raise ValueError("a pooled record needs a numeric 'reward' (write pools with rejection sampling)")
+        return record, None
+    return read_pool_records([r for spec in files for r in read_records(spec, encode, "fail", "rejection.pool")[0]])
 
 
 def read_pool_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

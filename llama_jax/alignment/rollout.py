@@ -10,7 +10,6 @@ sampling.
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax.chat import encode_dialog
 from llama_jax.config import ConfigError
-from llama_jax.data.sft import _records, data_files
+from llama_jax.data.records import read_records
 from llama_jax.inference.generate import MIN_PROMPT_BUCKET, PAD, bucket, decode, left_pad
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
@@ -51,26 +50,17 @@ class Prompt:
         return {"prompt": self.text, "completion": completion}
 
 
-def read_prompts(spec: str, tokenizer: Tokenizer) -> list[Prompt]:
+def read_prompts(spec: str, tokenizer: Tokenizer, setting: str = "ppo.prompts") -> list[Prompt]:
     """Prompts from JSONL files (comma-separated paths or globs): `{"messages": [...]}` ending with a user turn
     (Llama-2-chat encoding) or `{"prompt": "..."}` (BOS + text); a bad record fails naming its file and line."""
-    prompts = []
-    for file in data_files(spec):
-        for line_no, line in _records(file):
-            try:
-                record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                    messages = list(record["messages"])
-                    prompts.append(Prompt(encode_dialog(tokenizer, messages), messages=messages))
-                elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                    prompts.append(Prompt(tokenizer.encode(record["prompt"], bos=True), text=record["prompt"]))
-                else:
-                    raise ValueError("a prompt record needs 'messages' (ending with a user turn) or 'prompt' text")
-            except ValueError as err:
-                raise ValueError(f"{file}:{line_no}: {err}") from None
-    if not prompts:
-        raise ValueError(f"no prompts in '{spec}'; give JSONL records with 'messages' or 'prompt'")
-    return prompts
+    def encode(record: Any, _: bool) -> tuple[Prompt, None]:
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages = list(record["messages"])
+            return Prompt(encode_dialog(tokenizer, messages), messages=messages), None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            return Prompt(tokenizer.encode(record["prompt"], bos=True), text=record["prompt"]), None
+        raise ValueError("a prompt record needs 'messages' (ending with a user turn) or 'prompt' text")
+    return read_records(spec, encode, "fail", setting)[0]
 
 
 def load_reward(spec: str, tokenizer: Tokenizer, mesh: Any = None) -> RewardFn:
