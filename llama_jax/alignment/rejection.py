@@ -47,6 +47,7 @@ class RejectionResult:
     mean_reward: float  # over all K samples of every prompt
     best_reward: float  # mean over prompts of the kept sample's reward (after pooling)
     pooled: int  # prompts whose kept sample came from an earlier round
+    samples: Samples | None = None
     finetuned: TrainResult | None = None
 
     def report(self) -> str:
@@ -137,7 +138,7 @@ def rejection_sampling(cfg: Config, reward_fn: RewardFn | None = None) -> Reject
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(record) + "\n" for record in records))
     result = RejectionResult(str(output), float(samples.rewards.mean()),
-                             float(np.mean([rec["reward"] for rec in records])), pooled)
+                             float(np.mean([rec["reward"] for rec in records])), pooled, samples)
     if r.finetune:
         del model
         result.finetuned = finetune(cfg)
