@@ -115,7 +115,7 @@ def build_policy(out: Path, scale: float) -> Context:
 def make_pairs(ctx: Context) -> None:
     """Stage 2: two samples per prompt from the SFT policy, labelled by the true reward; train / held-out split."""
     rng = np.random.default_rng(2)
-    n = max(256, int(1024 * ctx.scale))
+    n = max(512, int(1024 * ctx.scale))
     prompt_texts = rlhf_task.prompts(rng, n)
     policy = load_pretrained(ctx.sft)
     first = sample(policy, ctx.tokenizer, prompt_texts, seed=10).texts
@@ -134,7 +134,7 @@ SEPARATED = ("significantly better", "better")  # pairs 2+ target words apart: n
 def train_rm(ctx: Context) -> None:
     """Stage 3: the reward model from the SFT checkpoint; held-out accuracy per rating level, and on the clearly
     separated pairs; then the SFT policy's samples are scored by it."""
-    seconds, result = ctx.train("rm", train_reward_model, max(2.0, 6 * ctx.scale))
+    seconds, result = ctx.train("rm", train_reward_model, max(4.0, 10 * ctx.scale))
     held = result.heldout
     ctx.results |= {f"rm/{k}": v for k, v in held.items()}
     separated = [(held[f"accuracy/{r}"], held[f"pairs/{r}"]) for r in SEPARATED if f"pairs/{r}" in held]
