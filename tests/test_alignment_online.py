@@ -241,3 +241,42 @@ def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after
     a, b = (nnx.state(load_pretrained(tmp_path / d / ppo.POLICY_DIR)) for d in ("straight", "resumed"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.e2e
+def test_align_rejection_and_gatt_commands(tmp_path, monkeypatch):
+    """`align rejection` (module:factory reward, best of 4 at two temperatures, then fine-tuned on) and `align gatt`
+    write SFT data the fine-tuning reader accepts."""
+    from tiny_lm import make_tiny_lm
+
+    from llama_jax.cli import main
+
+    hf, tok_path, _, tok = make_tiny_lm(tmp_path, max_seq_len=64)
+    (tmp_path / "task_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                                                    for p in ("The cat sat", "Paris is", "Water boils", "Once")))
+    (tmp_path / "dialogs.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Where is Paris?"}, {"role": "assistant", "content": "In France."},
+        {"role": "user", "content": "And Rome?"}, {"role": "assistant", "content": "In Italy."}]}) + "\n")
+    (tmp_path / "instructions.yaml").write_text("persona: [{full: Act as a cat., short: Cat}]\nlanguage: [French]\n")
+    configs = REPO / "experiments" / "configs"
+    common = [f"data.tokenizer={tok_path}", "train.log_every=1"]
+    assert main(["align", "rejection", "--config", str(configs / "rejection_tiny.yaml"), *common,
+                 f"rejection.init_from={hf}", f"rejection.prompts={tmp_path / 'prompts.jsonl'}",
+                 "rejection.reward=task_reward:low_tokens", "rejection.samples=4", "rejection.temperatures=[0.8,1.2]",
+                 f"rejection.output={tmp_path / 'best.jsonl'}", f"checkpoint.dir={tmp_path / 'rs'}",
+                 "finetune.epochs=0", "train.steps=2"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "best.jsonl").read_text().splitlines()]
+    assert len(kept) == 4 and all(r["messages"][-1]["role"] == "assistant" for r in kept)
+    assert (tmp_path / "rs" / "2").is_dir()  # the fine-tuning run on the kept replies
+    assert main(["align", "gatt", "--config", str(configs / "gatt_tiny.yaml"), *common, f"gatt.init_from={hf}",
+                 f"gatt.dialogs={tmp_path / 'dialogs.jsonl'}", f"gatt.output={tmp_path / 'gatt.jsonl'}",
+                 f"gatt.instructions={tmp_path / 'instructions.yaml'}", "gatt.max_new_tokens=8",
+                 "gatt.temperature=1.0", "gatt.top_p=1.0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "gatt.jsonl").read_text().splitlines()]
+    assert records  # (a dialog whose sampled reply came out empty is left out)
+    for record in records:
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        assert users[0].startswith(record["instruction"]) and users[1:] in ([], ["And Rome?"])
+        assert any(encode_record(record, tok)[1])

@@ -32,8 +32,8 @@ from llama_jax.training.finetune import _tokenizer
 
 Instructions = dict[str, list[tuple[str, str]]]
 """category -> [(full text, short text)]"""
-ReplyFn = Callable[[list[list[Message]]], list[str]]
-"""Replies to a batch of dialogs that each end with a user turn."""
+ReplyFn = Callable[[list[list[Message]]], list[str | None]]
+"""Replies to a batch of dialogs that each end with a user turn (None for one that no longer fits the context)."""
 
 
 def read_instructions(path: str) -> Instructions:
@@ -93,31 +93,39 @@ def training_records(messages: list[Message], instruction: str, all_turns: bool)
 def build_gatt(dialogs: list[list[Message]], instructions: Instructions, reply: ReplyFn, cfg: GattConfig,
                seed: int = 0) -> list[dict[str, Any]]:
     """Sample every dialog's replies turn by turn (all dialogs' turn t in one batch) with the instruction on every
-    user turn, then turn each into training records. A dialog keeps its user turns; its replies are replaced."""
+    user turn, then turn each into training records. A dialog keeps its user turns; its replies are replaced. One
+    that outgrows the context ends at its last reply that fitted."""
     rng = np.random.default_rng(seed)
     drawn = [draw_instruction(instructions, rng, cfg.max_combined, cfg.shorten) for _ in dialogs]
     users = [[m for m in d if m["role"] == "user"] for d in dialogs]
     sampled: list[list[Message]] = [[] for _ in dialogs]
     for turn in range(max(len(u) for u in users)):
-        active = [i for i, u in enumerate(users) if turn < len(u)]
+        active = [i for i, u in enumerate(users) if turn < len(u) and len(sampled[i]) == 2 * turn]
         for first in range(0, len(active), cfg.batch_size):
             chunk = active[first:first + cfg.batch_size]
             prompts = [with_instruction([*sampled[i], users[i][turn]], drawn[i], every_turn=True) for i in chunk]
             for i, text in zip(chunk, reply(prompts), strict=True):
-                sampled[i] += [users[i][turn], {"role": "assistant", "content": text}]
-    return [record for i, dialog in enumerate(sampled) for record in training_records(dialog, drawn[i], cfg.all_turns)
-            if all(m["content"].strip() for m in dialog)]
+                if text is not None:
+                    sampled[i] += [users[i][turn], {"role": "assistant", "content": text}]
+    return [record for i, dialog in enumerate(sampled) if dialog and all(m["content"].strip() for m in dialog)
+            for record in training_records(dialog, drawn[i], cfg.all_turns)]
 
 
 def model_replies(model: Llama, tokenizer: Tokenizer, cfg: GattConfig, seed: int = 0) -> ReplyFn:
     """A `ReplyFn` sampling from `model` with the config's temperature and top-p."""
     calls = iter(range(1 << 30))
 
-    def reply(prompts: list[list[Message]]) -> list[str]:
+    def reply(prompts: list[list[Message]]) -> list[str | None]:
         ids = [encode_dialog(tokenizer, p) for p in prompts]
-        return [text.strip() for text in complete(model, tokenizer, ids, context_tokens=0,
-                                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                  top_p=cfg.top_p, seed=seed + next(calls))]
+        fits = [i for i, p in enumerate(ids) if len(p) < model.cfg.max_seq_len - 1]
+        texts: list[str | None] = [None] * len(prompts)
+        if fits:
+            replies = complete(model, tokenizer, [ids[i] for i in fits], context_tokens=0,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               seed=seed + next(calls))
+            for i, text in zip(fits, replies, strict=True):
+                texts[i] = text.strip()
+        return texts
     return reply
 
 

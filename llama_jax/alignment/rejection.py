@@ -106,14 +106,18 @@ def read_pool_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
 
 def select_best(prompts: list[Prompt], samples: Samples, pool: dict[str, dict[str, Any]]
                 ) -> tuple[list[dict[str, Any]], int]:
-    """Per prompt, its best sample as an SFT record with its reward, or the pooled record if that scored higher;
-    and how many came from the pool."""
+    """Per prompt, its best non-empty sample as an SFT record with its reward, or the pooled record if that scored
+    higher (a prompt with neither is left out: an empty reply is not a fine-tuning example); and how many came from
+    the pool."""
     records, pooled = [], 0
-    for i, k in enumerate(samples.best()):
+    rewards = np.where([[bool(t.strip()) for t in row] for row in samples.texts], samples.rewards, -np.inf)
+    for i, k in enumerate(np.argmax(rewards, axis=1)):
         record = {**prompts[i].record(samples.texts[i][k]), "reward": float(samples.rewards[i, k])}
         earlier = pool.get(_key(record))
-        if earlier is not None and earlier["reward"] > record["reward"]:
+        if earlier is not None and (earlier["reward"] > record["reward"] or not np.isfinite(rewards[i, k])):
             record, pooled = earlier, pooled + 1
+        elif not np.isfinite(rewards[i, k]):
+            continue
         records.append(record)
     return records, pooled
 
