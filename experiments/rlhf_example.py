@@ -1,11 +1,13 @@
-"""Worked RLHF example on a task with a computable true reward (`rlhf_task.py`): reward model, then DPO (other
-stages plug into `STAGES`), each measured against the same SFT policy.
+"""Worked RLHF example on a task with a computable true reward (`rlhf_task.py`): reward model, then DPO, rejection
+sampling and PPO (stages plug into `STAGES`), each measured against the same SFT policy.
 
 (1) A tiny SFT policy is trained offline from a random init on chat replies of uniformly drawn words (the
 `sft_example.py` helpers). (2) It samples two replies per prompt with the batched KV-cache sampler; pairs are
 labelled by the true reward with rating levels and label noise. (3) A reward model is trained on them from the SFT
 checkpoint (held-out accuracy per rating level). (4) DPO starts from the SFT policy; the true reward, the reward
-model's score and the KL to the SFT policy are measured on fresh samples before and after.
+model's score and the KL to the SFT policy are measured on fresh samples before and after. (5) Rejection sampling
+draws K replies per prompt from the SFT policy, keeps the one the reward model scores best and fine-tunes the SFT
+policy on them. (6) PPO trains the SFT policy against the reward model with a KL penalty to it.
 
     python experiments/rlhf_example.py --out runs/rlhf_example            # the README numbers
     python experiments/rlhf_example.py --out /tmp/rlhf --scale 0.3        # a shortened run
@@ -24,7 +26,10 @@ import numpy as np
 
 import rlhf_task
 from llama_jax.alignment.dpo import train_dpo
+from llama_jax.alignment.ppo import ppo
+from llama_jax.alignment.rejection import rejection_sampling
 from llama_jax.alignment.reward import RewardModel, train_reward_model
+from llama_jax.alignment.rollout import reward_model_fn
 from llama_jax.alignment.sequences import sequence_logps
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained
@@ -148,7 +153,47 @@ def train_dpo_stage(ctx: Context) -> None:
     measure(ctx, load_pretrained(ctx.out / "dpo"), "dpo")
 
 
-STAGES: dict[str, Callable[[Context], None]] = {"rm": train_rm, "dpo": train_dpo_stage}
+def online_prompts(ctx: Context) -> str:
+    """The prompts rejection sampling and PPO sample from: chat prompts of the task, as JSONL."""
+    texts = rlhf_task.prompts(np.random.default_rng(3), max(128, int(512 * ctx.scale)))
+    return write_jsonl(ctx.out / "online_prompts.jsonl", [{"messages": [{"role": "user", "content": t}]}
+                                                          for t in texts])
+
+
+def online_stage(ctx: Context, name: str, stage: Callable[..., Any], *overrides: str) -> tuple[float, Any]:
+    """Run `stage(config, reward)` from the SFT policy, rewarded by the trained reward model (sigmoid scores),
+    with `configs/<name>_rlhf_example.yaml` into `out/name`."""
+    prompts = online_prompts(ctx)
+    reward = reward_model_fn(ctx.reward_model)
+    return finetune_run(ctx.out, name, str(ctx.sft), str(ctx.out / f"{name}.jsonl"), None, max(2.0, 4 * ctx.scale),
+                        f"{name}.init_from={ctx.sft}", f"{name}.prompts={prompts}", *overrides,
+                        config=CONFIGS / f"{name}_rlhf_example.yaml", stage=lambda cfg: stage(cfg, reward))
+
+
+def rejection_stage(ctx: Context) -> None:
+    """Stage 5: best-of-K by the reward model, then the SFT policy fine-tuned on the kept replies; the true reward
+    of the kept replies is compared with that of all K samples."""
+    seconds, result = online_stage(ctx, "rejection", rejection_sampling,
+                                   f"rejection.output={ctx.out / 'rejection.jsonl'}")
+    texts = result.samples.texts
+    kept = [row[k] for row, k in zip(texts, result.samples.best())]
+    ctx.results["rejection/samples_true_reward"] = mean_true_reward([t for row in texts for t in row])
+    ctx.results["rejection/best_of_k_true_reward"] = mean_true_reward(kept)
+    ctx.results["rejection/seconds"] = seconds
+    measure(ctx, load_pretrained(ctx.out / "rejection"), "rejection")
+
+
+def ppo_stage(ctx: Context) -> None:
+    """Stage 6: PPO against the reward model; rollout and training throughput of its last iteration."""
+    iterations = max(20, int(60 * ctx.scale))
+    seconds, result = online_stage(ctx, "ppo", ppo, f"ppo.iterations={iterations}")
+    ctx.results |= {f"ppo/{k}": result.metrics[k] for k in ("rollout_tokens_per_s", "train_tokens_per_s")}
+    ctx.results["ppo/seconds"] = seconds
+    measure(ctx, result.policy, "ppo")
+
+
+STAGES: dict[str, Callable[[Context], None]] = {"rm": train_rm, "dpo": train_dpo_stage, "rejection": rejection_stage,
+                                                "ppo": ppo_stage}
 
 
 def run(out: Path, scale: float = 1.0, stages: tuple[str, ...] = tuple(STAGES)) -> dict[str, float]:

@@ -179,6 +179,21 @@ def _align_dpo(cfg: Any) -> Any:
     return train_dpo(cfg)
 
 
+def _align_ppo(cfg: Any) -> Any:
+    from llama_jax.alignment.ppo import ppo
+    return ppo(cfg)
+
+
+def _align_rejection(cfg: Any) -> Any:
+    from llama_jax.alignment.rejection import rejection_sampling
+    return rejection_sampling(cfg)
+
+
+def _align_gatt(cfg: Any) -> Any:
+    from llama_jax.alignment.gatt import gatt
+    return gatt(cfg)
+
+
 # `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
 ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
     "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
@@ -188,11 +203,17 @@ ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
               _align_score),
     "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
             "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
+    "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
+            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
+    "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",
+                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8", _align_rejection),
+    "gatt": ("Ghost Attention data: dialogs sampled with an instruction on every turn, kept in the first only",
+             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", _align_gatt),
 }
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("align", help="RLHF stages after fine-tuning: " + ", ".join(ALIGN_ACTIONS))
+    p = sub.add_parser("align", help="RLHF as Llama 2 did it: " + ", ".join(ALIGN_ACTIONS))
     actions = p.add_subparsers(dest="action", required=True)
     for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
         _add_config_command(actions, name, help, example, overrides, run)

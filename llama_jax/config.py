@@ -366,6 +366,107 @@ class DpoConfig:
 
 
 @dataclass
+class PpoConfig:
+    """PPO as Llama 2 ran it (paper section 3.2.3): per iteration, `batch_size` rollouts from prompts of `prompts`
+    (JSONL `messages` ending with a user turn, or `prompt` text), scored by `reward` (a reward-model directory or a
+    `module:function` reward callable), reward `whiten(logit(R)) - kl_coef * KL` per token (each switchable), GAE
+    (`gamma`, `lam`), clipped objective (`clip`, values by `value_clip`), `epochs` passes of one AdamW step (constant
+    `lr`, the `optim` section's betas, decay and clipping) per `minibatch_size` rows. `critic` is `separate` (a second
+    copy of the policy's trunk with a value head) or `shared` (the value head on the policy's trunk). With LoRA the
+    reference is the base with adapters off. `gather_weights` samples from an fsdp-gathered copy of the weights, made
+    once per rollout on device (the paper's generation ran ~20x slower under FSDP until it gathered them)."""
+
+    init_from: str | None = None
+    reward: str = ""
+    prompts: str = ""
+    iterations: int = 200
+    batch_size: int = 64
+    minibatch_size: int = 8
+    epochs: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    lr: float = 1e-6
+    logit_reward: bool = True
+    whiten_reward: bool = True
+    critic: str = "separate"
+    gather_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.critic not in ("separate", "shared"):
+            raise ConfigError(f"ppo.critic '{self.critic}' is not one of ('separate', 'shared')"
+                              f"{nearest(self.critic, ('separate', 'shared'))}")
+        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size "
+                              f"({self.minibatch_size})")
+        if self.lr <= 0 or self.temperature <= 0 or self.kl_coef < 0:
+            raise ConfigError(f"ppo.lr ({self.lr}) and ppo.temperature ({self.temperature}) must be positive and "
+                              f"ppo.kl_coef ({self.kl_coef}) not negative")
+
+
+@dataclass
+class RejectionConfig:
+    """Rejection sampling (paper section 3.2.3): `samples` completions per prompt of `prompts`, sample k drawn at
+    `temperatures[k % len(temperatures)]`, scored by `reward` (as `ppo.reward`); the best per prompt, pooled with
+    the best of earlier rounds listed in `pool` (their `output` files), is written to `output` as SFT JSONL and, with
+    `finetune` true, fine-tuned on (the `finetune` section's settings, `finetune.init_from` = `init_from`)."""
+
+    init_from: str | None = None
+    reward: str = ""
+    prompts: str = ""
+    samples: int = 4
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    output: str = ""
+    pool: list[str] = field(default_factory=list)
+    finetune: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"rejection.samples ({self.samples}), rejection.batch_size ({self.batch_size}) and "
+                              f"rejection.max_new_tokens ({self.max_new_tokens}) must be at least 1")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ConfigError(f"rejection.temperatures must be a non-empty list of temperatures >= 0, got "
+                              f"{self.temperatures}")
+
+
+@dataclass
+class GattConfig:
+    """Ghost Attention data (paper section 3.3): for each dialog of `dialogs` (JSONL `messages`), an instruction
+    made of 1..`max_combined` entries drawn from different categories of `instructions` (YAML/JSON: category ->
+    list of `full` texts or `{full, short}` pairs; the short form with probability `shorten`) is attached to every
+    user turn while `init_from` samples the replies; the written records (`output`) keep it in the first turn only
+    and learn only the last reply (one record per assistant turn with `all_turns`)."""
+
+    init_from: str | None = None
+    dialogs: str = ""
+    instructions: str = ""
+    output: str = ""
+    max_combined: int = 2
+    shorten: float = 0.5
+    all_turns: bool = True
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_combined < 1 or not 0 <= self.shorten <= 1:
+            raise ConfigError(f"gatt.max_combined must be >= 1 ({self.max_combined}) and gatt.shorten in [0, 1] "
+                              f"({self.shorten})")
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -378,6 +479,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    gatt: GattConfig = field(default_factory=GattConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,1 +1,1 @@
-"""Post-training after SFT, as Llama 2 did it: preference data, reward models, DPO (this package's offline half)."""
+"""Alignment as Llama 2 did it: reward models, rejection sampling, PPO, DPO and Ghost Attention data."""

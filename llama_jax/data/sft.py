@@ -1,7 +1,8 @@
 """Supervised fine-tuning data: JSONL records -> token examples with answer-only loss -> packed rows -> batches.
 
 A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
-encoded by `llama_jax.chat.encode_turns`; loss on every reply, or only the last with `last_turn_only`),
+encoded by `llama_jax.chat.encode_turns`; loss on every reply not marked `"train": false`, or only the last with
+`last_turn_only`),
 `{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
 (`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
 and line, and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
