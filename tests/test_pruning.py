@@ -16,7 +16,7 @@ from llama_jax.cli import main
 from llama_jax.compression.masks import PRUNED, masks_of, projection_sparsity, pruning_masks
 from llama_jax.compression.prune import prune_model
 from llama_jax.compression.structured import strongest
-from llama_jax.config import (CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig, OptimConfig,
+from llama_jax.config import (CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig, MeshConfig, OptimConfig,
                               PruneConfig)
 from llama_jax.sharding import make_mesh
 from llama_jax.training.step import Trainer
@@ -94,7 +94,8 @@ def test_bad_prune_settings_are_one_line_errors():
 def test_masked_weights_stay_zero_through_steps_and_resume(model, tmp_path):
     cfg = Config(model=CFG, optim=OptimConfig(lr=1e-2, warmup_steps=1), prune=PruneConfig(method="magnitude"))
     cfg.train.steps = 3
-    trainer = Trainer(cfg, make_mesh(cfg.mesh))
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])  # one device: a quicker compile, the same arithmetic
+    trainer = Trainer(cfg, mesh)
     dense = jax.device_get(nnx.state(model, nnx.Param))
     state = trainer.init_state(dense)  # a dense start: the mask comes from its magnitudes
     masks = jax.device_get(masks_of(state.opt_state))
@@ -106,12 +107,12 @@ def test_masked_weights_stay_zero_through_steps_and_resume(model, tmp_path):
     assert bool(metrics["finite"])
     params = jax.device_get(state.params)
     for (path, keep), (_, before) in zip(nnx.to_flat_state(masks), nnx.to_flat_state(dense)):
-        after = np.asarray(nnx.to_pure_dict(params) and _at(params, path))
+        after = np.asarray(_at(params, path))
         assert np.all(after[~np.asarray(keep.get_value())] == 0), path
         assert np.any(after != np.asarray(before.get_value())), path  # the kept weights did train
     with Checkpointer(tmp_path / "run", CheckpointConfig(async_save=False)) as ckpt:
         ckpt.save(3, state.params, state.opt_state, {}, cfg)
-    resumed = Trainer(cfg, make_mesh(cfg.mesh))
+    resumed = Trainer(cfg, mesh)
     with Checkpointer(tmp_path / "run", CheckpointConfig()) as ckpt:
         restored = ckpt.restore_latest(cfg.model, cfg.execution, lambda ex: dataclasses.astuple(
             resumed.abstract_state(ex))[1:])
@@ -124,3 +125,81 @@ def _at(state, path):
     for key in path:
         node = node[key]
     return node
+
+
+STRUCTURED = PruneConfig(method="structured", ffn_hidden_dim=48, n_kv_heads=1)
+
+
+def _zeroed_units(model, prune):
+    """The dense model with the FFN channels and query heads that structured pruning drops zeroed in w2 and wo
+    (chosen here from the NumPy scores), which must compute what the smaller model computes."""
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for layer in state["layers"].values():
+        ffn, attention = layer["feed_forward"], layer["attention"]
+        scores = sum(np.sum(np.square(np.asarray(ffn[w])), axis=a) for w, a in (("w1", 0), ("w3", 0), ("w2", 1)))
+        ffn["w2"] = ffn["w2"].at[np.argsort(-scores, kind="stable")[prune.ffn_hidden_dim:]].set(0)
+        n_rep = CFG.n_heads // CFG.n_kv_heads
+        heads = (np.sum(np.square(np.asarray(attention["wq"])), axis=(0, 2))
+                 + np.sum(np.square(np.asarray(attention["wo"])), axis=(1, 2)))
+        groups = (np.sum(np.square(np.asarray(attention["wk"])), axis=(0, 2))
+                  + np.sum(np.square(np.asarray(attention["wv"])), axis=(0, 2)) + heads.reshape(-1, n_rep).sum(1))
+        dropped = np.argsort(-groups, kind="stable")[prune.n_kv_heads:]
+        attention["wo"] = attention["wo"].at[(dropped[:, None] * n_rep + np.arange(n_rep)).ravel()].set(0)
+    masked = Llama(CFG, rngs=nnx.Rngs(0))
+    nnx.update(masked, state)
+    return masked
+
+
+@pytest.fixture(scope="module")
+def structured(model):
+    return prune_model(model, STRUCTURED)
+
+
+def test_structured_pruning_shrinks_and_equals_the_zeroed_dense_model(model, structured):
+    cfg = structured.cfg
+    assert (cfg.hidden_dim, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim) == (48, 1, 2, CFG.head_dim)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(structured))) == cfg.num_params() < CFG.num_params()
+    np.testing.assert_allclose(np.asarray(forward(structured, TOKENS)),
+                               np.asarray(forward(_zeroed_units(model, STRUCTURED), TOKENS)), rtol=1e-5, atol=1e-5)
+    assert strongest(jnp.array([1.0, 3.0, 2.0, 3.0]), 2).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("fmt", ["orbax", pytest.param("meta", marks=pytest.mark.torch_ref), "hf"])
+def test_structured_checkpoint_round_trips(structured, tmp_path, fmt):
+    loaded = load_pretrained(save_pretrained(structured, tmp_path / fmt, format=fmt))
+    assert loaded.cfg.shape_differences(structured.cfg) == []  # Meta encodes the FFN width in multiple_of
+    np.testing.assert_array_equal(np.asarray(forward(loaded, TOKENS)), np.asarray(forward(structured, TOKENS)))
+
+
+def test_llama2c_keeps_ffn_pruning_and_refuses_pruned_heads(model, structured, tmp_path):
+    ffn_only = prune_model(model, PruneConfig(method="structured", ffn_hidden_dim=48))
+    loaded = load_pretrained(save_pretrained(ffn_only, tmp_path / "ffn", format="llama2c"))
+    assert loaded.cfg.hidden_dim == 48
+    np.testing.assert_allclose(np.asarray(forward(loaded, TOKENS)), np.asarray(forward(ffn_only, TOKENS)),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="llama2.c's header cannot describe head_dim 16"):
+        save_pretrained(structured, tmp_path / "heads", format="llama2c")
+
+
+@pytest.mark.torch_ref
+def test_structured_hf_export_loads_in_transformers_with_our_logits(structured, tmp_path):
+    from hf_reference import hf_logits
+    from transformers import LlamaForCausalLM
+
+    path = save_pretrained(structured, tmp_path / "hf", format="hf")
+    hf = LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    assert (hf.config.intermediate_size, hf.config.num_attention_heads, hf.config.head_dim) == (48, 2, 16)
+    np.testing.assert_allclose(hf_logits(hf, np.asarray(TOKENS)), np.asarray(forward(structured, TOKENS)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_prune_cli_writes_the_pruned_checkpoint(model, tmp_path, capsys):
+    src = save_pretrained(model, tmp_path / "dense", format="orbax")
+    (tmp_path / "dense" / "tokenizer.model").write_bytes(b"spm")
+    assert main(["prune", "--input", str(src), "--output", str(tmp_path / "out"), "prune.method=2:4"]) == 0
+    assert "2:4 pruning; projection sparsity 0.0% -> 50.0%" in capsys.readouterr().out
+    assert projection_sparsity(nnx.state(load_pretrained(tmp_path / "out"), nnx.Param)) == 0.5
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"spm"
+    assert main(["prune", "--input", str(src), "--output", str(tmp_path / "bad"), "prune.method=structured"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: prune.method=structured needs prune.ffn_hidden_dim and/or "
+                                               "prune.n_kv_heads (the widths to keep)")
