@@ -2,6 +2,8 @@
 the model and round-trips through every format (and loads in transformers with our logits)."""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from llama_jax.config import (CheckpointConfig, Config, ConfigError, ExecutionCo
 from llama_jax.sharding import make_mesh
 from llama_jax.training.step import Trainer
 
+REPO = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 16)), jnp.int32)
 forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -158,10 +161,22 @@ def structured(model):
 def test_structured_pruning_shrinks_and_equals_the_zeroed_dense_model(model, structured):
     cfg = structured.cfg
     assert (cfg.hidden_dim, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim) == (48, 1, 2, CFG.head_dim)
+    assert not cfg.derived_head_dim and cfg.shape_differences(CFG) == ["n_heads: 2 vs 4", "n_kv_heads: 1 vs 2",
+                                                                       "hidden_dim: 48 vs 176"]
     assert sum(x.size for x in jax.tree.leaves(nnx.state(structured))) == cfg.num_params() < CFG.num_params()
     np.testing.assert_allclose(np.asarray(forward(structured, TOKENS)),
                                np.asarray(forward(_zeroed_units(model, STRUCTURED), TOKENS)), rtol=1e-5, atol=1e-5)
     assert strongest(jnp.array([1.0, 3.0, 2.0, 3.0]), 2).tolist() == [1, 3]
+
+
+def test_head_dim_is_derived_unless_set():
+    assert LlamaConfig(dim=64, n_heads=4).head_dim == 16
+    assert LlamaConfig(dim=64, n_heads=2, head_dim=16).num_params() < LlamaConfig(dim=64, n_heads=2).num_params()
+    with pytest.raises(ConfigError, match=r"model.dim \(64\) must be divisible by model.n_heads \(3\), or set "
+                                          "model.head_dim"):
+        LlamaConfig(dim=64, n_heads=3)
+    with pytest.raises(ConfigError, match="head_dim = 15 must be even for RoPE"):
+        LlamaConfig(dim=64, n_heads=3, head_dim=15)
 
 
 @pytest.mark.parametrize("fmt", ["orbax", pytest.param("meta", marks=pytest.mark.torch_ref), "hf"])
@@ -203,3 +218,20 @@ def test_prune_cli_writes_the_pruned_checkpoint(model, tmp_path, capsys):
     assert main(["prune", "--input", str(src), "--output", str(tmp_path / "bad"), "prune.method=structured"]) == 2
     assert capsys.readouterr().err.strip() == ("error: prune.method=structured needs prune.ffn_hidden_dim and/or "
                                                "prune.n_kv_heads (the widths to keep)")
+
+
+@pytest.mark.e2e
+def test_recovery_fine_tune_lowers_bits_per_byte_and_keeps_the_mask(play_txt, tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import prune_example
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    variants = ("2:4", "FFN 50% + 1 of 2 KV groups")
+    dense, results = prune_example.run(play_txt, tmp_path, pretrain_steps=20, recovery_steps=8, variants=variants)
+    summary = prune_example.report(dense, results)
+    for pruned, recovered in results.values():
+        assert pruned.bits_per_byte > dense.bits_per_byte, summary
+        assert recovered.bits_per_byte < pruned.bits_per_byte - 0.01, summary
+    assert results["2:4"][0].sparsity == results["2:4"][1].sparsity == 0.5, summary  # the mask held through training
+    assert results[variants[1]][1].params < dense.params, summary
