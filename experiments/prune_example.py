@@ -29,6 +29,7 @@ from llama_jax.training.loop import train
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "prune_example.yaml"
 VARIANTS = {
+    "none (control)": [],  # the dense model fine-tuned alike: how much of the recovery is just more training
     "magnitude 50% (per layer)": ["prune.method=magnitude", "prune.sparsity=0.5"],
     "magnitude 50% (global)": ["prune.method=magnitude", "prune.sparsity=0.5", "prune.scope=global"],
     "2:4": ["prune.method=2:4"],
@@ -67,8 +68,10 @@ def run(text: Path, out: Path, pretrain_steps: int = 150, recovery_steps: int = 
     for name in variants:
         slug = "".join(c if c.isalnum() else "_" for c in name)
         cfg = load_config(CONFIG, [*common, *VARIANTS[name]])
-        pruned_dir = prune_checkpoint(dense_dir, out / f"{slug}-pruned", cfg.prune, overwrite=True).path
-        pruned = measure(cfg, pruned_dir)
+        pruned_dir, pruned = dense_dir, dense
+        if cfg.prune.method != "none":
+            pruned_dir = prune_checkpoint(dense_dir, out / f"{slug}-pruned", cfg.prune, overwrite=True).path
+            pruned = measure(cfg, pruned_dir)
         architecture = load_pretrained(pruned_dir).cfg
         recovery = [*common, *VARIANTS[name], f"train.init_from={pruned_dir}", f"checkpoint.dir={out / slug}",
                     f"train.steps={recovery_steps}", "optim.lr=1e-3", "optim.warmup_steps=2",
