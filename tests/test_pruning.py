@@ -71,9 +71,8 @@ def test_masks_match_numpy(model, method, scope):
     assert all(np.count_nonzero(t) == t.size for t in norms)  # embeddings, head and norms stay dense
 
 
-@pytest.mark.parametrize("method", ["magnitude", "2:4"])
-def test_stacked_layers_get_the_same_masks(model, method):
-    prune = PruneConfig(method=method)
+def test_stacked_layers_get_the_same_masks(model):
+    prune = PruneConfig(method="magnitude")  # per layer: each layer of a stacked array keeps its own threshold
     params = nnx.state(model, nnx.Param)
     scanned = nnx.state(nnx.eval_shape(lambda: Llama(CFG, ExecutionConfig(scan_layers=True), rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(scanned, restack(nnx.to_pure_dict(params), CFG.n_layers, stacked=True))
@@ -227,8 +226,10 @@ def test_recovery_fine_tune_lowers_bits_per_byte_and_keeps_the_mask(play_txt, tm
         import prune_example
     finally:
         sys.path.remove(str(REPO / "experiments"))
+    text = tmp_path / "play.txt"  # a third of the corpus: ~10 KB held out, quicker to prepare and evaluate
+    text.write_text(play_txt.read_text()[:200_000])
     variants = ("2:4", "FFN 50% + 1 of 2 KV groups")
-    dense, results = prune_example.run(play_txt, tmp_path, pretrain_steps=20, recovery_steps=8, variants=variants)
+    dense, results = prune_example.run(text, tmp_path, pretrain_steps=20, recovery_steps=8, variants=variants)
     summary = prune_example.report(dense, results)
     for pruned, recovered in results.values():
         assert pruned.bits_per_byte > dense.bits_per_byte, summary
