@@ -103,9 +103,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> None:
+    from llama_jax.compression.prune import prune_checkpoint
     from llama_jax.config import load_config
     cfg = load_config(args.config, args.overrides)
-    from llama_jax.compression.prune import prune_checkpoint
     print(prune_checkpoint(args.input, args.output, cfg.prune, args.format, args.dtype, args.overwrite).report())
 
 
@@ -275,8 +275,8 @@ def _run_serve(args: argparse.Namespace) -> None:
           BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat, _add_train,
-            _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
+            _add_train, _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,9 +33,10 @@ class _Loader(yaml.SafeLoader):
     1.1's base-60 integer 124; every other integer form reads as before."""
 
 
-_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
                                    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+_Loader.add_implicit_resolver(_INT, re.compile(
     r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 
 

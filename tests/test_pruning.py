@@ -18,8 +18,8 @@ from llama_jax.cli import main
 from llama_jax.compression.masks import PRUNED, masks_of, projection_sparsity, pruning_masks
 from llama_jax.compression.prune import prune_model
 from llama_jax.compression.structured import strongest
-from llama_jax.config import (CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig, MeshConfig, OptimConfig,
-                              PruneConfig)
+from llama_jax.config import (CheckpointConfig, Config, ConfigError, ExecutionConfig, LlamaConfig, MeshConfig,
+                              OptimConfig, PruneConfig)
 from llama_jax.sharding import make_mesh
 from llama_jax.training.step import Trainer
 
