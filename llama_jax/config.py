@@ -344,8 +344,9 @@ class DpoConfig:
     """Direct preference optimisation (`align dpo`) on the pairs of `finetune.train`, from `finetune.init_from`,
     which is also the reference (under LoRA: the base with adapters off). `variant` dpo minimises
     `-log σ(β h)` (with `label_smoothing` ε > 0: conservative DPO, `-(1-ε) log σ(β h) - ε log σ(-β h)`); ipo
-    minimises `(h - 1/(2β))²`; h = the policy's minus the reference's log-ratio of chosen over rejected. The reference
-    log-probabilities are computed once and cached at `reference_cache` (default `<checkpoint.dir>/reference_logps.npz`)."""
+    minimises `(h - 1/(2β))²`; h = the policy's minus the reference's log-ratio of chosen over rejected. The
+    reference log-probabilities are computed once and cached at `reference_cache` (default
+    `<checkpoint.dir>/reference_logps.npz`)."""
 
     beta: float = 0.1
     variant: str = "dpo"

@@ -19,6 +19,7 @@ from llama_jax.alignment import dpo, rewards_math
 from llama_jax.alignment.preferences import Pair, pair_rows, read_pairs
 from llama_jax.alignment.reward import RewardModel, accuracy_by_level, reward_objective
 from llama_jax.alignment.sequences import sequence_logps
+from llama_jax.chat import encode_turns
 from llama_jax.cli import main
 from llama_jax.config import Config, ConfigError, DpoConfig, LlamaConfig, MeshConfig, OptimConfig, TrainConfig
 from llama_jax.config import load_config
@@ -261,9 +262,18 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
     a, b = straight.training.state.params, again.training.state.params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    if stage == "reward":
-        scored = RewardModel.load(tmp_path / "resumed")
-        assert scored.score([[1, 5]], [[7, 2]]).shape == (1,)
+    if stage == "reward":  # score completions with the resumed reward model through the CLI
+        (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "say cat", "completion": "cat dog"}) + "\n" +
+                                           json.dumps({"messages": [{"role": "user", "content": "say sea"}],
+                                                       "completion": "sea"}) + "\n")
+        assert main(["align", "score", "--config", str(config), f"checkpoint.dir={tmp_path / 'resumed'}",
+                     f"data.tokenizer={tok_path}", f"reward.score_input={tmp_path / 'in.jsonl'}",
+                     f"reward.score_output={tmp_path / 'out.jsonl'}"]) == 0
+        scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        dialog = [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat dog"}]
+        direct = RewardModel.load(tmp_path / "resumed").score([[]], [encode_turns(tok, dialog)[0]])
+        assert scored[0]["completion"] == "cat dog" and len(scored) == 2
+        assert scored[0]["reward"] == pytest.approx(float(direct[0]), abs=1e-4)
 
 
 @pytest.mark.e2e

@@ -11,6 +11,7 @@ when any differs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.alignment.preferences import SIDES, build_preference_data, pair_rows, preference_fingerprint, read_pairs
+from llama_jax.alignment.preferences import (
+    SIDES,
+    build_preference_data,
+    on_both_sides,
+    pair_rows,
+    preference_fingerprint,
+    preference_metrics,
+    read_pairs,
+)
 from llama_jax.alignment.sequences import completion_logps, logps_of_rows, per_sequence
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.config import Config, DpoConfig
@@ -54,10 +63,7 @@ def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen:
 
 def pair_logps(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed reply log-probs of the chosen and the rejected sides, from one forward pass over both."""
-    ids = jnp.concatenate([batch[f"{side}_ids"] for side in SIDES])
-    learn = jnp.concatenate([batch[f"{side}_learn"] for side in SIDES])
-    logps = completion_logps(model, ids, learn)
-    return logps[:len(logps) // 2], logps[len(logps) // 2:]
+    return on_both_sides(functools.partial(completion_logps, model), batch, "ids", "learn")
 
 
 def dpo_objective(cfg: DpoConfig) -> Objective:
@@ -67,9 +73,7 @@ def dpo_objective(cfg: DpoConfig) -> Objective:
         chosen_logps, rejected_logps = pair_logps(model, batch)
         losses, chosen, rejected = dpo_losses(chosen_logps, rejected_logps, batch["ref_chosen"],
                                               batch["ref_rejected"], cfg.beta, cfg.variant, cfg.label_smoothing)
-        return jnp.sum(losses), jnp.float32(losses.size), {
-            "accuracy": jnp.sum(chosen > rejected).astype(jnp.float32), "chosen_reward": jnp.sum(chosen),
-            "rejected_reward": jnp.sum(rejected), "margin": jnp.sum(chosen - rejected)}
+        return jnp.sum(losses), jnp.float32(losses.size), preference_metrics(chosen, rejected)
 
     return Objective(loss)
 

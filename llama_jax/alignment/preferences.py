@@ -14,10 +14,12 @@ positions: `<side>_ids` (right-padded with 0), `<side>_learn` (1 on the reply's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -110,6 +112,20 @@ def read_pairs(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "tru
     """Every usable pair of the JSONL files in `spec` (comma-separated, globs, gs://), bad records reported."""
     return read_records(spec, lambda record, truncate: encode_pair(record, tokenizer, seq_len, truncate), policy,
                         setting)
+
+
+def on_both_sides(fn: Callable[..., jax.Array], batch: dict[str, jax.Array], *fields: str
+                  ) -> tuple[jax.Array, jax.Array]:
+    """`fn(*fields)` of the chosen and of the rejected sides of a batch, run as one batch of both (one forward pass)."""
+    out = fn(*(jnp.concatenate([batch[f"{side}_{name}"] for side in SIDES]) for name in fields))
+    return out[:len(out) // 2], out[len(out) // 2:]
+
+
+def preference_metrics(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]:
+    """Per-pair metric sums of scores (rewards, implicit rewards): accuracy (chosen above rejected), the mean chosen
+    and rejected scores and their margin once the train step divides them by the pair count."""
+    return {"accuracy": jnp.sum(chosen > rejected).astype(jnp.float32), "chosen_reward": jnp.sum(chosen),
+            "rejected_reward": jnp.sum(rejected), "margin": jnp.sum(chosen - rejected)}
 
 
 def pair_rows(pairs: Sequence[Pair], seq_len: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ ranking loss with margin `-log σ(r_chosen − r_rejected − m(rating))` on pre
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +23,13 @@ from jax.sharding import Mesh
 
 from llama_jax.alignment.preferences import (
     RATINGS,
-    SIDES,
     UNRATED,
     Pair,
     build_preference_data,
     level_name,
+    on_both_sides,
     pair_rows,
+    preference_metrics,
     prompt_dialog,
     read_pairs,
     sequence_rows,
@@ -67,25 +69,15 @@ def sequence_rewards(model: Llama, ids: jax.Array, length: jax.Array) -> jax.Arr
     return jnp.einsum("BD,D->B", last.astype(jnp.float32), model.reward_head[...])
 
 
-def pair_rewards(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Rewards of the chosen and the rejected sides, from one forward pass over both."""
-    ids = jnp.concatenate([batch[f"{side}_ids"] for side in SIDES])
-    length = jnp.concatenate([batch[f"{side}_length"] for side in SIDES])
-    rewards = sequence_rewards(model, ids, length)
-    return rewards[:len(rewards) // 2], rewards[len(rewards) // 2:]
-
-
 def reward_objective(margin_table: str) -> Objective:
     """Ranking loss with the margins of `margin_table` ("none", "small", "large"); per-pair metrics: accuracy
     (chosen scored higher), mean chosen / rejected rewards and their margin."""
     margins(margin_table, jnp.zeros((1,), jnp.int32))  # an unknown table fails here, before any compilation
 
     def loss(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = on_both_sides(functools.partial(sequence_rewards, model), batch, "ids", "length")
         losses = ranking_loss(chosen, rejected, margins(margin_table, batch["level"]))
-        return jnp.sum(losses), jnp.float32(losses.size), {
-            "accuracy": jnp.sum(chosen > rejected).astype(jnp.float32), "chosen_reward": jnp.sum(chosen),
-            "rejected_reward": jnp.sum(rejected), "margin": jnp.sum(chosen - rejected)}
+        return jnp.sum(losses), jnp.float32(losses.size), preference_metrics(chosen, rejected)
 
     return Objective(loss, attach_reward_head)
 
@@ -180,11 +172,10 @@ def _train_reward(cfg: Config, mesh: Mesh, tokenizer: Tokenizer) -> RewardResult
 @dataclass
 class ScoreResult:
     output: str
-    count: int
-    mean: float
+    rewards: np.ndarray
 
     def report(self) -> str:
-        return f"scored {self.count} completions (mean reward {self.mean:.4f}) into {self.output}"
+        return f"scored {len(self.rewards)} completions (mean reward {self.rewards.mean():.4f}) into {self.output}"
 
 
 def _completion_record(record: Any, tokenizer: Tokenizer) -> tuple[tuple[Any, list[int], list[int]], None]:
@@ -213,4 +204,4 @@ def score_file(cfg: Config) -> ScoreResult:
     output = as_path(rc.score_output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps({**r, "reward": float(x)}) + "\n" for (r, _, _), x in zip(items, rewards)))
-    return ScoreResult(str(output), len(items), float(rewards.mean()))
+    return ScoreResult(str(output), rewards)
