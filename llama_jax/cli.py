@@ -88,6 +88,27 @@ def _run_resize_vocab(args: argparse.Namespace) -> None:
     print(resize_checkpoint(args.checkpoint, args.tokenizer, args.output, args.format, args.overwrite))
 
 
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="magnitude, N:M (2:4) or structured (FFN channels, KV groups) pruning of a "
+                                     "checkpoint")
+    p.add_argument("--input", required=True, help="input checkpoint (any format)")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--config", help="YAML config whose prune section is used")
+    p.add_argument("--format", choices=["orbax", "hf", "meta", "llama2c"], help="default: the input's format")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the input's dtype")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.method=2:4 or "
+                   "prune.method=structured prune.ffn_hidden_dim=256")
+    p.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from llama_jax.compression.prune import prune_checkpoint
+    from llama_jax.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    print(prune_checkpoint(args.input, args.output, cfg.prune, args.format, args.dtype, args.overwrite).report())
+
+
 def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
     p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
@@ -309,8 +330,8 @@ def _run_serve(args: argparse.Namespace) -> None:
           BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
-            _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
+            _add_train, _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

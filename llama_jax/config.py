@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,22 @@ DPO_VARIANTS = ("dpo", "ipo")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading `2:4` as the string it is in YAML 1.2 (an N:M `prune.method`), not as YAML
+    1.1's base-60 integer 124; every other integer form reads as before."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
@@ -51,10 +68,18 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
+        """Fill the derived defaults: `n_kv_heads = n_heads` and `head_dim = dim / n_heads` (Meta's rule; an
+        explicit `head_dim`, as HF's config allows, is what head pruning leaves: fewer heads of the same size)."""
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and self.n_heads > 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}), "
+                                  "or set model.head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         self.validate()
 
     @classmethod
@@ -65,8 +90,14 @@ class LlamaConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def derived_head_dim(self) -> bool:
+        """True when `head_dim` is `dim / n_heads`, the only case Meta's and llama2.c's formats can describe."""
+        return self.head_dim * self.n_heads == self.dim
+
+    @property
+    def attention_width(self) -> int:
+        """Width of all query heads together (`n_heads * head_dim`; `dim` unless heads were pruned)."""
+        return self.n_heads * self.head_dim
 
     @property
     def n_rep(self) -> int:
@@ -96,14 +127,15 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameter count derived from the shapes (no arrays needed)."""
         kv = self.n_kv_heads * self.head_dim
-        per_layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        per_layer = (2 * self.dim * self.attention_width + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
+                     + 2 * self.dim)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters (output head included) plus causal attention."""
         kv = self.n_kv_heads * self.head_dim
-        layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
+        layer = 2 * self.dim * self.attention_width + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
         matmul_params = self.n_layers * layer + self.vocab_size * self.dim
         return 6.0 * matmul_params + 6.0 * self.n_layers * self.dim * seq_len
 
@@ -111,13 +143,12 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE; change dim or n_heads")
+            raise ConfigError(f"head_dim = {self.head_dim} must be even for RoPE; change dim, n_heads or head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
@@ -125,7 +156,7 @@ class LlamaConfig:
             raise ConfigError("model.norm_eps and model.rope_theta must be positive")
 
 
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "hidden_dim", "tie_embeddings")
 
 
 @dataclass(frozen=True)
@@ -320,6 +351,55 @@ class FinetuneConfig:
     bad_records: str = "truncate"
 
 
+PRUNE_METHODS = ("none", "magnitude", "structured")  # plus N:M patterns such as "2:4"
+PRUNE_SCOPES = ("layer", "global")
+
+
+@dataclass
+class PruneConfig:
+    """Weight pruning (`llama_jax.compression`) of the block projections (wq, wk, wv, wo, w1, w2, w3).
+
+    `magnitude` zeroes the `sparsity` fraction of smallest-magnitude weights, in each matrix of each layer
+    (`scope: layer`) or below one threshold over all of them (`scope: global`); `N:M` (e.g. `2:4`) keeps the N
+    largest of every M consecutive input weights; `structured` removes the weakest FFN channels down to
+    `ffn_hidden_dim` and whole KV groups (a kv head with its query heads) down to `n_kv_heads`, the same count in
+    every layer, so the checkpoint shrinks. A train or finetune run with a magnitude or N:M section computes the
+    mask once from its initial weights (a checkpoint pruned the same way yields its own zero pattern), keeps it in
+    the optimizer state, and the masked weights stay exactly zero.
+    """
+
+    method: str = "none"
+    sparsity: float = 0.5
+    scope: str = "layer"
+    ffn_hidden_dim: int | None = None
+    n_kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS and self.n_of_m is None:
+            raise ConfigError(f"prune.method '{self.method}' is not one of {PRUNE_METHODS} or an N:M pattern such "
+                              f"as 2:4{nearest(self.method, PRUNE_METHODS)}")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"prune.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in PRUNE_SCOPES:
+            raise ConfigError(f"prune.scope '{self.scope}' is not one of {PRUNE_SCOPES}")
+        for name in ("ffn_hidden_dim", "n_kv_heads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"prune.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_of_m(self) -> tuple[int, int] | None:
+        """(N, M) of an `N:M` method with 0 < N < M, else None."""
+        n, sep, m = self.method.partition(":")
+        if not (sep and n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
+            return None
+        return int(n), int(m)
+
+    @property
+    def masks_weights(self) -> bool:
+        """True for the methods that zero weights in place (magnitude, N:M) and so keep a mask in training."""
+        return self.method == "magnitude" or self.n_of_m is not None
+
+
 @dataclass
 class RewardConfig:
     """Reward-model training and scoring (`align reward|score`). Pairs come from `finetune.train` (held-out:
@@ -477,11 +557,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+<<<<<<< HEAD
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
+=======
+    prune: PruneConfig = field(default_factory=PruneConfig)
+>>>>>>> prune13
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -502,7 +586,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return from_dict(hint, value, prefix=f"{key}.")
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
@@ -566,7 +650,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
                 node[part] = child
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = load_yaml(value) if value != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); quote "
                               "it or fix the brackets") from None
@@ -585,7 +669,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):

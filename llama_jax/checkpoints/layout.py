@@ -66,10 +66,10 @@ def to_meta_layout(name: str, param: Any, cfg: LlamaConfig) -> Any:
 
 
 def meta_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
-    leaf, d, kv = _leaf(name), cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    leaf, d, q, kv = _leaf(name), cfg.dim, cfg.attention_width, cfg.n_kv_heads * cfg.head_dim
     return {
         "tok_embeddings": (cfg.vocab_size, d), "output": (cfg.vocab_size, d),
-        "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+        "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
         "w1": (cfg.hidden_dim, d), "w3": (cfg.hidden_dim, d), "w2": (d, cfg.hidden_dim),
     }.get(leaf, (d,))
 

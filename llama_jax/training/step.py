@@ -9,6 +9,8 @@ Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.d
 
 With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
 optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
+With a `prune` mask (magnitude or N:M), the optimizer chain starts with `compression.masks.keep_pruned`: the mask
+is computed from the initial weights, stored in the optimizer state, and the masked weights stay exactly zero.
 
 What the step minimises is an `Objective`: next-token cross-entropy by default; post-training stages (reward models,
 DPO) pass their own loss over their own batch fields, and may attach weights of their own (a reward head).
@@ -27,7 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
-from llama_jax.config import Config, ExecutionConfig
+from llama_jax.compression.masks import apply_masks, keep_pruned, masks_of
+from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
@@ -89,6 +92,17 @@ def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *frozen: Any
     return model_losses(nnx.merge(graphdef, params, *frozen), batch)
 
 
+def check_prune(cfg: Config) -> bool:
+    """True when training keeps a pruning mask (`prune.method` magnitude or N:M); rejects what cannot train."""
+    if cfg.prune.method == "structured":
+        raise ConfigError("prune.method=structured rewrites a checkpoint (python -m llama_jax prune); train on its "
+                          "output with prune.method=none")
+    if cfg.prune.masks_weights and cfg.lora.rank > 0:
+        raise ConfigError("a prune mask applies to full training; LoRA trains adapters only (set lora.rank=0 or "
+                          "prune.method=none)")
+    return cfg.prune.masks_weights
+
+
 class Trainer:
     """Builds and runs the train step of one config on one mesh."""
 
@@ -97,6 +111,9 @@ class Trainer:
         self.lora = cfg.lora.rank > 0
         self.trainable = LoRAParam if self.lora else nnx.Param
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.pruned = check_prune(cfg)
+        if self.pruned:
+            self.tx = optax.chain(keep_pruned(cfg.prune), self.tx)
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
         self.frozen_sharding = state_shardings(abstract_frozen, mesh)
         # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
@@ -157,7 +174,11 @@ class Trainer:
             return init(params)
 
     def init_state_from(self, params: Any) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        """Step 0 with fresh optimizer moments; with a `prune` mask, the masked weights are zeroed here."""
+        opt_state = self.tx.init(params)
+        if self.pruned:
+            params = apply_masks(params, masks_of(opt_state))
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
     def set_base(self, model: Llama) -> None:
         """Take `model`'s weights as the frozen base (LoRA), e.g. before restoring adapters from a checkpoint."""
