@@ -557,15 +557,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-<<<<<<< HEAD
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
-=======
     prune: PruneConfig = field(default_factory=PruneConfig)
->>>>>>> prune13
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
