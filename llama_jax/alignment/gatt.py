@@ -28,7 +28,7 @@ from llama_jax.model import Llama
 from llama_jax.paths import as_path
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.finetune import _tokenizer
+from llama_jax.training.finetune import stage_tokenizer
 
 Instructions = dict[str, list[tuple[str, str]]]
 """category -> [(full text, short text)]"""
@@ -159,7 +159,8 @@ def gatt(cfg: Config) -> GattResult:
     if not g.init_from or not g.dialogs or not g.instructions or not g.output:
         raise ConfigError("gatt.init_from, gatt.dialogs, gatt.instructions and gatt.output must all be set")
     initialize(cfg.train)
-    tokenizer = _tokenizer(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=g.init_from)))
+    tokenizer = stage_tokenizer(
+        dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=g.init_from)))
     model = load_pretrained(g.init_from, make_mesh(cfg.mesh), cfg.execution)
     dialogs = read_dialogs(g.dialogs)
     records = build_gatt(dialogs, read_instructions(g.instructions), model_replies(model, tokenizer, g,

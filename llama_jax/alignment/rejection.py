@@ -26,7 +26,7 @@ from llama_jax.model import Llama
 from llama_jax.paths import as_path
 from llama_jax.sharding import make_mesh
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.finetune import _tokenizer, finetune
+from llama_jax.training.finetune import finetune, stage_tokenizer
 from llama_jax.training.loop import TrainResult
 
 
@@ -131,7 +131,7 @@ def rejection_sampling(cfg: Config, reward_fn: RewardFn | None = None) -> Reject
                           "JSONL prompts, and the JSONL file to write)")
     initialize(cfg.train)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=r.init_from, train=r.output))
-    tokenizer = _tokenizer(cfg)
+    tokenizer = stage_tokenizer(cfg)
     mesh = make_mesh(cfg.mesh)
     model = load_pretrained(r.init_from, mesh, cfg.execution)
     reward_fn = reward_fn or load_reward(r.reward, tokenizer, mesh)

@@ -44,7 +44,7 @@ from llama_jax.lora import LoRAParam
 from llama_jax.model import Constant, Llama
 from llama_jax.paths import PathLike, as_path
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.finetune import _tokenizer, epochs_to_steps, run_stage
+from llama_jax.training.finetune import epochs_to_steps, run_stage, stage_tokenizer
 from llama_jax.training.loop import TrainResult, run_training
 from llama_jax.training.step import Batch, Objective, Trainer
 
@@ -197,7 +197,7 @@ def score_file(cfg: Config) -> ScoreResult:
     checkpoint = rc.checkpoint or cfg.checkpoint.dir
     if cfg.finetune.init_from is None and cfg.data.tokenizer is None:
         cfg.finetune.init_from = checkpoint
-    tokenizer = _tokenizer(cfg)
+    tokenizer = stage_tokenizer(cfg)
     items, _ = read_records(rc.score_input, lambda r, _: _completion_record(r, tokenizer), cfg.finetune.bad_records,
                             "reward.score_input")
     rewards = np.asarray(RewardModel.load(checkpoint).score([p for _, p, _ in items], [c for _, _, c in items]))

@@ -30,7 +30,7 @@ ADAPTER_DIR = "adapter"
 T = TypeVar("T")
 
 
-def _tokenizer(cfg: Config) -> Tokenizer:
+def stage_tokenizer(cfg: Config) -> Tokenizer:
     """`data.tokenizer`, else the `tokenizer.model` beside `finetune.init_from` (a training run keeps one there)."""
     if cfg.data.tokenizer:
         return Tokenizer(cfg.data.tokenizer)
@@ -53,7 +53,7 @@ def run_stage(cfg: Config, body: Callable[[Config, Mesh, Tokenizer], T]) -> T:
         cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
         mesh = make_mesh(cfg.mesh)
         check_model_fits(cfg.model, mesh)
-        tokenizer = _tokenizer(cfg)
+        tokenizer = stage_tokenizer(cfg)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}; "
                               "use the model's tokenizer (data.tokenizer)")

@@ -65,7 +65,7 @@ class TrainResult:
 
 
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[threading.Event]:
+def sigterm_flag() -> Iterator[threading.Event]:
     """An event set by SIGTERM (TPU preemption) while the block runs; the previous handler is restored after."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -207,7 +207,7 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
         logger.log(at, result.scalars(), prefix="eval")
         return result
 
-    with _sigterm_flag() as sigterm:
+    with sigterm_flag() as sigterm:
         while step < t.steps:
             state, metrics = trainer.train_step(state, next(data))
             step += 1
