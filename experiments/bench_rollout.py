@@ -44,8 +44,9 @@ def bench(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: in
         rates[f"rollout_tokens_per_s (gather {'on' if gather else 'off'})"] = float(np.median(
             [r.tokens_per_s for r in runs]))
     sequences = runs[-1].sequences()
-    prepared = jax.device_get(trainer.prepare(state, trainer.put(sequences), jnp.zeros((batch,))))
-    rows = trainer.put({**sequences, **{k: prepared[k] for k in ("old_logp", "old_values", "returns",
+    prepared = jax.device_get(trainer.prepare(state, trainer.put(sequences), jnp.zeros((batch,)),
+                                                     trainer.ppo.kl_coef))
+    rows = trainer.put({**sequences, **{k: prepared[k] for k in ("old_logp", "ref_logp", "old_values", "returns",
                                                                   "advantages")}})
     seconds = []
     for i in range(repeats + 1):

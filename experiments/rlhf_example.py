@@ -42,6 +42,7 @@ from sft_example import chat_corpus, finetune_run, random_base, write_jsonl
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODEL = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, multiple_of=32, max_seq_len=64)
 MAX_NEW = 12  # six words and EOS take 7 tokens with this tokenizer
+KL_BOUND = 3.0  # nats per reply (~0.4 per token): room for a target-word share near 0.7, where uniform is 0.25
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Context:
     tokenizer: Tokenizer
     sft: Path  # the SFT policy's run directory (also every stage's reference model)
     eval_prompts: list[str]
+    kl_bound: float = KL_BOUND  # nats per reply: PPO's max_kl (its KL target half of it); every stage is checked
     pairs: dict[str, str] = field(default_factory=dict)  # split -> preference JSONL path
     reward_model: RewardModel | None = None  # set by the "rm" stage
     samples: dict[str, Samples] = field(default_factory=dict)  # each measured policy's evaluation samples
@@ -97,10 +99,11 @@ def measure(ctx: Context, model: Llama, name: str, seed: int = 99) -> None:
     kl = sequence_logps(model, samples.prompts, samples.replies) - \
         sequence_logps(reference, samples.prompts, samples.replies)
     ctx.results[f"{name}/kl"] = float(np.mean(kl))
+    ctx.results[f"{name}/kl_below_bound"] = float(np.mean(kl) < ctx.kl_bound)
     ctx.results[f"{name}/kl_per_token"] = float(np.sum(kl) / sum(len(r) for r in samples.replies))
 
 
-def build_policy(out: Path, scale: float) -> Context:
+def build_policy(out: Path, scale: float, kl_bound: float = KL_BOUND) -> Context:
     """Stage 1: tokenizer, random init and the SFT policy fine-tuned from it (`out/sft`)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -109,7 +112,7 @@ def build_policy(out: Path, scale: float) -> Context:
     data = write_jsonl(out / "sft.jsonl", records)
     finetune_run(out, "sft", str(out / "random"), data, None, max(2.0, 6 * scale), "train.eval_every=0",
                  config=CONFIGS / "sft_reverse.yaml")
-    return Context(out, scale, tokenizer, out / "sft", rlhf_task.prompts(np.random.default_rng(1), 128))
+    return Context(out, scale, tokenizer, out / "sft", rlhf_task.prompts(np.random.default_rng(1), 128), kl_bound)
 
 
 def make_pairs(ctx: Context) -> None:
@@ -184,10 +187,12 @@ def rejection_stage(ctx: Context) -> None:
 
 
 def ppo_stage(ctx: Context) -> None:
-    """Stage 6: PPO against the reward model; rollout and training throughput of its last iteration."""
+    """Stage 6: PPO against the reward model, its KL coefficient adapted towards half the KL bound and its updates
+    stopped at the bound; rollout and training throughput of its last iteration, and its final KL coefficient."""
     iterations = max(20, int(60 * ctx.scale))
-    seconds, result = online_stage(ctx, "ppo", ppo, f"ppo.iterations={iterations}")
-    ctx.results |= {f"ppo/{k}": result.metrics[k] for k in ("rollout_tokens_per_s", "train_tokens_per_s")}
+    seconds, result = online_stage(ctx, "ppo", ppo, f"ppo.iterations={iterations}", f"ppo.max_kl={ctx.kl_bound}",
+                                   f"ppo.kl_target={ctx.kl_bound / 2}")
+    ctx.results |= {f"ppo/{k}": result.metrics[k] for k in ("rollout_tokens_per_s", "train_tokens_per_s", "kl_coef")}
     ctx.results["ppo/seconds"] = seconds
     measure(ctx, result.policy, "ppo")
 
@@ -196,12 +201,14 @@ STAGES: dict[str, Callable[[Context], None]] = {"rm": train_rm, "dpo": train_dpo
                                                 "ppo": ppo_stage}
 
 
-def run(out: Path, scale: float = 1.0, stages: tuple[str, ...] = tuple(STAGES)) -> dict[str, float]:
+def run(out: Path, scale: float = 1.0, stages: tuple[str, ...] = tuple(STAGES), kl_bound: float = KL_BOUND
+        ) -> dict[str, float]:
     """Build the SFT policy and the pairs, run `stages` in order, and return every measured number."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    ctx = build_policy(out, scale)
+    ctx = build_policy(out, scale, kl_bound)
+    ctx.results["kl_bound"] = kl_bound
     make_pairs(ctx)
     for name in stages:
         STAGES[name](ctx)
@@ -217,7 +224,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="runs/rlhf_example", help="directory for data, tokenizer and runs")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the data and epochs (0.3 = quick)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run after the pairs")
+    parser.add_argument("--kl-bound", type=float, default=KL_BOUND, help="KL to the SFT policy allowed, nats per reply")
     args = parser.parse_args()
-    results = run(Path(args.out), args.scale, tuple(s for s in args.stages.split(",") if s))
+    results = run(Path(args.out), args.scale, tuple(s for s in args.stages.split(",") if s), args.kl_bound)
     print(report(results))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))

@@ -451,7 +451,10 @@ class PpoConfig:
     (JSONL `messages` ending with a user turn, or `prompt` text), scored by `reward` (a reward-model directory or a
     `module:function` reward callable), reward `whiten(logit(R)) - kl_coef * KL` per token (each switchable), GAE
     (`gamma`, `lam`), clipped objective (`clip`, values by `value_clip`), `epochs` passes of one AdamW step (constant
-    `lr`, the `optim` section's betas, decay and clipping) per `minibatch_size` rows. `critic` is `separate` (a second
+    `lr`, the `optim` section's betas, decay and clipping) per `minibatch_size` rows. With `kl_target` (nats per
+    reply) the KL coefficient starts at `kl_coef` and adapts each iteration towards that KL over `kl_horizon`
+    rollouts (Ziegler et al. 2019); `max_kl` (nats per reply) ends an iteration's updates once the policy's KL to the
+    reference on a minibatch exceeds it (Spinning Up's early stopping). `critic` is `separate` (a second
     copy of the policy's trunk with a value head) or `shared` (the value head on the policy's trunk). With LoRA the
     reference is the base with adapters off. `gather_weights` samples from an fsdp-gathered copy of the weights, made
     once per rollout on device (the paper's generation ran ~20x slower under FSDP until it gathered them)."""
@@ -467,6 +470,9 @@ class PpoConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     kl_coef: float = 0.01
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    max_kl: float | None = None
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2
@@ -482,7 +488,7 @@ class PpoConfig:
         if self.critic not in ("separate", "shared"):
             raise ConfigError(f"ppo.critic '{self.critic}' is not one of ('separate', 'shared')"
                               f"{nearest(self.critic, ('separate', 'shared'))}")
-        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens"):
+        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.minibatch_size:
@@ -491,6 +497,9 @@ class PpoConfig:
         if self.lr <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ConfigError(f"ppo.lr ({self.lr}) and ppo.temperature ({self.temperature}) must be positive and "
                               f"ppo.kl_coef ({self.kl_coef}) not negative")
+        for name in ("kl_target", "max_kl"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be positive (nats per reply) or null, got {getattr(self, name)}")
 
 
 @dataclass

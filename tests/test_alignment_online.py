@@ -91,6 +91,37 @@ def test_kl_penalised_token_rewards_match_numpy():
     np.testing.assert_allclose(kl, (logp - ref) * mask, rtol=1e-5, atol=1e-6)
 
 
+def test_adaptive_kl_coef_follows_ziegler_et_al_in_numpy():
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon), each iteration; no target: fixed."""
+    from llama_jax.alignment.kl_control import next_kl_coef
+
+    kls, target, batch, horizon = [0.5, 3.0, 6.5, 5.9, 12.0, 0.0], 6.0, 64, 1000
+    beta, expected = 0.05, []
+    for kl in kls:
+        beta = beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * batch / horizon)
+        expected.append(beta)
+    got, coef = [], 0.05
+    for kl in kls:
+        coef = next_kl_coef(coef, kl, target, batch, horizon)
+        got.append(coef)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[1] < got[0] < 0.05 and got[2] > got[1] and got[4] > got[3] and got[5] < got[4]
+    assert next_kl_coef(0.05, 40.0, None, batch, horizon) == 0.05
+
+
+def test_chunked_entropy_equals_the_full_softmax_entropy():
+    from llama_jax.training.loss import chunked_token_entropy
+
+    features = RNG.normal(size=(3, 10, 8)).astype(np.float32)
+    head = RNG.normal(size=(8, 17)).astype(np.float32)
+    logits = features.astype(np.float64) @ head
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -(np.exp(logp) * logp).sum(-1)
+    got = chunked_token_entropy(lambda f: f @ jnp.asarray(head), jnp.asarray(features), chunk=4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny(tokenizer_1k):
     tok = Tokenizer(tokenizer_1k)
@@ -116,11 +147,12 @@ def test_lora_ppo_trains_adapters_and_value_head_against_the_base_with_adapters_
     mask[:, 4:] = 1
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(11, dtype=np.int32),
              (8, 1)), "segment_ids": np.ones((8, 11), np.int32), "mask": mask}
-    prepared = jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.asarray(RNG.uniform(0.1, 0.9, 8))))
+    prepared = jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.asarray(RNG.uniform(0.1, 0.9, 8)),
+                                              cfg.ppo.kl_coef))
     np.testing.assert_allclose(prepared["kl"], 0.0, atol=1e-6)
     before = jax.device_get(state.params)
     base = jax.device_get(nnx.to_flat_state(trainer.frozen))
-    rows = {**batch, **{k: prepared[k] for k in ("old_logp", "old_values", "returns", "advantages")}}
+    rows = {**batch, **{k: prepared[k] for k in ("old_logp", "ref_logp", "old_values", "returns", "advantages")}}
     state, metrics = trainer.train_step(state, trainer.put(rows))
     assert np.isfinite(metrics["policy_loss"]) and float(metrics["clip_fraction"]) == 0.0
     after = jax.device_get(state.params)
@@ -132,6 +164,18 @@ def test_lora_ppo_trains_adapters_and_value_head_against_the_base_with_adapters_
     for (_, a), (_, b) in zip(base, nnx.to_flat_state(jax.device_get(trainer.frozen))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert issubclass(ppo.ValueParam, nnx.Param) and not issubclass(ppo.ValueParam, LoRAParam)
+    # ppo.max_kl: a step is refused exactly when the moved policy's KL per reply on its rows exceeds the bound.
+    kl = float(np.mean(jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.full((8,), 0.5),
+                                                      cfg.ppo.kl_coef))["kl"]))
+    margin = 0.01 * abs(kl)  # the prepare and train programs round differently
+    assert margin > 1e-6
+    stepped = jax.device_get(state)  # the train step donates its input state
+    kept, metrics = trainer.train_step(state, trainer.put(rows), kl - margin)
+    assert float(metrics["kl_stop"]) == 1.0
+    for x, y in zip(jax.tree.leaves(jax.device_get(kept)), jax.tree.leaves(stepped), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    moved_on, metrics = trainer.train_step(kept, trainer.put(rows), kl + margin)
+    assert float(metrics["kl_stop"]) == 0.0 and int(moved_on.step) == int(stepped.step) + 1
 
 
 PROMPTS = ("ROMEO:", "JULIET:", "What say you, my lord", "Enter the king")
@@ -227,10 +271,10 @@ KILLED_RUN = textwrap.dedent("""
     from llama_jax.alignment import ppo as ppo_module
     from llama_jax.config import load_config
     original = ppo_module.ppo_iteration
-    def killing(trainer, state, tokenizer, prompts, reward_fn, iteration):
+    def killing(trainer, state, tokenizer, prompts, reward_fn, iteration, kl_coef):
         if iteration == 5:  # iteration 5 (0-based) ran after the checkpoint at 4: it must be redone identically
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(trainer, state, tokenizer, prompts, reward_fn, iteration)
+        return original(trainer, state, tokenizer, prompts, reward_fn, iteration, kl_coef)
     ppo_module.ppo_iteration = killing
     ppo_module.ppo(load_config(sys.argv[1], sys.argv[2:]))
 """)
@@ -238,8 +282,9 @@ KILLED_RUN = textwrap.dedent("""
 
 @pytest.mark.e2e
 def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after_sigkill(tmp_path):
-    """On 8 simulated devices: `align ppo` raises a computable reward with KL to the reference below a bound; a run
-    SIGKILLed after its checkpoint resumes to the same final parameters bit for bit."""
+    """On 8 simulated devices: `align ppo` raises a computable reward with KL to the reference below a bound (KL
+    coefficient adapted, updates stopped at ppo.max_kl); a run SIGKILLed after its checkpoint resumes to the same
+    final parameters bit for bit."""
     from tiny_lm import make_tiny_lm
 
     hf, tok_path, _, _ = make_tiny_lm(tmp_path, max_seq_len=64)
@@ -253,7 +298,8 @@ def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after
     common = [f"ppo.init_from={hf}", f"data.tokenizer={tok_path}", f"ppo.prompts={tmp_path / 'prompts.jsonl'}",
               "ppo.reward=task_reward:low_tokens", "ppo.iterations=12", "ppo.batch_size=16", "ppo.minibatch_size=8",
               "ppo.max_new_tokens=8", "ppo.lr=1e-2", "ppo.kl_coef=0.1", "ppo.logit_reward=false", "ppo.critic=shared",
-              "checkpoint.every=4", "checkpoint.async_save=false"]
+              "ppo.kl_target=4.0", "ppo.kl_horizon=80", "ppo.max_kl=8.0", "checkpoint.every=4",
+              "checkpoint.async_save=false"]
 
     def run(*args, run_dir):
         return subprocess.run([*args, *common, f"checkpoint.dir={tmp_path / run_dir}"], cwd=REPO, env=env,
@@ -266,6 +312,8 @@ def test_ppo_raises_reward_with_bounded_kl_sharded_and_resumes_bit_exactly_after
     # measured: the share rises from 0.48 to 0.87 (mean of the first and last three iterations), KL at most 13
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
     assert max(h["kl"] for h in history) < 20.0, history  # nats per completion of 8 tokens
+    # the KL coefficient adapts (resumed from the checkpoint below, or the runs would differ)
+    assert len({h["kl_coef"] for h in history}) == len(history) and history[0]["kl_coef"] == 0.1, history
     assert (tmp_path / "straight" / ppo.POLICY_DIR).is_dir()
 
     killed = run(sys.executable, "-c", KILLED_RUN, str(CONFIG), run_dir="resumed")

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
+from llama_jax.alignment.kl_control import next_kl_coef
 from llama_jax.alignment.rewards_math import logit, whiten
 from llama_jax.alignment.rollout import RewardFn, Rollout, Sampler, load_reward, read_prompts
 from llama_jax.checkpoints import load_pretrained, save_pretrained
@@ -42,9 +43,9 @@ from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, as_path
 from llama_jax.sharding import batch_sharding, make_mesh, state_shardings
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.finetune import ADAPTER_DIR, _tokenizer
-from llama_jax.training.loop import _sigterm_flag, lock_run_dir
-from llama_jax.training.loss import chunked_token_losses
+from llama_jax.training.finetune import ADAPTER_DIR, stage_tokenizer
+from llama_jax.training.loop import lock_run_dir, sigterm_flag
+from llama_jax.training.loss import chunked_token_entropy, chunked_token_losses
 from llama_jax.training.metrics import MetricsLogger
 from llama_jax.training.optim import make_optimizer
 from llama_jax.training.step import TrainState
@@ -161,9 +162,9 @@ def logprobs(model: Llama, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def entropy(model: Llama, batch: dict[str, jax.Array]) -> jax.Array:
+    """`[B, T]` entropies of the next-token distributions, chunked as `logprobs` is."""
     features, _ = model.features(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
-    logp = jax.nn.log_softmax(model.logits(features), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return chunked_token_entropy(model.logits, features)
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------------
@@ -224,8 +225,8 @@ class PpoTrainer:
     def model(self, params: Any) -> ActorCritic:
         return nnx.merge(self.graphdef, params, self.frozen)
 
-    def _prepare_fn(self, params: Any, frozen: Any, reference: Any, batch: dict[str, jax.Array], raw: jax.Array
-                    ) -> dict[str, jax.Array]:
+    def _prepare_fn(self, params: Any, frozen: Any, reference: Any, batch: dict[str, jax.Array], raw: jax.Array,
+                    kl_coef: jax.Array) -> dict[str, jax.Array]:
         """Old log-probs, values, reference log-probs, rewards, advantages and returns of a rollout batch."""
         p = self.ppo
         model = nnx.merge(self.graphdef, params, frozen)
@@ -233,18 +234,21 @@ class PpoTrainer:
         old_logp, values = model(batch)
         ref_logp = logprobs(nnx.merge(self.reference_graphdef, reference), batch)
         scores = sequence_scores(raw, p.logit_reward, p.whiten_reward)
-        rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, p.kl_coef)
+        rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, kl_coef)
         advantages, returns = gae(rewards, values * mask, mask, p.gamma, p.lam)
-        return {"old_logp": old_logp, "old_values": values * mask, "returns": returns,
+        return {"old_logp": old_logp, "ref_logp": ref_logp, "old_values": values * mask, "returns": returns,
                 "advantages": masked_whiten(advantages, mask), "kl": jnp.sum(kl, axis=1),
                 "entropy": masked_mean(entropy(model.policy, batch), mask), "score": scores}
 
-    def prepare(self, state: TrainState, batch: dict[str, jax.Array], raw: jax.Array) -> dict[str, jax.Array]:
+    def prepare(self, state: TrainState, batch: dict[str, jax.Array], raw: jax.Array, kl_coef: float
+                ) -> dict[str, jax.Array]:
         with jax.set_mesh(self.mesh):
-            return self._prepare(state.params, self.frozen, self.reference, batch, raw)
+            return self._prepare(state.params, self.frozen, self.reference, batch, raw, jnp.float32(kl_coef))
 
-    def _train_step(self, state: TrainState, frozen: Any, batch: dict[str, jax.Array]
+    def _train_step(self, state: TrainState, frozen: Any, batch: dict[str, jax.Array], kl_bound: jax.Array
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One AdamW step on a minibatch, refused (state unchanged, `kl_stop` 1) when the current policy's KL per
+        reply to the reference on the minibatch's tokens exceeds `kl_bound`."""
         p, mask = self.ppo, batch["mask"]
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -252,18 +256,22 @@ class PpoTrainer:
             policy_loss, clip_fraction = clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
                                                              p.clip)
             value_loss = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, p.value_clip)
-            return policy_loss + p.value_coef * value_loss, (policy_loss, value_loss, clip_fraction)
+            kl = jnp.mean(jnp.sum((logp - batch["ref_logp"]) * mask, axis=1))
+            return policy_loss + p.value_coef * value_loss, (policy_loss, value_loss, clip_fraction, kl)
 
-        (loss, (policy_loss, value_loss, clip_fraction)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (policy_loss, value_loss, clip_fraction, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        stop = jax.lax.stop_gradient(kl) > kl_bound
+        stepped = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction,
-                   "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+                   "grad_norm": optax.tree.norm(grads), "kl_stop": stop.astype(jnp.float32)}
+        return jax.tree.map(lambda old, new: jnp.where(stop, old, new), state, stepped), metrics
 
-    def train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(self, state: TrainState, batch: dict[str, jax.Array], kl_bound: float = float("inf")
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):
-            return self._train(state, self.frozen, batch)
+            return self._train(state, self.frozen, batch, jnp.float32(kl_bound))
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.device_put(v, batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
@@ -304,7 +312,7 @@ def ppo(cfg: Config, reward_fn: RewardFn | None = None) -> PpoResult:
     initialize(cfg.train)
     with lock_run_dir(cfg):
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=p.init_from))
-        tokenizer = _tokenizer(cfg)
+        tokenizer = stage_tokenizer(cfg)
         mesh = make_mesh(cfg.mesh)
         policy = load_pretrained(p.init_from, mesh, cfg.execution)
         cfg = dataclasses.replace(cfg, model=policy.cfg)
@@ -319,19 +327,21 @@ def _run(cfg: Config, trainer: PpoTrainer, tokenizer: Tokenizer, prompts: list, 
     with contextlib.ExitStack() as cleanup:
         ckpt = cleanup.enter_context(Checkpointer(run_dir, cfg.checkpoint))
         restored = ckpt.restore_latest(cfg.model, cfg.execution, trainer.abstract_state)
+        kl_coef = p.kl_coef
         if restored is None:
             state, start = trainer.init_state(), 0
         else:
-            start = restored.step
+            start, kl_coef = restored.step, restored.data_state.get("kl_coef", kl_coef)
             step = jax.device_put(np.int32(restored.data_state["optimizer_steps"]), trainer.state_sharding.step)
             state = TrainState(step, restored.params, restored.opt_state)
             log.info("resumed PPO from %s iteration %d", run_dir, start)
         logger = MetricsLogger(run_dir, p.iterations, start, enabled=main)
         metrics: dict[str, float] = {}
         it, stopped = start, "iterations"
-        with _sigterm_flag() as sigterm:
+        with sigterm_flag() as sigterm:
             while it < p.iterations:
-                state, metrics = ppo_iteration(trainer, state, tokenizer, prompts, reward_fn, it)
+                state, metrics = ppo_iteration(trainer, state, tokenizer, prompts, reward_fn, it, kl_coef)
+                kl_coef = next_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.batch_size, p.kl_horizon)
                 it += 1
                 logger.advance(1)
                 logger.log(it, metrics, prefix="ppo")
@@ -339,7 +349,7 @@ def _run(cfg: Config, trainer: PpoTrainer, tokenizer: Tokenizer, prompts: list, 
                     with (run_dir / METRICS_FILE).open("a") as f:
                         f.write(json.dumps({"iteration": it, **metrics}) + "\n")
                 if ckpt.due(it) or it == p.iterations or sigterm.is_set():
-                    ckpt.save(it, state.params, state.opt_state, {"optimizer_steps": int(state.step)}, cfg)
+                    ckpt.save(it, state.params, state.opt_state, {"optimizer_steps": int(state.step), "kl_coef": kl_coef}, cfg)
                 if sigterm.is_set():
                     stopped = "signal"
                     break
@@ -360,28 +370,40 @@ def export_policy(policy: Llama, cfg: Config, run_dir: AnyPath) -> None:
 
 
 def ppo_iteration(trainer: PpoTrainer, state: TrainState, tokenizer: Tokenizer, prompts: list,
-                  reward_fn: Callable[..., Any], iteration: int) -> tuple[TrainState, dict[str, float]]:
-    """One PPO iteration: rollouts, rewards, advantages, then `epochs` x minibatch updates; returns its metrics."""
+                  reward_fn: Callable[..., Any], iteration: int, kl_coef: float
+                  ) -> tuple[TrainState, dict[str, float]]:
+    """One PPO iteration at KL coefficient `kl_coef`: rollouts, rewards, advantages, then `epochs` x minibatch
+    updates; returns its metrics.
+
+    With `ppo.max_kl`, the updates stop early as in Spinning Up's PPO (`if kl > target_kl: break` before each
+    gradient step; Achiam 2018), the KL being the current policy's to the reference, per reply, on the next
+    minibatch's tokens: that minibatch's update is refused and the iteration's remaining ones are skipped. The first
+    update is never refused (on the rollout's own samples it would refuse every later iteration too, freezing the
+    policy; the raised penalty of an adaptive `kl_coef` is what brings the KL back down)."""
     p, seed = trainer.ppo, trainer.cfg.train.seed
     chosen = [prompts[i].ids for i in iteration_prompts(len(prompts), p.batch_size, seed, iteration)]
     rollout = trainer.rollout(state, chosen, tokenizer.eos_id, seed=seed * 1_000_003 + iteration)
     raw = np.asarray(reward_fn(rollout.prompts, rollout.completions, rollout.mask), np.float32)
     batch = rollout.sequences()
-    prepared = jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.asarray(raw)))
-    rows = {**batch, **{k: prepared[k] for k in ("old_logp", "old_values", "returns", "advantages")}}
+    prepared = jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.asarray(raw), kl_coef))
+    rows = {**batch, **{k: prepared[k] for k in ("old_logp", "ref_logp", "old_values", "returns", "advantages")}}
     order = np.random.default_rng([seed, iteration, 1])
     start, steps = time.perf_counter(), []
-    for _ in range(p.epochs):
-        perm = order.permutation(p.batch_size)
-        for first in range(0, p.batch_size, p.minibatch_size):
-            take = perm[first:first + p.minibatch_size]
-            state, step_metrics = trainer.train_step(state, trainer.put({k: v[take] for k, v in rows.items()}))
-            steps.append(step_metrics)
+    minibatches = [perm[first:first + p.minibatch_size] for perm in (order.permutation(p.batch_size)
+                                                                      for _ in range(p.epochs))
+                   for first in range(0, p.batch_size, p.minibatch_size)]
+    for take in minibatches:
+        bound = float("inf") if not steps or p.max_kl is None else p.max_kl
+        state, step_metrics = trainer.train_step(state, trainer.put({k: v[take] for k, v in rows.items()}), bound)
+        steps.append(step_metrics)
+        if p.max_kl is not None and float(step_metrics["kl_stop"]):
+            break
     steps = jax.device_get(steps)
     seconds = time.perf_counter() - start
-    mean = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
+    mean = {k: float(np.mean([s[k] for s in steps])) for k in steps[0] if k != "kl_stop"}
     return state, {"reward": float(raw.mean()), "score": float(np.mean(prepared["score"])),
-                   "kl": float(np.mean(prepared["kl"])), "entropy": float(prepared["entropy"]), **mean,
+                   "kl": float(np.mean(prepared["kl"])), "kl_coef": kl_coef, "entropy": float(prepared["entropy"]),
+                   **mean, "updates": float(len(steps) - sum(s["kl_stop"] for s in steps)),
                    "response_length": float(rollout.mask.sum(1).mean()),
                    "rollout_tokens_per_s": rollout.tokens_per_s,
-                   "train_tokens_per_s": p.epochs * batch["tokens"].size / max(seconds, 1e-9)}
+                   "train_tokens_per_s": len(steps) * p.minibatch_size * batch["tokens"].shape[1] / max(seconds, 1e-9)}
