@@ -92,11 +92,21 @@ def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: fl
     p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
+    p.add_argument("--quant", choices=["none", "int8", "int4"],
+                   help="weight-only quantization applied at load (default: as the checkpoint stores it)")
+    p.add_argument("--quant-group-size", type=int, default=128, help="int4: input features sharing one scale")
     p.add_argument("--max-new-tokens", type=int, default=max_new, help="stop after this many tokens (or at EOS)")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+
+
+def _load_for_decoding(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(tokenizer, model) as the decoding arguments ask."""
+    from llama_jax import Tokenizer, load_pretrained
+    quant = {} if args.quant is None else {"quant": args.quant, "quant_group_size": args.quant_group_size}
+    return Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype, **quant)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -107,10 +117,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from llama_jax import Tokenizer, generate_text, load_pretrained
+    from llama_jax import generate_text
     from llama_jax.tokenizer import check_utf8
     prompt = check_utf8(args.prompt, "--prompt")
-    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    tokenizer, model = _load_for_decoding(args)
     print(prompt, end="", flush=True)
     generate_text(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                   args.seed, on_text=lambda _, piece: print(piece, end="", flush=True))
@@ -126,9 +136,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> None:
-    from llama_jax import Tokenizer, load_pretrained
     from llama_jax.inference.chat_session import chat
-    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    tokenizer, model = _load_for_decoding(args)
     chat(model, tokenizer, sys.stdin, lambda text: print(text, end="", flush=True), args.system,
          args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 

@@ -21,6 +21,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "of
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("halt", "skip")
+QUANT = ("none", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -129,7 +130,8 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidde
 @dataclass(frozen=True)
 class ExecutionConfig:
     """How a model runs: dtypes, rematerialisation, layer scan, attention implementation (`llama_jax.attention`:
-    auto | xla | cudnn | splash). Never stored as part of a checkpoint's architecture
+    auto | xla | cudnn | splash), weight-only quantization (`llama_jax.quant`: none | int8 per channel | int4 in
+    groups of `quant_group_size` input features). Never stored as part of a checkpoint's architecture
     and free to change at load time (a run trained with one setting resumes or loads under another)."""
 
     param_dtype: str = "float32"
@@ -137,13 +139,17 @@ class ExecutionConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "auto"
+    quant: str = "none"
+    quant_group_size: int = 128
 
     def __post_init__(self) -> None:
         for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attention", ATTENTION)):
+                              ("attention", ATTENTION), ("quant", QUANT)):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{nearest(str(value), choices)}")
+        if self.quant_group_size < 1:
+            raise ConfigError(f"execution.quant_group_size must be positive, got {self.quant_group_size}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)

@@ -8,7 +8,8 @@ Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.d
 (`[batch, seq_len]`) with a `loss_mask` and packed examples' `segment_ids` and `positions`.
 
 With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
-optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
+optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated;
+with `execution.quant` that base is int8/int4 (QLoRA).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
-from llama_jax.config import Config, ExecutionConfig
+from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
@@ -71,6 +72,9 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
         self.lora = cfg.lora.rank > 0
+        if cfg.execution.quant != "none" and not self.lora:
+            raise ConfigError(f"execution.quant={cfg.execution.quant} keeps the weights quantized and frozen; train "
+                              "LoRA adapters over them (QLoRA: lora.rank > 0) or set execution.quant=none")
         self.trainable = LoRAParam if self.lora else nnx.Param
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
