@@ -5,36 +5,37 @@ plus float scales and dequantized on the fly where `llama_jax.model.weight` read
 compute dtype). Token embeddings, norms and a tied embedding table stay float: a decode step gathers only one row
 of the embedding table, so quantizing it saves memory but no bandwidth.
 
-- `int8`: symmetric, one scale per output channel (per layer when stacked) over the whole input.
+- `int8`: symmetric, one scale per output channel (per layer when stacked) over the whole input, q in [-127, 127].
 - `int4`: symmetric, one scale per group of `quant_group_size` consecutive input features (of the flattened input,
-  so for `wo` a group spans `group / head_dim` heads when head_dim is smaller) per output channel.
-Symmetric because weights are centred on zero: a zero point would cost a subtraction in every matmul and storage
-beside every scale for about one level of 16 gained (and qwix's bound of qmax + 0.5 already uses -8 / -128).
+  so for `wo` a group spans `group / head_dim` heads when head_dim is smaller) per output channel, q in [-7, 7];
+  stored as JAX's `int4` dtype, which Orbax writes and reads natively.
+Symmetric (scale = absmax / qmax) because LLaMA weights are centred on zero: a zero point would add a subtraction
+to every dequantization and a second array beside every scale for one extra level of 16.
 
-The numerics are qwix's (`qwix.quantize` with absmax calibration, `qwix.dequantize`): scale = absmax / (qmax + 0.5),
-q = round-half-even(w / scale) saturated to the integer range. qwix's PTQ provider (`qwix.quantize_model`) was
-tried first and does not fit this model: it swaps weights for quantized ones lazily inside the first forward call
-and finds them by intercepting `einsum`, but our blocks run as `nnx.merge`d copies inside `jax.checkpoint` /
-`lax.scan`, so every block projection stayed float32 (only the output head was converted), and the quantized head
-then failed on our `.astype` ("Unsupported type: QArray"). So qwix provides the quantizer and the `QArray`
-arithmetic; this module places the result in the parameter tree, where Orbax saves it (int4 stored as int4) and
-the sharding rules place it like the weight it replaces.
+qwix (0.1.8) was evaluated first and is not used. Its PTQ provider (`qwix.quantize_model`) swaps weights for
+quantized ones lazily inside the first forward call, finding them by intercepting `einsum`; our blocks run as
+`nnx.merge`d copies inside `jax.checkpoint` / `lax.scan`, so every block projection stayed float32 (only the output
+head was converted), and the converted head then failed on the model's `.astype` ("Unsupported type: QArray").
+Its array quantizer (`qwix.quantize`) computes scales and values through divisions that XLA turns into multiplies
+by rounded reciprocals, so its integers are not reproducible by a NumPy quantizer (21 of 4096 int8 values one
+level off, scales one ulp off), and it uses the bound qmax + 0.5. What remained to borrow (dequantize: one
+multiply) does not justify a dependency, so the few lines below do it with IEEE divisions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import nnx
 
 from llama_jax.config import ConfigError
 
-BITS = {"int8": 8, "int4": 4}
+QMAX = {"int8": 127, "int4": 7}
 
 
 class QuantizedParam(nnx.Param):
@@ -43,33 +44,43 @@ class QuantizedParam(nnx.Param):
 
 
 class QuantizedWeight(nnx.Module):
-    """A weight as integer `qvalue` (the weight's own shape and axes) and float `scale` (same rank: 1 on every input
-    axis per-channel, or the number of groups along it)."""
+    """A weight as integer `qvalue` (the weight's own shape and axes) and float `scale`
+    `[*layers, groups, *out]`; `in_dims` / `out_dims` count the weight's input and output axes."""
 
-    def __init__(self, qvalue: jax.Array, scale: jax.Array, axes: tuple[str | None, ...], scale_axes: tuple[Any, ...]):
+    def __init__(self, qvalue: jax.Array, scale: jax.Array, axes: tuple[str | None, ...], in_dims: int, out_dims: int):
+        lead = qvalue.ndim - in_dims - out_dims
         self.qvalue = QuantizedParam(qvalue, axes=axes)
-        self.scale = QuantizedParam(scale, axes=scale_axes)
+        self.scale = QuantizedParam(scale, axes=(*axes[:lead], None, *axes[lead + in_dims:]))
+        self.in_dims, self.out_dims = in_dims, out_dims
 
     def dequantize(self, dtype: Any) -> jax.Array:
-        return qwix.dequantize(qwix.QArray(self.qvalue[...], self.scale[...])).astype(dtype)
+        """`qvalue * scale` (in the scale's dtype, exact) cast to `dtype`; works on one layer of a stacked weight."""
+        q, scale = self.qvalue[...], self.scale[...]
+        lead = q.ndim - self.in_dims - self.out_dims
+        grouped = q.reshape(*q.shape[:lead], scale.shape[lead], -1, *q.shape[lead + self.in_dims:])
+        return (grouped.astype(scale.dtype) * jnp.expand_dims(scale, lead + 1)).reshape(q.shape).astype(dtype)
 
 
-def group_tiles(shape: tuple[int, ...], in_axes: range, group: int, name: str) -> dict[int, int]:
-    """qwix `tiled_axes` that make each scale cover `group` consecutive features of the flattened input (the whole
-    input when it is narrower than `group`): trailing input axes whole, then a tile of the rest of the group."""
-    tiles, remaining = {}, group
-    for axis in reversed(in_axes):
-        size = shape[axis]
-        if remaining >= size and remaining % size == 0:
-            tiles[axis], remaining = size, remaining // size
-        elif remaining < size and size % remaining == 0:
-            tiles[axis], remaining = remaining, 1
-        elif remaining > 1:
-            raise ConfigError(f"execution.quant_group_size {group} does not split the input of {name} "
-                              f"(input dims {[shape[a] for a in in_axes]}); choose one that divides them")
-        else:
-            tiles[axis] = 1
-    return tiles
+def quantize_array(w: jax.Array, lead: int, in_dims: int, quant: str, group: int, name: str = "weight"
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(integers in `w`'s shape, scales `[*lead, groups, *out]`) of `w` (`lead` layer axes, `in_dims` input axes,
+    then output axes): scale = absmax / qmax over each group of the flattened input, q = round-half-even(w / scale)
+    in [-qmax, qmax], an all-zero group taking scale 1. The divisors pass an optimization barrier, so XLA divides as
+    IEEE does instead of multiplying by a rounded reciprocal (which moved 21 of 4096 int8 values by one level)."""
+    qmax = QMAX[quant]
+    n_in = math.prod(w.shape[lead:lead + in_dims])
+    size = n_in if quant == "int8" else min(group, n_in)
+    if n_in % size:
+        raise ConfigError(f"execution.quant_group_size {group} does not split the {n_in} input features of {name}; "
+                          "choose one that divides them")
+    out_shape = w.shape[lead + in_dims:]
+    x = w.astype(jnp.float32).reshape(*w.shape[:lead], n_in // size, size, *out_shape)
+    absmax = jnp.max(jnp.abs(x), axis=lead + 1, keepdims=True)
+    scale = absmax / jax.lax.optimization_barrier(jnp.full(absmax.shape, qmax, jnp.float32))
+    scale = jnp.where(scale == 0, jnp.float32(1), scale)
+    q = jnp.round(x / jax.lax.optimization_barrier(jnp.broadcast_to(scale, x.shape)))
+    q = jnp.clip(q, -qmax, qmax).astype(getattr(jnp, quant)).reshape(w.shape)
+    return q, jnp.squeeze(scale, lead + 1).astype(w.dtype)
 
 
 def quantize_weight(param: nnx.Param, in_dims: int, quant: str, group: int, name: str = "weight") -> QuantizedWeight:
@@ -78,12 +89,8 @@ def quantize_weight(param: nnx.Param, in_dims: int, quant: str, group: int, name
     value = param[...]
     axes = tuple(param.get_metadata().get("axes") or (None,) * value.ndim)
     lead = 1 if axes[:1] == ("layers",) else 0
-    in_axes = range(lead, lead + in_dims)
-    keep = [a for a in range(value.ndim) if a not in in_axes]
-    tiles = group_tiles(value.shape, in_axes, group, name) if quant == "int4" else {a: value.shape[a] for a in in_axes}
-    q = qwix.quantize(value, getattr(jnp, quant), channelwise_axes=keep, tiled_axes=tiles)
-    scale_axes = tuple(None if a in in_axes else axes[a] for a in range(value.ndim))
-    return QuantizedWeight(q.qvalue, q.scale, axes, scale_axes)
+    q, scale = quantize_array(value, lead, in_dims, quant, group, name)
+    return QuantizedWeight(q, scale, axes, in_dims, value.ndim - lead - in_dims)
 
 
 def is_quantized(model: Any) -> bool:
@@ -96,8 +103,8 @@ def _set_execution(model: Any, quant: str, group: int) -> None:
 
 def quantize_model(model: Any, quant: str, group: int = 128) -> Any:
     """Quantize every float projection of `model` (a `Llama`) in place as `quant` (int8 | int4); returns it."""
-    if quant not in BITS:
-        raise ConfigError(f"quantization '{quant}' is not one of {sorted(BITS)}")
+    if quant not in QMAX:
+        raise ConfigError(f"quantization '{quant}' is not one of {sorted(QMAX)}")
     for owner, name, in_dims in model.projections():
         weight = getattr(owner, name)
         if not isinstance(weight, QuantizedWeight):
