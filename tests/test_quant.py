@@ -76,28 +76,30 @@ def test_quantized_logits_near_float_and_equal_to_dequantized_weights():
         logits = forward(quantized, TOKENS)
         relative_rms = float(jnp.sqrt(jnp.mean((logits - reference) ** 2)) / jnp.std(reference))
         assert 0 < relative_rms < RELATIVE_RMS_TOLERANCE[mode], (mode, relative_rms)
-        # The matmul path reads exactly the dequantized weights: the float model holding them gives the same logits.
-        np.testing.assert_array_equal(np.asarray(forward(quant.dequantized(quantized), TOKENS)), np.asarray(logits))
+    # The matmul path reads exactly the dequantized weights: the float model holding them gives the same logits.
+    np.testing.assert_array_equal(np.asarray(forward(quant.dequantized(quantized), TOKENS)), np.asarray(logits))
+
+
+def _assert_same_params(a, b) -> None:
+    before, after = nnx.state(a, nnx.Param), nnx.state(b, nnx.Param)
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 @pytest.mark.parametrize("mode,group,scan", [("int8", 128, False), ("int4", 16, True)])
 def test_quantized_orbax_checkpoint_round_trips_exactly(tmp_path, mode, group, scan):
-    save_pretrained(Llama(CFG, rngs=nnx.Rngs(0)), tmp_path / "hf", "hf")
-    model = load_pretrained(tmp_path / "hf", quant=mode, quant_group_size=group, scan_layers=scan)
+    model = Llama(CFG, ExecutionConfig(scan_layers=scan, quant=mode, quant_group_size=group), rngs=nnx.Rngs(0))
     save_pretrained(model, tmp_path / "q", "orbax")
     stored = read_stored(tmp_path / "q")
     assert (stored.quant, stored.quant_group_size) == (mode, group)
     again = load_pretrained(tmp_path / "q", scan_layers=scan)  # quantized as stored
     assert again.execution.quant == mode
-    before, after = nnx.state(model, nnx.Param), nnx.state(again, nnx.Param)
-    assert jax.tree.structure(before) == jax.tree.structure(after)
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    assert {x.dtype for x in jax.tree.leaves(nnx.state(again, quant.QuantizedParam))} >= {jnp.dtype(mode)}
-    # Other formats get the dequantized weights; quant="none" dequantizes on load.
-    float_logits = forward(load_pretrained(tmp_path / "q", quant="none"), TOKENS)
-    np.testing.assert_allclose(np.asarray(forward(model, TOKENS)), np.asarray(float_logits), atol=1e-5)
+    assert jnp.dtype(mode) in {x.dtype for x in jax.tree.leaves(nnx.state(again, quant.QuantizedParam))}
+    _assert_same_params(model, again)
+    # quant="none" dequantizes on load; the other formats are written dequantized.
+    _assert_same_params(load_pretrained(tmp_path / "q", quant="none", scan_layers=scan), quant.dequantized(model))
 
 
 def test_generate_quantized_matches_its_dequantized_float_model(tmp_path):
@@ -108,6 +110,7 @@ def test_generate_quantized_matches_its_dequantized_float_model(tmp_path):
     assert all(len(t) == 8 for t in tokens)
 
 
+@pytest.mark.e2e
 def test_generate_cli_quant_flag(tmp_path, capsys):
     from tiny_lm import make_tiny_lm
     hf, tok_path, _, tok = make_tiny_lm(tmp_path, max_seq_len=64)
@@ -137,7 +140,7 @@ def test_qlora_trains_adapters_only_over_a_frozen_int8_base():
     train_state = trainer.init_state(base)
     rows = jnp.asarray(np.tile(np.arange(17) % 11 + 3, (4, 1)), jnp.int32)  # a pattern to memorise
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         train_state, metrics = trainer.train_step(train_state, {"tokens": rows})
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
