@@ -25,6 +25,7 @@ multiply) does not justify a dependency, so the few lines below do it with IEEE 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -61,6 +62,7 @@ class QuantizedWeight(nnx.Module):
         return (grouped.astype(scale.dtype) * jnp.expand_dims(scale, lead + 1)).reshape(q.shape).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def quantize_array(w: jax.Array, lead: int, in_dims: int, quant: str, group: int, name: str = "weight"
                    ) -> tuple[jax.Array, jax.Array]:
     """(integers in `w`'s shape, scales `[*lead, groups, *out]`) of `w` (`lead` layer axes, `in_dims` input axes,

@@ -2,6 +2,10 @@
 quantized generation, and QLoRA (adapters trained over a frozen int8 base)."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +164,51 @@ def test_quantized_full_training_is_refused():
     cfg.execution = ExecutionConfig(quant="int8")
     with pytest.raises(ConfigError, match="QLoRA: lora.rank > 0"):
         Trainer(cfg, make_mesh(cfg.mesh))
+
+
+def test_llama2c_version2_export_is_runq_q8_0(tmp_path):
+    """The file `runq` memory-maps: 256-byte header, float32 norms, then per tensor int8 values and one float32
+    scale per group, each group quantized as llama2.c's exporter does (scale = absmax / 127)."""
+    from llama_jax.checkpoints.layout import iter_meta_tensors
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "q80", "llama2c", version=2, group_size=32)
+    data = (tmp_path / "q80" / "model.bin").read_bytes()
+    ints = np.frombuffer(data[:37], np.uint8)
+    assert np.frombuffer(data[:8], np.int32).tolist() == [0x616B3432, 2]
+    assert np.frombuffer(data[8:36], np.int32).tolist() == [64, CFG.hidden_dim, 2, 4, 2, 128, 64]
+    assert ints[36] == 0 and np.frombuffer(data[37:41], np.int32)[0] == 32 and not any(data[41:256])
+    tensors = dict(iter_meta_tensors(model))
+    pos = 256
+    norms = [f"layers.{i}.{k}.weight" for k in ("attention_norm", "ffn_norm") for i in range(2)] + ["norm.weight"]
+    for name in norms:
+        np.testing.assert_array_equal(np.frombuffer(data[pos:pos + 4 * 64], np.float32), tensors[name])
+        pos += 4 * 64
+    kinds = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+             "feed_forward.w3"]
+    names = ["tok_embeddings.weight", *[f"layers.{i}.{k}.weight" for k in kinds for i in range(2)], "output.weight"]
+    for name in names:
+        groups = tensors[name].reshape(-1, 32)
+        scale = np.abs(groups).max(axis=1) / np.float32(127)
+        q = np.frombuffer(data[pos:pos + groups.size], np.int8).reshape(groups.shape)
+        pos += groups.size
+        np.testing.assert_array_equal(q, np.round(groups / scale[:, None]))
+        np.testing.assert_array_equal(np.frombuffer(data[pos:pos + 4 * len(scale)], np.float32), scale)
+        pos += 4 * len(scale)
+    assert pos == len(data)
+
+
+@pytest.mark.e2e
+def test_bench_quant_runs_in_short_form(tfds_dir):
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_quant.py"
+    run = subprocess.run([sys.executable, str(script), "--data-dir", str(tfds_dir), "--train-steps", "4",
+                          "--eval-batches", "1", "--big-preset", "tiny", "--group-size", "32", "--new-tokens", "3",
+                          "--prompt-len", "4"], capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS=""), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    tiny = [line.split() for line in lines if line.startswith("tiny_shakespeare")]  # model quant MiB bpb delta tok/s
+    big = [line.split()[2:] for line in lines if line.startswith("tiny x1L")]       # quant MiB tok/s
+    assert [r[1] for r in tiny] == [r[0] for r in big] == ["none", "int8", "int4"], run.stdout
+    assert float(tiny[0][2]) > float(tiny[1][2]) > float(tiny[2][2])  # parameter memory shrinks
+    assert abs(float(tiny[1][4])) < 0.01  # int8 moves bits per byte by less than 0.01
+    assert all(float(r[-1].replace(",", "")) > 0 for r in tiny + big)
