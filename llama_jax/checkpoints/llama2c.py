@@ -64,9 +64,13 @@ def header(cfg: LlamaConfig) -> np.ndarray:
 def save_llama2c(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str,
                  tokenizer: str | Path | None = None, version: int = 0, group_size: int = 64) -> None:
     """Write `model.bin` (version 0: float32, the only dtype it has; version 2: int8 in groups of `group_size`, for
-    `runq`) and, given a sentencepiece model, `tokenizer.bin`."""
+    `runq`) and, given a sentencepiece model, `tokenizer.bin`. The header has no head_dim (run.c uses
+    dim / n_heads), so a head-pruned model is refused."""
     if version not in (0, 2):
         raise ValueError(f"llama2.c version {version} is not supported; write version 0 (float32) or 2 (int8)")
+    if not cfg.derived_head_dim:
+        raise ValueError(f"llama2.c's header cannot describe head_dim {cfg.head_dim} != dim / n_heads = "
+                         f"{cfg.dim} / {cfg.n_heads} (heads were pruned); save as hf, meta or orbax instead")
     collected = {name: np.asarray(t, np.float32) for name, t in tensors}
     body, head = _sections(cfg)
     with open(path / MODEL, "wb") as f:
