@@ -42,7 +42,8 @@ def test_export_and_training_step_share_the_parameter_items(tmp_path):
     assert _items(tmp_path / "run" / "5") == {"model", "params", "opt_state", "meta", "config"}
     read = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     assert read.restore(tmp_path / "export" / "model") == read.restore(tmp_path / "run" / "5" / "model") == {
-        "architecture": TINY.to_dict(), "scan_layers": False, "param_dtype": "float32"}
+        "architecture": TINY.to_dict(), "scan_layers": False, "param_dtype": "float32", "quant": "none",
+        "quant_group_size": 128}
     _assert_same(load_pretrained(tmp_path / "export"), load_pretrained(tmp_path / "run"))
 
 
