@@ -62,19 +62,25 @@ class QuantizedWeight(nnx.Module):
         return (grouped.astype(scale.dtype) * jnp.expand_dims(scale, lead + 1)).reshape(q.shape).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def quantize_array(w: jax.Array, lead: int, in_dims: int, quant: str, group: int, name: str = "weight"
-                   ) -> tuple[jax.Array, jax.Array]:
+def group_width(n_in: int, quant: str, group: int, name: str = "weight") -> int:
+    """Input features per scale: all of them for int8, `group` (at most all) for int4; a group that does not divide
+    the input is a one-line ConfigError naming the weight."""
+    size = n_in if quant == "int8" else min(group, n_in)
+    if n_in % size:
+        raise ConfigError(f"execution.quant_group_size {group} does not split the {n_in} input features of {name}; "
+                          "choose one that divides them")
+    return size
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def quantize_array(w: jax.Array, lead: int, in_dims: int, quant: str, group: int) -> tuple[jax.Array, jax.Array]:
     """(integers in `w`'s shape, scales `[*lead, groups, *out]`) of `w` (`lead` layer axes, `in_dims` input axes,
     then output axes): scale = absmax / qmax over each group of the flattened input, q = round-half-even(w / scale)
     in [-qmax, qmax], an all-zero group taking scale 1. The divisors pass an optimization barrier, so XLA divides as
     IEEE does instead of multiplying by a rounded reciprocal (which moved 21 of 4096 int8 values by one level)."""
     qmax = QMAX[quant]
     n_in = math.prod(w.shape[lead:lead + in_dims])
-    size = n_in if quant == "int8" else min(group, n_in)
-    if n_in % size:
-        raise ConfigError(f"execution.quant_group_size {group} does not split the {n_in} input features of {name}; "
-                          "choose one that divides them")
+    size = group_width(n_in, quant, group)
     out_shape = w.shape[lead + in_dims:]
     x = w.astype(jnp.float32).reshape(*w.shape[:lead], n_in // size, size, *out_shape)
     absmax = jnp.max(jnp.abs(x), axis=lead + 1, keepdims=True)
@@ -91,7 +97,8 @@ def quantize_weight(param: nnx.Param, in_dims: int, quant: str, group: int, name
     value = param[...]
     axes = tuple(param.get_metadata().get("axes") or (None,) * value.ndim)
     lead = 1 if axes[:1] == ("layers",) else 0
-    q, scale = quantize_array(value, lead, in_dims, quant, group, name)
+    group_width(math.prod(value.shape[lead:lead + in_dims]), quant, group, name)
+    q, scale = quantize_array(value, lead, in_dims, quant, group)
     return QuantizedWeight(q, scale, axes, in_dims, value.ndim - lead - in_dims)
 
 
@@ -129,7 +136,7 @@ def dequantize_model(model: Any) -> Any:
 def requantize(model: Any, quant: str, group: int) -> Any:
     """`model` quantized as `quant`/`group` asks (none = float): unchanged, quantized, or dequantized first."""
     current = model.execution
-    if current.quant == quant and (quant == "none" or current.quant_group_size == group):
+    if current.quant == quant and (quant != "int4" or current.quant_group_size == group):  # int8 has no groups
         return model
     if current.quant != "none":
         dequantize_model(model)
