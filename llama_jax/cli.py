@@ -329,6 +329,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 503")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (the rest goes to fsdp)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"],
+                   help="weight-only int8 (per channel) or int4 (groups of 128) at load (default: as stored)")
     p.set_defaults(run=_run_serve)
 
 
@@ -336,7 +338,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     from llama_jax.serving.engine import BatchingConfig
     from llama_jax.serving.server import serve
     serve(args.checkpoint, args.tokenizer, args.host, args.port, args.dtype, args.model_name,
-          BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
+          BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor, args.quant)
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
