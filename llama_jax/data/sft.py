@@ -1,10 +1,12 @@
-"""Supervised fine-tuning data: JSONL records -> token examples with answer-only loss -> packed rows -> batches.
+"""Supervised fine-tuning data: records (JSONL, TFDS, HF datasets; `records.py`) -> token examples with answer-only
+loss -> packed rows -> batches.
 
 A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
 encoded by `llama_jax.chat.encode_turns`; loss on every reply, or only the last with `last_turn_only`),
 `{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
 (`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
-and line, and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
+and line (or dataset and record index), and the `bad_records` policy decides whether it is skipped, truncated
+(over-long ones) or fatal.
 
 Rows hold `seq_len` positions: `tokens` (inputs), `targets` (the next tokens), `loss_mask` (1 where the target is
 learned), `segment_ids` (1, 2, ... per packed example, 0 = padding) and `positions` (restarting at 0 in each
@@ -13,12 +15,10 @@ example), so attention and RoPE treat every packed example as if it ran alone.
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.chat import encode_turns
-from llama_jax.config import Config, ConfigError
+from llama_jax.config import Config, ConfigError, DataConfig
 from llama_jax.data.pipeline import (
     READ_OPTIONS,
     DataIterator,
@@ -37,8 +37,8 @@ from llama_jax.data.pipeline import (
     _processes,
     _seed,
 )
+from llama_jax.data.records import is_dataset, records
 from llama_jax.data.tokenized import tokenizer_hash
-from llama_jax.paths import as_path, is_remote
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,13 @@ ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 @dataclass
 class BadRecord:
-    file: str
-    line: int
+    file: str  # a JSONL file, or `source [split]` for a dataset
+    line: int  # the line, or the record index in a dataset
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}"
+        return f"{self.file} record {self.line}: {self.reason}" if is_dataset(self.file) else \
+            f"{self.file}:{self.line}: {self.reason}"
 
 
 @dataclass
@@ -101,62 +102,35 @@ def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = Fals
     return ids, learn
 
 
-def data_files(spec: str) -> list[str]:
-    """Comma-separated JSONL paths or globs (local or gs://) in order; every entry must match a file."""
-    files: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if is_remote(part):
-            path = as_path(part)
-            matches = [str(path)] if path.exists() else sorted(str(p) for p in path.parent.glob(path.name))
-        else:
-            matches = sorted(glob.glob(str(as_path(part).expanduser())))
-        if not matches:
-            raise FileNotFoundError(f"no file matches '{part}' (finetune data); check the path or glob")
-        files += matches
-    if not files:
-        raise ConfigError("finetune.train is empty; give JSONL files, e.g. finetune.train=data/sft.jsonl")
-    return files
-
-
-def _records(file: str) -> Iterator[tuple[int, str]]:
-    with as_path(file).open("r") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield line_no, line
-
-
 def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "truncate",
-                  last_turn_only: bool = False) -> Examples:
-    """Encode every record of the JSONL files in `spec`; examples longer than `seq_len + 1` tokens follow `policy`."""
+                  last_turn_only: bool = False, split: str = "train", data: DataConfig | None = None,
+                  fields: Mapping[str, str] | None = None) -> Examples:
+    """Encode every record of `spec` (JSONL files or a dataset's `split`, see `records.py`); examples longer than
+    `seq_len + 1` tokens follow `policy`."""
     if policy not in POLICIES:
         raise ConfigError(f"finetune.bad_records '{policy}' is not one of {POLICIES}")
     out = Examples()
-    for file in data_files(spec):
-        for line_no, line in _records(file):
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-                ids, learn = encode_record(record, tokenizer, last_turn_only)
-                if len(ids) > seq_len + 1:
-                    problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
-                    if policy != "truncate":
-                        raise ValueError(problem)
-                    ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
-                    if not any(learn[1:]):
-                        raise ValueError(f"{problem}, and no answer token is left after truncating it")
-                    out.truncated.append(BadRecord(file, line_no, problem))
+    for record in records(spec, split, data or DataConfig(), fields or {}):
+        try:
+            ids, learn = encode_record(record.read(), tokenizer, last_turn_only)
+            if len(ids) > seq_len + 1:
+                problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
+                if policy != "truncate":
+                    raise ValueError(problem)
+                ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
                 if not any(learn[1:]):
-                    raise ValueError("no answer tokens to learn")
-            except ValueError as err:
-                if policy == "fail":
-                    raise ValueError(f"{file}:{line_no}: {err} (finetune.bad_records=fail; fix the record or "
-                                     "choose skip/truncate)") from None
-                out.bad.append(BadRecord(file, line_no, str(err)))
-                continue
-            out.ids.append(np.asarray(ids, np.int32))
-            out.learn.append(np.asarray(learn, bool))
+                    raise ValueError(f"{problem}, and no answer token is left after truncating it")
+                out.truncated.append(BadRecord(record.file, record.index, problem))
+            if not any(learn[1:]):
+                raise ValueError("no answer tokens to learn")
+        except ValueError as err:
+            if policy == "fail":
+                raise ValueError(f"{record.where()}: {err} (finetune.bad_records=fail; fix the record or "
+                                 "choose skip/truncate)") from None
+            out.bad.append(BadRecord(record.file, record.index, str(err)))
+            continue
+        out.ids.append(np.asarray(ids, np.int32))
+        out.learn.append(np.asarray(learn, bool))
     if out.bad or out.truncated:
         report = out.report()
         log.warning("%s", report)
@@ -219,21 +193,23 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
         raise ConfigError(f"data.seq_len {seq_len} must be in 1..model.max_seq_len ({cfg.model.max_seq_len})")
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
-    examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+    examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only, ft.train_split,
+                             cfg.data, ft.fields)
     order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
     rows = pack(examples, seq_len, ft.packing, order)
     n_rows = len(rows["tokens"])
     shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
-    fingerprint = _fingerprint("sft", ft.train, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
+    fingerprint = _fingerprint("sft", ft.train, ft.train_split, ft.fields, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
                                cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
     train = DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
                          ["finetune"], seq_len)
     validation = None
     if ft.validation:
-        held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+        held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only,
+                             ft.validation_split, cfg.data, ft.fields)
         val_rows = pack(held, seq_len, ft.packing)
         pad = -len(val_rows["tokens"]) % batch_size
         val_rows = {k: np.concatenate([v, np.zeros((pad, seq_len), v.dtype)]) for k, v in val_rows.items()}
         validation = ValidationData(_row_dataset(val_rows)[index::count].batch(local), mesh,
-                                    _fingerprint(fingerprint, ft.validation))
+                                    _fingerprint(fingerprint, ft.validation, ft.validation_split))
     return SFTData(train, validation, n_rows, len(examples.ids), math.ceil(n_rows / batch_size))
