@@ -1,6 +1,8 @@
-"""`finetune` end to end: CLI with a bad-record report, LoRA resume after SIGKILL bit-exact, merge, the worked example."""
+"""`finetune` end to end: CLI with a bad-record report, LoRA resume after SIGKILL bit-exact, merge, the adapter
+export of a 2-process run, the worked example."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from llama_jax.checkpoints import save_pretrained
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
+from test_multiprocess import CHILD_XLA_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "sft_reverse.yaml"
@@ -106,3 +109,25 @@ def test_worked_example_shortened_raises_accuracy(tmp_path):
         sys.path.remove(str(REPO / "experiments"))
     results = sft_example.run(tmp_path, scale=SCALE, variants=("full",))
     assert results["full"]["accuracy"] >= results["base"]["accuracy"] + MARGIN, sft_example.report(results)
+
+
+@pytest.mark.e2e
+def test_two_process_lora_export_gathers_the_sharded_adapters(setup, tmp_path):
+    """LoRA across 2 processes x 4 devices (adapter A sharded over fsdp = all 8): every process joins the gather,
+    process 0 writes, and the adapter equals the one a single process with 8 devices trains."""
+    lora = ["lora.rank=4", "lora.alpha=8", "lora.targets=[q,v,down]", "train.steps=3", "finetune.validation=null"]
+    env = {**os.environ, "XLA_FLAGS": CHILD_XLA_FLAGS}
+    runs = {}
+    for processes, devices in [(2, 4), (1, 8)]:
+        name = f"p{processes}"
+        done = subprocess.run([sys.executable, str(REPO / "experiments" / "launch_local.py"), "-n", str(processes),
+                               "-d", str(devices), "--command", "finetune", "--config", str(CONFIG),
+                               *overrides(setup, name, *lora)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert done.stdout.count("stopped at step 3 (steps)") == processes, done.stdout[-3000:]
+        runs[processes] = load_file(setup / name / "adapter" / "adapter_model.safetensors")
+    assert sorted(runs[2]) == sorted(runs[1]) and len(runs[1]) == 2 * 3 * TINY.n_layers
+    assert any(np.abs(v).max() > 0 for k, v in runs[2].items() if "lora_B" in k)  # trained, not the zero init
+    for name, value in runs[1].items():
+        np.testing.assert_allclose(runs[2][name], value, rtol=1e-5, atol=1e-7, err_msg=name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 
 from llama_jax.checkpoints.io import FORMATS, detect_format
 from llama_jax.checkpoints.peft import save_peft
@@ -63,6 +62,6 @@ def _finetune(cfg: Config) -> TrainResult:
         cfg.train.steps = max(1, math.ceil(ft.epochs * data.steps_per_epoch))
     trainer = Trainer(cfg, mesh)
     result = run_training(cfg, trainer, data.train, data.validation, tokenizer, ft.init_from)
-    if trainer.lora and result.state is not None and jax.process_index() == 0:
+    if trainer.lora and result.state is not None:
         save_peft(trainer.model(result.state.params), cfg.lora, as_path(cfg.checkpoint.dir) / ADAPTER_DIR)
     return result
