@@ -84,6 +84,7 @@ def test_lora_finetune_resumes_bit_exactly_after_sigkill_and_merges(setup, tmp_p
     again = subprocess.run([sys.executable, "-m", "llama_jax", "finetune", "--config", str(CONFIG), *resumed],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "Exception ignored" not in again.stderr and "Traceback" not in again.stderr, again.stderr[-3000:]
     a = load_file(setup / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(setup / "resumed" / "adapter" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and len(a) == 2 * 3 * TINY.n_layers
