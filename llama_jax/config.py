@@ -298,6 +298,11 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
 
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora needs rank >= 0 (0 = full fine-tuning), alpha > 0 and 0 <= dropout < 1; got "
+                              f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}")
+
 
 @dataclass
 class FinetuneConfig:

@@ -35,14 +35,16 @@ class Record:
 
     file: str
     index: int
-    raw: Any
+    raw: Any  # a JSONL line (bytes) or a dataset row
     fields: Mapping[str, str]
 
     def read(self) -> Any:
         """The record as plain Python with columns renamed by `fields`, or a ValueError saying why it is unreadable."""
-        if isinstance(self.raw, str):
+        if isinstance(self.raw, bytes):
             try:
-                record = json.loads(self.raw)
+                record = json.loads(self.raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
             except json.JSONDecodeError as err:
                 raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
         else:
@@ -84,6 +86,9 @@ def data_files(spec: str) -> list[str]:
             matches = sorted(glob.glob(str(as_path(part).expanduser())))
         if not matches:
             raise FileNotFoundError(f"no file matches '{part}' (finetune data); check the path or glob")
+        if folder := next((m for m in matches if as_path(m).is_dir()), None):
+            raise IsADirectoryError(f"finetune data '{folder}' is a directory; give its JSONL files, e.g. "
+                                    f"{folder.rstrip('/')}/*.jsonl")
         files += matches
     if not files:
         raise ConfigError("finetune.train is empty; give JSONL files (finetune.train=data/sft.jsonl), "
@@ -117,7 +122,7 @@ def records(spec: str, split: str, data: DataConfig, fields: Mapping[str, str]) 
             yield Record(label, index, row, fields)
         return
     for file in data_files(spec):
-        with as_path(file).open("r") as f:
+        with as_path(file).open("rb") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     yield Record(file, line_no, line, fields)
