@@ -2,11 +2,11 @@
 loss -> packed rows -> batches.
 
 A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
-encoded by `llama_jax.chat.encode_turns`; loss on every reply, or only the last with `last_turn_only`),
+encoded by `llama_jax.chat.encode_turns`; loss on every reply not marked `"train": false`, or only the last with
+`last_turn_only`),
 `{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
 (`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
-and line (or dataset and record index), and the `bad_records` policy decides whether it is skipped, truncated
-(over-long ones) or fatal.
+and line (or dataset and record index), and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
 
 Rows hold `seq_len` positions: `tokens` (inputs), `targets` (the next tokens), `loss_mask` (1 where the target is
 learned), `segment_ids` (1, 2, ... per packed example, 0 = padding) and `positions` (restarting at 0 in each
@@ -15,9 +15,7 @@ example), so attention and RoPE treat every packed example as if it ran alone.
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,42 +35,19 @@ from llama_jax.data.pipeline import (
     _processes,
     _seed,
 )
-from llama_jax.data.records import is_dataset, records
+from llama_jax.data.records import RecordIssues, read_records
 from llama_jax.data.tokenized import tokenizer_hash
 from llama_jax.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
-POLICIES = ("truncate", "skip", "fail")
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclass
-class BadRecord:
-    file: str  # a JSONL file, or `source [split]` for a dataset
-    line: int  # the line, or the record index in a dataset
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file} record {self.line}: {self.reason}" if is_dataset(self.file) else \
-            f"{self.file}:{self.line}: {self.reason}"
-
-
-@dataclass
-class Examples:
+class Examples(RecordIssues):
     """Encoded examples (token ids and per-token "learn this token" flags) and the records that were not usable."""
 
     ids: list[np.ndarray] = field(default_factory=list)
     learn: list[np.ndarray] = field(default_factory=list)
-    bad: list[BadRecord] = field(default_factory=list)
-    truncated: list[BadRecord] = field(default_factory=list)
-
-    def report(self) -> str:
-        """One line per file with counts, then one line per bad or truncated record (`file:line: reason`)."""
-        files = sorted({r.file for r in self.bad + self.truncated})
-        lines = [f"{f}: {sum(r.file == f for r in self.bad)} bad record(s) skipped, "
-                 f"{sum(r.file == f for r in self.truncated)} truncated" for f in files]
-        lines += [f"skipped {r}" for r in self.bad] + [f"truncated {r}" for r in self.truncated]
-        return "\n".join(lines)
 
 
 def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = False) -> tuple[list[int], list[bool]]:
@@ -107,37 +82,23 @@ def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "
                   fields: Mapping[str, str] | None = None) -> Examples:
     """Encode every record of `spec` (JSONL files or a dataset's `split`, see `records.py`); examples longer than
     `seq_len + 1` tokens follow `policy`."""
-    if policy not in POLICIES:
-        raise ConfigError(f"finetune.bad_records '{policy}' is not one of {POLICIES}")
-    out = Examples()
-    for record in records(spec, split, data or DataConfig(), fields or {}):
-        try:
-            ids, learn = encode_record(record.read(), tokenizer, last_turn_only)
-            if len(ids) > seq_len + 1:
-                problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
-                if policy != "truncate":
-                    raise ValueError(problem)
-                ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
-                if not any(learn[1:]):
-                    raise ValueError(f"{problem}, and no answer token is left after truncating it")
-                out.truncated.append(BadRecord(record.file, record.index, problem))
+    def encode(record: Any, truncate: bool) -> tuple[tuple[list[int], list[bool]], str | None]:
+        ids, learn = encode_record(record, tokenizer, last_turn_only)
+        problem = None
+        if len(ids) > seq_len + 1:
+            problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
+            if not truncate:
+                raise ValueError(problem)
+            ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
             if not any(learn[1:]):
-                raise ValueError("no answer tokens to learn")
-        except ValueError as err:
-            if policy == "fail":
-                raise ValueError(f"{record.where()}: {err} (finetune.bad_records=fail; fix the record or "
-                                 "choose skip/truncate)") from None
-            out.bad.append(BadRecord(record.file, record.index, str(err)))
-            continue
-        out.ids.append(np.asarray(ids, np.int32))
-        out.learn.append(np.asarray(learn, bool))
-    if out.bad or out.truncated:
-        report = out.report()
-        log.warning("%s", report)
-        print(f"WARNING: {report}", file=sys.stderr, flush=True)
-    if not out.ids:
-        raise ValueError(f"no usable fine-tuning examples in '{spec}'; see the bad-record report above")
-    return out
+                raise ValueError(f"{problem}, and no answer token is left after truncating it")
+        if not any(learn[1:]):
+            raise ValueError("no answer tokens to learn")
+        return (ids, learn), problem
+
+    items, issues = read_records(spec, encode, policy, "finetune.train", split, data, fields)
+    return Examples(issues.bad, issues.truncated, [np.asarray(i, np.int32) for i, _ in items],
+                    [np.asarray(f, bool) for _, f in items])
 
 
 def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarray | None = None
@@ -171,8 +132,18 @@ def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarr
 
 def _row_dataset(rows: dict[str, np.ndarray]) -> grain.MapDataset:
     """Row i as a dict, with the (single) source index the shared `DataIterator` counts tokens by."""
-    return grain.MapDataset.source(list(range(len(rows["tokens"])))).map(
+    return grain.MapDataset.source(list(range(len(next(iter(rows.values())))))).map(
         lambda i: {**{k: v[i] for k, v in rows.items()}, "source": np.int32(0)})
+
+
+def row_iterator(rows: dict[str, np.ndarray], cfg: Config, mesh: Mesh | None, fingerprint: str, label: str,
+                 index: int, count: int) -> DataIterator:
+    """Endless batches of `train.batch_size` rows (this process's share), shuffled afresh each epoch by
+    `data.shuffle_seed`, checkpointable; tokens are counted under `label`."""
+    shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
+    local = _local_batch(cfg.train.batch_size, count)
+    return DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
+                        [label], cfg.data.seq_len)
 
 
 @dataclass
@@ -198,11 +169,9 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
     order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
     rows = pack(examples, seq_len, ft.packing, order)
     n_rows = len(rows["tokens"])
-    shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
     fingerprint = _fingerprint("sft", ft.train, ft.train_split, ft.fields, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
                                cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
-    train = DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
-                         ["finetune"], seq_len)
+    train = row_iterator(rows, cfg, mesh, fingerprint, "finetune", index, count)
     validation = None
     if ft.validation:
         held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only,
