@@ -349,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Exception as err:
+        if type(err).__name__ == "JaxRuntimeError":
+            from llama_jax.distributed import await_peer_verdict
+            await_peer_verdict(err)
         message = expected_failure(err)
         if message is None or args.debug or debug_enabled():
             raise

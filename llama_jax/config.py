@@ -331,24 +331,45 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
 
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora needs rank >= 0 (0 = full fine-tuning), alpha > 0 and 0 <= dropout < 1; got "
+                              f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}")
+
 
 @dataclass
 class FinetuneConfig:
     """Supervised fine-tuning data and schedule (Llama 2: 2 epochs, packed, loss on the answers only).
 
-    `train` / `validation` are JSONL files (comma-separated paths or globs; gs:// works) whose records hold
-    `messages` (Llama-2-chat dialogs), `prompt` + `completion`, or `text`. `bad_records` decides what an unusable
-    record does: `truncate` cuts over-long examples and skips malformed ones, `skip` skips both, `fail` stops at the
-    first; every skipped record is reported with its file and line. `epochs` > 0 sets `train.steps` from the data.
+    `train` / `validation` are JSONL files (comma-separated paths or globs; gs:// works), a TFDS dataset
+    `tfds:NAME[:VERSION]` (in `data.data_dir`) or a Hugging Face dataset `hf:ORG/NAME[:config]` / `hf:/path` (a
+    `save_to_disk` directory or a directory of data files), read from `train_split` / `validation_split`. Records
+    hold `messages` (Llama-2-chat dialogs), `prompt` + `completion`, or `text`; `fields` renames other column names
+    to these (`{prompt: question, completion: answer}`). `bad_records` decides what an unusable record does:
+    `truncate` cuts over-long examples and skips malformed ones, `skip` skips both, `fail` stops at the first; every
+    skipped record is reported with its file and line (record index for datasets). `epochs` > 0 sets `train.steps`
+    from the data.
     """
 
     init_from: str | None = None
     train: str = ""
     validation: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    fields: dict[str, str] = field(default_factory=dict)
     epochs: float = 2.0
     packing: bool = True
     last_turn_only: bool = False
     bad_records: str = "truncate"
+
+    def __post_init__(self) -> None:
+        shapes = ("messages", "prompt", "completion", "text")
+        if not isinstance(self.fields, dict) or not all(isinstance(v, str) for v in self.fields.values()):
+            raise ConfigError("finetune.fields must map record fields to column names, e.g. "
+                              f"{{prompt: question, completion: answer}}, got {self.fields!r}")
+        unknown = sorted(set(self.fields) - set(shapes))
+        if unknown:
+            raise ConfigError(f"finetune.fields keys {unknown} are not record fields; use some of {list(shapes)}")
 
 
 PRUNE_METHODS = ("none", "magnitude", "structured")  # plus N:M patterns such as "2:4"

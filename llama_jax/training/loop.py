@@ -2,8 +2,8 @@
 
 A run lives in `checkpoint.dir`: tokenizer, checkpoints, TensorBoard events and the loss curve. Starting a run whose
 directory already holds checkpoints resumes from the newest readable one (parameters, optimizer, step and data
-position), so a killed or preempted job continues where it stopped. SIGTERM saves a checkpoint at the next step
-boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
+position), so a killed or preempted job continues where it stopped. SIGTERM or Ctrl-C saves a checkpoint at the next
+step boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
 blocks on a step result at least every 16 steps: on CPU devices more than ~50 queued collective programs deadlock,
 and it bounds how far the progress bar runs ahead.
 """
@@ -65,17 +65,26 @@ class TrainResult:
 
 
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[threading.Event]:
-    """An event set by SIGTERM (TPU preemption) while the block runs; the previous handler is restored after."""
+def stop_signal_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (TPU preemption) or Ctrl-C (SIGINT) while the block runs, so the run saves and stops
+    at the next step; the previous handlers are restored after. A second Ctrl-C ends the process at once (a
+    KeyboardInterrupt raised mid-step left the process hanging with Orbax's and grain's threads alive)."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+
+    def stop(signum: int, _frame: object) -> None:
+        event.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stop_reason(step: int, every: int, sigterm: threading.Event, deadline: float | None) -> str | None:
@@ -207,7 +216,7 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
         logger.log(at, result.scalars(), prefix="eval")
         return result
 
-    with _sigterm_flag() as sigterm:
+    with stop_signal_flag() as sigterm:
         while step < t.steps:
             state, metrics = trainer.train_step(state, next(data))
             step += 1
