@@ -21,10 +21,18 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "of
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("halt", "skip")
+LOSS_SCALES = ("auto", "dynamic", "none")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
@@ -216,7 +224,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (Llama 2 paper defaults)."""
+    """AdamW with linear warmup and cosine decay (Llama 2 paper defaults).
+
+    `loss_scale` (see `training.loss_scale`): `dynamic` (start at 2^16, double after `loss_scale_period` clean steps,
+    halve and skip the update on an Inf/NaN gradient), a number (a fixed scale), `none`, or `auto` = dynamic when
+    `execution.dtype` is float16, else none.
+    """
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -227,8 +240,15 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
+    loss_scale: str = "auto"
+    loss_scale_period: int = 2000
 
     def __post_init__(self) -> None:
+        if self.loss_scale not in LOSS_SCALES and not _positive_number(self.loss_scale):
+            raise ConfigError(f"optim.loss_scale '{self.loss_scale}' is not one of {LOSS_SCALES} or a positive number"
+                              f"{nearest(self.loss_scale, LOSS_SCALES)}")
+        if self.loss_scale_period < 1:
+            raise ConfigError(f"optim.loss_scale_period must be at least 1, got {self.loss_scale_period}")
         for name in ("lr", "eps", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")

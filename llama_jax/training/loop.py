@@ -39,6 +39,7 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
+LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged when optim.loss_scale is on
 
 
 @dataclass
@@ -226,7 +227,8 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
                     last = fetched[-1]
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
-                                      "nonfinite_skips": guard.skipped})
+                                      "nonfinite_skips": guard.skipped,
+                                      **{k: float(last[k]) for k in LOSS_SCALE_METRICS if k in last}})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)

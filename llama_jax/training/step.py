@@ -9,6 +9,10 @@ Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.d
 
 With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
 optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
+
+Another objective (distillation) subclasses `Trainer`, replacing `objective` and passing what it needs besides the
+model (a frozen teacher's parameters) as `inputs`, which every step takes as an argument with their own shardings.
+With `optim.loss_scale` (float16 compute) the loss is scaled before differentiating (`training.loss_scale`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
 from llama_jax.training.loss import chunked_token_losses
+from llama_jax.training.loss_scale import LossScaling
 from llama_jax.training.optim import accumulate_gradients, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -72,7 +77,10 @@ class Trainer:
         self.cfg, self.mesh = cfg, mesh
         self.lora = cfg.lora.rank > 0
         self.trainable = LoRAParam if self.lora else nnx.Param
-        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.loss_scaling = LossScaling.from_config(cfg.optim, cfg.execution)
+        self.tx = self.loss_scaling.wrap(tx) if self.loss_scaling else tx
+        self.inputs: Any = ()  # arrays a subclass's objective needs besides the model (placed on the mesh)
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
         self.frozen_sharding = state_shardings(abstract_frozen, mesh)
         # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
@@ -139,24 +147,40 @@ class Trainer:
     def model(self, params: Any) -> Llama:
         return nnx.merge(self.graphdef, params, self.frozen)
 
-    def _train_step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def objective(self, model: Llama, batch: Batch, inputs: Any) -> tuple[jax.Array, jax.Array]:
+        """(summed loss, how many targets it covers) that the step minimises; next-token cross-entropy here."""
+        return model_losses(model, batch)
+
+    def _train_step(self, state: TrainState, frozen: Any, inputs: Any, batch: Batch
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        scaling = self.loss_scaling
+        # The scale multiplies the per-token mean loss (what torch's GradScaler sees), so one setting fits every batch
+        # size: the summed loss is scaled by scale / (tokens in the batch).
+        scale = state.opt_state.scale / batch["tokens"].size if scaling else jnp.float32(1.0)
+
         def loss(params: Any, micro: Batch) -> tuple[jax.Array, jax.Array]:
             model = nnx.merge(self.graphdef, params, frozen)
             with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
-                return model_losses(model, micro)
+                loss_sum, count = self.objective(model, micro, inputs)
+            return loss_sum * scale, count
 
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
+        grads, loss_sum = jax.tree.map(lambda g: g / scale, grads), loss_sum / scale
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss, grad_norm = loss_sum / jnp.maximum(count, 1.0), optax.tree.norm(grads)
         # A NaN/Inf loss or gradient drops the whole update, so the state never holds one (the host decides what
-        # to do next: train.nonfinite); selecting costs one elementwise pass over the state.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # to do next: train.nonfinite); selecting costs one elementwise pass over the state. A gradient overflow
+        # that the loss scale absorbs is no such step: the scaler already skipped the update and lowered the scale.
+        overflow = ~jnp.isfinite(grad_norm) & (scaling.absorbs_overflow(state.opt_state) if scaling else False)
+        finite = jnp.isfinite(loss) & (jnp.isfinite(grad_norm) | overflow)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                          (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state.step), "tokens": count,
                    "finite": finite}
+        if scaling:
+            metrics |= {"loss_scale": state.opt_state.scale, "overflow": overflow, "overflow_skips": opt_state.skipped}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -164,14 +188,15 @@ class Trainer:
         if self.frozen is None:
             raise ValueError("a LoRA trainer needs its base weights: call init_state(model) or set_base first")
         with jax.set_mesh(self.mesh):
-            return self.jitted_train_step(batch)(state, self.frozen, batch)
+            return self.jitted_train_step(batch)(state, self.frozen, self.inputs, batch)
 
     def jitted_train_step(self, batch: Batch) -> Any:
-        """The jitted `(state, frozen, batch)` step for batches shaped like `batch` (arrays or ShapeDtypeStructs);
-        `plan` lowers it AOT."""
+        """The jitted `(state, frozen, inputs, batch)` step for batches shaped like `batch` (arrays or
+        ShapeDtypeStructs); `plan` lowers it AOT."""
         if self._train is None:
             self._train = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.frozen_sharding,
+                                                jax.tree.map(lambda a: a.sharding, self.inputs),
                                                 self._batch_shardings(batch)),
                                   out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())))
         return self._train
