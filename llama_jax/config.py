@@ -339,6 +339,28 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`python -m llama_jax distill`): the student (the `model` section, or `train.init_from`)
+    learns from the frozen `teacher` (any checkpoint format) with loss `alpha * T^2 * KL(teacher_T || student_T) +
+    (1 - alpha) * CE(student, next token)`, where `_T` are the softmaxes at `temperature` T; `hidden_weight` > 0 adds
+    that times the mean squared error between the teacher's final hidden states and the student's (through a learned
+    `dim_student x dim_teacher` projection when the widths differ)."""
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be positive, got {self.temperature}")
+        if self.hidden_weight < 0:
+            raise ConfigError(f"distill.hidden_weight must not be negative, got {self.hidden_weight}")
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -349,6 +371,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,11 +26,20 @@ from llama_jax.training.step import Trainer
 ADAPTER_DIR = "adapter"
 
 
-def _tokenizer(cfg: Config) -> Tokenizer:
-    """`data.tokenizer`, else the `tokenizer.model` beside `finetune.init_from` (a training run keeps one there)."""
+def model_tokenizer(cfg: Config, checkpoint: str) -> Tokenizer:
+    """`data.tokenizer`, else the `tokenizer.model` beside `checkpoint` (a training run keeps one there), checked
+    against the model section's vocabulary."""
+    tokenizer = _find_tokenizer(cfg, checkpoint)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}; "
+                          "use the model's tokenizer (data.tokenizer)")
+    return tokenizer
+
+
+def _find_tokenizer(cfg: Config, checkpoint: str) -> Tokenizer:
     if cfg.data.tokenizer:
         return Tokenizer(cfg.data.tokenizer)
-    source = as_path(cfg.finetune.init_from)
+    source = as_path(checkpoint)
     for directory in (source, source.parent):
         if (directory / "tokenizer.model").exists():
             return Tokenizer(directory / "tokenizer.model")
@@ -54,10 +63,7 @@ def _finetune(cfg: Config) -> TrainResult:
     cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
     mesh = make_mesh(cfg.mesh)
     check_model_fits(cfg.model, mesh)
-    tokenizer = _tokenizer(cfg)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}; "
-                          "use the model's tokenizer (data.tokenizer)")
+    tokenizer = model_tokenizer(cfg, ft.init_from)
     data = build_sft_data(cfg, tokenizer, mesh)
     if ft.epochs > 0:
         cfg.train.steps = max(1, math.ceil(ft.epochs * data.steps_per_epoch))
