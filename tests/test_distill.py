@@ -1,6 +1,8 @@
 """Knowledge distillation: the loss against a NumPy reference (KL at temperature T, times T^2, mixed with CE), the
 distillation step lowering its loss with a hidden-state projection, and the CLI's one-line errors."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -68,3 +70,14 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):  # noqa: F811
     fails_cleanly(["distill", "--config", config, f"distill.teacher={tmp_path / 'missing'}"], capsys, files["root"],
                   "does not exist")
     fails_cleanly(["distill", "--config", config, "distill.alpha=2"], capsys, files["root"], "distill.alpha")
+
+
+@pytest.mark.e2e
+def test_demo_shortened_student_distilled_beats_scratch(tmp_path, tfds_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import distill_example
+    results = distill_example.run(tmp_path, str(tfds_dir), 0.03, "train.batch_size=8")
+    assert results["teacher"]["validation_loss"] < results["scratch"]["validation_loss"]
+    assert results["distilled"]["validation_loss"] < results["scratch"]["validation_loss"]
+    assert results["distilled"]["bits_per_byte"] < results["scratch"]["bits_per_byte"]
+    assert (tmp_path / "results.json").is_file()

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_errors import files  # noqa: F401 - the shared tokenizer/corpus/config fixture
 from test_train_step import batches, init_params, tiny_config  # noqa: F401 - shared fixture
 
 from llama_jax.config import ConfigError, ExecutionConfig, MeshConfig, OptimConfig, load_config
@@ -100,3 +101,16 @@ def test_fp16_follows_the_fp32_loss_curve(fp16, init_params):  # noqa: F811
     assert int(state.opt_state.skipped) == 0 and float(state.opt_state.scale) == INITIAL_SCALE * 4
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0
     np.testing.assert_allclose(curves["fp16"], curves["fp32"], rtol=0.01)
+
+
+@pytest.mark.e2e
+def test_fp16_run_logs_the_scale_and_resumes_it(files, tmp_path, capsys):  # noqa: F811
+    from llama_jax.training.loop import train
+    overrides = ["execution.dtype=float16", "optim.loss_scale_period=2", f"checkpoint.dir={tmp_path / 'run'}",
+                 "checkpoint.every=2", "checkpoint.async_save=false"]
+    train(load_config(files["config"], [*overrides, "train.steps=3"]))
+    logged = capsys.readouterr().out
+    assert "train step 1: " in logged and "loss_scale 6.554e+04 overflow_skips 0" in logged
+    assert "train step 3: " in logged and "loss_scale 1.311e+05" in logged  # doubled after 2 clean steps
+    result = train(load_config(files["config"], [*overrides, "train.steps=5"]))  # resumes from step 3
+    assert result.step == 5 and float(result.state.opt_state.scale) == INITIAL_SCALE * 4
