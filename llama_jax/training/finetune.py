@@ -16,11 +16,10 @@ from llama_jax.checkpoints.io import FORMATS, detect_format
 from llama_jax.checkpoints.peft import save_peft
 from llama_jax.config import Config, ConfigError
 from llama_jax.data.sft import build_sft_data
-from llama_jax.distributed import initialize
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh
 from llama_jax.tokenizer import Tokenizer
-from llama_jax.training.loop import TrainResult, check_train, lock_run_dir, run_training
+from llama_jax.training.loop import TrainResult, run_locked, run_training
 from llama_jax.training.step import Trainer
 
 ADAPTER_DIR = "adapter"
@@ -51,10 +50,7 @@ def finetune(cfg: Config) -> TrainResult:
     ft = cfg.finetune
     if not ft.init_from:
         raise ConfigError("finetune.init_from is not set; give the checkpoint to fine-tune (HF, Meta, orbax, run dir)")
-    check_train(cfg)
-    initialize(cfg.train)
-    with lock_run_dir(cfg):
-        return _finetune(cfg)
+    return run_locked(cfg, _finetune)
 
 
 def _finetune(cfg: Config) -> TrainResult:

@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,14 @@ def lock_run_dir(cfg: Config) -> RunLock:
     """The run directory's lock against a second writer, held for a whole run (see `checkpoints.lock`); taken
     before anything is written there (a `checkpoint.dir` that is a file fails here, before data is prepared)."""
     return RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0)
+
+
+def run_locked(cfg: Config, run: Callable[[Config], TrainResult]) -> TrainResult:
+    """`run(cfg)` after the training checks and distributed start-up, holding the run directory's lock."""
+    check_train(cfg)
+    initialize(cfg.train)
+    with lock_run_dir(cfg):
+        return run(cfg)
 
 
 def train(cfg: Config) -> TrainResult:
