@@ -16,7 +16,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +27,7 @@ from flax import nnx
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.peft import load_peft
-from llama_jax.config import LlamaConfig, load_config
+from llama_jax.config import Config, LlamaConfig, load_config
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
@@ -51,6 +53,30 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
+def chat_corpus(records: list[dict]) -> list[str]:
+    """Tokenizer training text of single-turn chat records, as the chat template lays them out."""
+    return [f"[INST] {r['messages'][0]['content']} [/INST] {r['messages'][1]['content']}" for r in records]
+
+
+def random_base(out: Path, model: LlamaConfig, corpus: list[str]) -> Tokenizer:
+    """Train `out/tokenizer.model` on `corpus` and write a randomly initialised `model` to `out/random`."""
+    tokenizer = Tokenizer.train(iter(corpus), model.vocab_size, out / "tokenizer", overwrite=True)
+    save_pretrained(Llama(model, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    return tokenizer
+
+
+def finetune_run(out: Path, name: str, init_from: str, data: str, validation: str | None, epochs: float,
+                 *extra: str, config: Path = CONFIG, stage: Callable[[Config], Any] = finetune) -> tuple[float, Any]:
+    """Fine-tune `init_from` on the JSONL `data` into `out/name` with `config` (tokenizer from `random_base`), or run
+    another `stage` that starts from a checkpoint (reward model, DPO); returns the seconds it took and its result."""
+    overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={validation}",
+                 f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
+                 f"finetune.epochs={epochs}", *extra]
+    start = time.perf_counter()
+    result = stage(load_config(config, overrides))
+    return time.perf_counter() - start, result
+
+
 def accuracy(model: Llama, tokenizer: Tokenizer, records: list[dict]) -> float:
     """Exact-match rate of the greedy reply to each record's user turn."""
     prompts = [encode_dialog(tokenizer, r["messages"][:1]) for r in records]
@@ -72,18 +98,11 @@ def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANT
             for w in (list(rng.choice(WORDS, 3, replace=False)) for _ in range(2 * n_train))]
     files = {name: write_jsonl(out / f"{name}.jsonl", recs)
              for name, recs in (("train", train), ("valid", valid), ("text", text))}
-    corpus = [f"[INST] {m['messages'][0]['content']} [/INST] {m['messages'][1]['content']}" for m in train]
-    corpus += [t["text"] for t in text]
-    tokenizer = Tokenizer.train(iter(corpus), MODEL.vocab_size, out / "tokenizer", overwrite=True)
-    save_pretrained(Llama(MODEL, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    corpus = [t["text"] for t in text]
+    tokenizer = random_base(out, MODEL, chat_corpus(train) + corpus)
 
-    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, object]:
-        overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={files['valid']}",
-                     f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
-                     f"finetune.epochs={epochs}", *extra]
-        start = time.perf_counter()
-        result = finetune(load_config(CONFIG, overrides))
-        return time.perf_counter() - start, result
+    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, Any]:
+        return finetune_run(out, name, init_from, data, files["valid"], epochs, *extra)
 
     tune("base", str(out / "random"), files["text"], max(1.0, 4 * scale))
     base = load_pretrained(out / "base")

@@ -13,7 +13,8 @@ from test_train_step import batches
 from llama_jax import Llama
 from llama_jax.config import Config, DistillConfig, LlamaConfig, MeshConfig, OptimConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training.distill import PROJECTION, DistillTrainer, distillation_losses
+from llama_jax.training.distill import PROJECTION, distill_objective, distillation_losses, plain_student
+from llama_jax.training.step import Trainer
 
 
 def numpy_reference(student, teacher, targets, alpha, t):
@@ -48,7 +49,7 @@ def test_distillation_lowers_its_loss_and_learns_the_projection():
                  optim=OptimConfig(lr=1e-2, warmup_steps=1), distill=DistillConfig(alpha=0.7, hidden_weight=0.5))
     cfg.train.steps = 10
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    trainer = DistillTrainer(cfg, mesh, Llama(teacher_cfg, rngs=nnx.Rngs(1)))
+    trainer = Trainer(cfg, mesh, distill_objective(cfg, Llama(teacher_cfg, rngs=nnx.Rngs(1)), mesh))
     state = trainer.init_state()
     projection = np.asarray(nnx.to_pure_dict(state.params)[PROJECTION])
     assert projection.shape == (32, 64)
@@ -58,7 +59,7 @@ def test_distillation_lowers_its_loss_and_learns_the_projection():
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.3, losses
     assert not np.allclose(np.asarray(nnx.to_pure_dict(state.params)[PROJECTION]), projection)
-    student = trainer.student(state.params)
+    student = plain_student(trainer, state.params)
     assert isinstance(student, Llama) and not hasattr(student, PROJECTION)
     tokens = batches(1)[0]["tokens"][:, :-1]
     np.testing.assert_array_equal(np.asarray(student(tokens)), np.asarray(trainer.model(state.params)(tokens)))

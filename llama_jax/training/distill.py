@@ -27,10 +27,10 @@ from llama_jax.data import build_train_data, build_validation_data
 from llama_jax.model import Llama, Normal
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh, state_shardings
-from llama_jax.training.finetune import model_tokenizer
+from llama_jax.training.finetune import _tokenizer
 from llama_jax.training.loop import TrainResult, run_locked, run_training
 from llama_jax.training.loss import chunked_map
-from llama_jax.training.step import Batch, Trainer
+from llama_jax.training.step import Batch, Objective, Trainer
 
 PROJECTION = "distill_projection"  # the student's attribute holding the learned hidden-state projection
 STUDENT_DIR = "student"  # with a projection, the finished student without it (what to load and evaluate)
@@ -47,31 +47,24 @@ def distillation_losses(student_logits: jax.Array, teacher_logits: jax.Array, ta
     return alpha * t * t * kl + (1 - alpha) * ce
 
 
-class DistillTrainer(Trainer):
-    """The train step with the distillation objective; the teacher's parameters are the step's `inputs`."""
+def distill_objective(cfg: Config, teacher: Llama, mesh: Mesh) -> Objective:
+    """The distillation loss of `cfg.distill` against `teacher`, whose parameters (placed on `mesh`) are the
+    objective's inputs; with a hidden-state loss between different widths, `attach` adds the projection."""
+    d, teacher_dim = cfg.distill, teacher.cfg.dim
+    teacher_graphdef, teacher_params = nnx.split(teacher)
 
-    def __init__(self, cfg: Config, mesh: Mesh, teacher: Llama):
-        self.distill: DistillConfig = cfg.distill
-        self.teacher_dim = teacher.cfg.dim
-        self.teacher_graphdef, teacher_params = nnx.split(teacher)
-        super().__init__(cfg, mesh)
-        self.inputs = jax.device_put(teacher_params, state_shardings(teacher_params, mesh))
-
-    def with_adapters(self, model: Llama) -> Llama:
-        """The student, with a fresh `dim_student x dim_teacher` projection when the hidden loss needs one."""
-        model = super().with_adapters(model)
-        if self.distill.hidden_weight > 0 and model.cfg.dim != self.teacher_dim:
-            init = Normal(model.cfg.dim ** -0.5)
-            key = nnx.Rngs(self.cfg.train.seed + 2).params()
-            shape, dtype = (model.cfg.dim, self.teacher_dim), jnp.dtype(model.execution.param_dtype)
-            setattr(model, PROJECTION, nnx.Param(init(key, shape, dtype), axes=("embed", None), init=init))
+    def attach(model: Llama) -> Llama:
+        init = Normal(model.cfg.dim ** -0.5)
+        key = nnx.Rngs(cfg.train.seed + 2).params()
+        shape, dtype = (model.cfg.dim, teacher_dim), jnp.dtype(model.execution.param_dtype)
+        setattr(model, PROJECTION, nnx.Param(init(key, shape, dtype), axes=("embed", None), init=init))
         return model
 
-    def objective(self, model: Llama, batch: Batch, inputs: Any) -> tuple[jax.Array, jax.Array]:
+    def loss(model: Llama, batch: Batch, inputs: Any) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         if "targets" in batch:
             raise ConfigError("distillation reads pretraining data (data.sources), not fine-tuning JSONL batches")
-        teacher = nnx.merge(self.teacher_graphdef, inputs)  # not differentiated: only `params` are
-        tokens, d = batch["tokens"], self.distill
+        teacher = nnx.merge(teacher_graphdef, inputs)  # not differentiated: only the student's params are
+        tokens = batch["tokens"]
         features, _ = model.features(tokens[:, :-1])
         teacher_features, _ = teacher.features(tokens[:, :-1])
         projection = getattr(model, PROJECTION, None)
@@ -85,15 +78,20 @@ class DistillTrainer(Trainer):
             return losses
 
         losses = chunked_map(per_chunk, (features, teacher_features, tokens[:, 1:]))
-        return jnp.sum(losses), jnp.float32(losses.size)
+        return jnp.sum(losses), jnp.float32(losses.size), {}
 
-    def student(self, params: Any) -> Llama:
-        """The trained student as a plain `Llama` (the projection, if any, left out)."""
-        trained = {k: v for k, v in nnx.to_pure_dict(params).items() if k != PROJECTION}
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(self.cfg.model, self.cfg.execution,
-                                                                 rngs=nnx.Rngs(0))))
-        nnx.replace_by_pure_dict(state, trained)
-        return nnx.merge(graphdef, state)
+    projected = d.hidden_weight > 0 and cfg.model.dim != teacher_dim
+    inputs = jax.device_put(teacher_params, state_shardings(teacher_params, mesh))
+    return Objective(loss, attach if projected else None, inputs)
+
+
+def plain_student(trainer: Trainer, params: Any) -> Llama:
+    """The trained student as a plain `Llama` (the projection, if any, left out)."""
+    trained = {k: v for k, v in nnx.to_pure_dict(params).items() if k != PROJECTION}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(trainer.cfg.model, trainer.cfg.execution,
+                                                             rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, trained)
+    return nnx.merge(graphdef, state)
 
 
 def distill(cfg: Config) -> TrainResult:
@@ -118,14 +116,17 @@ def _distill(cfg: Config) -> TrainResult:
     if teacher.cfg.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"the teacher has {teacher.cfg.vocab_size} tokens but the student {cfg.model.vocab_size}; "
                           "set model.vocab_size to the teacher's")
-    tokenizer = model_tokenizer(cfg, d.teacher)
+    tokenizer = _tokenizer(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=d.teacher)))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the teacher's tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                          f"{cfg.model.vocab_size}; use the teacher's tokenizer and vocabulary")
     if not cfg.data.tokenizer:  # kept in the run directory, as pretraining keeps its own
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tokenizer.model").write_bytes(as_path(tokenizer.path).read_bytes())
     data = build_train_data(cfg, tokenizer, mesh=mesh)
     validation = build_validation_data(cfg, tokenizer, mesh=mesh)
-    trainer = DistillTrainer(cfg, mesh, teacher)
+    trainer = Trainer(cfg, mesh, distill_objective(cfg, teacher, mesh))
     result = run_training(cfg, trainer, data, validation, tokenizer, cfg.train.init_from)
     if result.state is not None and PROJECTION in nnx.to_pure_dict(result.state.params) and jax.process_index() == 0:
-        save_pretrained(trainer.student(result.state.params), run_dir / STUDENT_DIR, "orbax", overwrite=True)
+        save_pretrained(plain_student(trainer, result.state.params), run_dir / STUDENT_DIR, "orbax", overwrite=True)
     return result

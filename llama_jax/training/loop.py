@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -38,8 +38,11 @@ from llama_jax.training.nonfinite import NonFiniteGuard, finite_mean
 from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SYNC_EVERY = 16
-LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged when optim.loss_scale is on
+LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged as of the last step when optim.loss_scale is on
+STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite", "overflow", *LOSS_SCALE_METRICS)  # the rest come
+# from the objective
 
 
 @dataclass
@@ -152,7 +155,7 @@ def lock_run_dir(cfg: Config) -> RunLock:
     return RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0)
 
 
-def run_locked(cfg: Config, run: Callable[[Config], TrainResult]) -> TrainResult:
+def run_locked(cfg: Config, run: Callable[[Config], T]) -> T:
     """`run(cfg)` after the training checks and distributed start-up, holding the run directory's lock."""
     check_train(cfg)
     initialize(cfg.train)
@@ -233,9 +236,10 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
                     rate, mfu = speed.update()
                     throughput = rate
                     last = fetched[-1]
+                    objective = {k: finite_mean(fetched, k) for k in last if k not in STEP_METRICS}
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
-                                      "nonfinite_skips": guard.skipped,
+                                      "nonfinite_skips": guard.skipped, **objective,
                                       **{k: float(last[k]) for k in LOSS_SCALE_METRICS if k in last}})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
