@@ -50,7 +50,7 @@ def test_loss_scale_setting_resolves():
 def test_injected_overflow_skips_the_update_lowers_the_scale_and_training_goes_on(fp16, init_params):  # noqa: F811
     state = with_scale(fp16.init_state(init_params), 2.0**30)  # far past fp16's 65504: the gradients overflow
     losses, overflows = [], 0
-    for batch in batches(16):
+    for batch in batches(12):
         before, scale = host((state.params, state.opt_state.inner)), float(state.opt_state.scale)
         state, metrics = fp16.train_step(state, batch)
         assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))  # not a train.nonfinite step
@@ -79,6 +79,7 @@ def test_scale_doubles_after_period_clean_steps(fp16, init_params):  # noqa: F81
     assert scales == [1] * (PERIOD - 1) + [2] * PERIOD + [4, 4]
 
 
+@pytest.mark.e2e  # a compile of its own (~10 s)
 def test_an_overflow_at_a_static_scale_is_a_nonfinite_step(init_params):  # noqa: F811
     trainer = trainer_for(FP16, loss_scale=str(2.0**30))
     state = trainer.init_state(init_params)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.io import FORMATS, detect_format
-from llama_jax.config import Config, ConfigError, DistillConfig
+from llama_jax.config import Config, ConfigError
 from llama_jax.data import build_train_data, build_validation_data
 from llama_jax.model import Llama, Normal
 from llama_jax.paths import as_path
