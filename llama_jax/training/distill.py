@@ -24,11 +24,12 @@ from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.io import FORMATS, detect_format
 from llama_jax.config import Config, ConfigError
 from llama_jax.data import build_train_data, build_validation_data
+from llama_jax.distributed import initialize
 from llama_jax.model import Llama, Normal
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh, state_shardings
 from llama_jax.training.finetune import _tokenizer
-from llama_jax.training.loop import TrainResult, run_locked, run_training
+from llama_jax.training.loop import TrainResult, check_train, lock_run_dir, run_training
 from llama_jax.training.loss import chunked_map
 from llama_jax.training.step import Batch, Objective, Trainer
 
@@ -102,7 +103,10 @@ def distill(cfg: Config) -> TrainResult:
     detect_format(teacher)  # a missing or unknown teacher fails here, before anything is written
     if cfg.lora.rank > 0:
         raise ConfigError("distillation trains every student weight; set lora.rank=0")
-    return run_locked(cfg, _distill)
+    check_train(cfg)
+    initialize(cfg.train)
+    with lock_run_dir(cfg):
+        return _distill(cfg)
 
 
 def _distill(cfg: Config) -> TrainResult:

@@ -15,9 +15,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,7 +38,6 @@ from llama_jax.training.nonfinite import NonFiniteGuard, finite_mean
 from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 SYNC_EVERY = 16
 LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged as of the last step when optim.loss_scale is on
 STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite", "overflow", *LOSS_SCALE_METRICS)  # the rest come
@@ -153,14 +152,6 @@ def lock_run_dir(cfg: Config) -> RunLock:
     """The run directory's lock against a second writer, held for a whole run (see `checkpoints.lock`); taken
     before anything is written there (a `checkpoint.dir` that is a file fails here, before data is prepared)."""
     return RunLock(cfg.checkpoint.dir, owner=jax.process_index() == 0)
-
-
-def run_locked(cfg: Config, run: Callable[[Config], T]) -> T:
-    """`run(cfg)` after the training checks and distributed start-up, holding the run directory's lock."""
-    check_train(cfg)
-    initialize(cfg.train)
-    with lock_run_dir(cfg):
-        return run(cfg)
 
 
 def train(cfg: Config) -> TrainResult:
