@@ -277,15 +277,22 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
 
 
 @pytest.mark.e2e
-def test_worked_example_shortened_rm_accuracy_and_dpo_gain(tmp_path):
+def test_worked_example_shortened_rm_accuracy_dpo_rejection_and_ppo_gains(tmp_path):
     sys.path.insert(0, str(REPO / "experiments"))
     try:
         import rlhf_example
     finally:
         sys.path.remove(str(REPO / "experiments"))
-    results = rlhf_example.run(tmp_path, scale=0.3, stages=("rm", "dpo"))
+    results = rlhf_example.run(tmp_path, scale=0.3, stages=("rm", "dpo", "rejection", "ppo"))
     report = rlhf_example.report(results)
     assert results["rm/accuracy_separated"] >= 0.9, report
     assert results["dpo/true_reward"] >= results["sft/true_reward"] + 0.1, report
     assert results["dpo/rm_score"] > results["sft/rm_score"], report
     assert 0 < results["dpo/kl_per_token"] < 1.0, report
+    # measured at this scale: best of 8 0.27 vs 0.20 over all samples; fine-tuned on the best 0.24 -> 0.28
+    assert results["rejection/best_of_k_true_reward"] > results["rejection/samples_true_reward"] + 0.03, report
+    assert results["rejection/true_reward"] > results["sft/true_reward"], report
+    # measured: 0.24 -> 0.39 true reward, 0.33 nats of KL per reply token
+    assert results["ppo/true_reward"] >= results["sft/true_reward"] + 0.1, report
+    assert results["ppo/rm_score"] > results["sft/rm_score"], report
+    assert 0 < results["ppo/kl_per_token"] < 2.0, report

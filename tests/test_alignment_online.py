@@ -98,6 +98,42 @@ def tiny(tokenizer_1k):
     return Llama(cfg, rngs=nnx.Rngs(0)), tok
 
 
+def test_lora_ppo_trains_adapters_and_value_head_against_the_base_with_adapters_off():
+    """Under LoRA the reference is the frozen base (KL exactly 0 before any update); a step moves the adapters and
+    the value head and leaves the base weights as they were."""
+    from llama_jax.config import Config, LoraConfig, PpoConfig
+    from llama_jax.lora import LoRAParam
+    from llama_jax.sharding import make_mesh
+
+    model_cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    cfg = Config(model=model_cfg, lora=LoraConfig(rank=4, targets=["q", "v"]),
+                 ppo=PpoConfig(batch_size=8, minibatch_size=8, lr=1e-2, critic="separate"))
+    mesh = make_mesh(cfg.mesh)
+    trainer = ppo.PpoTrainer(cfg, mesh, Llama(model_cfg, rngs=nnx.Rngs(0)))
+    state = trainer.init_state()
+    tokens = RNG.integers(1, 64, (8, 12)).astype(np.int32)
+    mask = np.zeros((8, 11), np.float32)
+    mask[:, 4:] = 1
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(11, dtype=np.int32),
+             (8, 1)), "segment_ids": np.ones((8, 11), np.int32), "mask": mask}
+    prepared = jax.device_get(trainer.prepare(state, trainer.put(batch), jnp.asarray(RNG.uniform(0.1, 0.9, 8))))
+    np.testing.assert_allclose(prepared["kl"], 0.0, atol=1e-6)
+    before = jax.device_get(state.params)
+    base = jax.device_get(nnx.to_flat_state(trainer.frozen))
+    rows = {**batch, **{k: prepared[k] for k in ("old_logp", "old_values", "returns", "advantages")}}
+    state, metrics = trainer.train_step(state, trainer.put(rows))
+    assert np.isfinite(metrics["policy_loss"]) and float(metrics["clip_fraction"]) == 0.0
+    after = jax.device_get(state.params)
+    kinds = {type(v).__name__ for _, v in nnx.to_flat_state(after)}
+    assert kinds == {"LoRAParam", "ValueParam"}  # only adapters (policy and critic) and the value head train
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in
+             zip(nnx.to_flat_state(before), nnx.to_flat_state(after))]
+    assert sum(moved) >= len(moved) // 2
+    for (_, a), (_, b) in zip(base, nnx.to_flat_state(jax.device_get(trainer.frozen))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert issubclass(ppo.ValueParam, nnx.Param) and not issubclass(ppo.ValueParam, LoRAParam)
+
+
 PROMPTS = ("ROMEO:", "JULIET:", "What say you, my lord", "Enter the king")
 
 
@@ -280,3 +316,12 @@ def test_align_rejection_and_gatt_commands(tmp_path, monkeypatch):
         users = [m["content"] for m in record["messages"] if m["role"] == "user"]
         assert users[0].startswith(record["instruction"]) and users[1:] in ([], ["And Rome?"])
         assert any(encode_record(record, tok)[1])
+
+
+@pytest.mark.e2e
+def test_bench_rollout_reports_rollout_and_train_rates(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    from bench_rollout import bench
+
+    rates = bench("tiny", batch=8, prompt_len=8, new_tokens=8, repeats=1)
+    assert len(rates) == 3 and all(np.isfinite(r) and r > 0 for r in rates.values()), rates

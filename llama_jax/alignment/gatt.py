@@ -143,6 +143,8 @@ def read_dialogs(spec: str) -> list[list[Message]]:
 
 @dataclass
 class GattResult:
+    """Where `gatt` wrote its records, and how many it made of how many dialogs."""
+
     output: str
     dialogs: int
     records: int

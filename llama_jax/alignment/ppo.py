@@ -183,6 +183,7 @@ class PpoTrainer:
         # The reference: a plain Llama on the initial weights (under LoRA, the frozen base itself: no copy).
         plain, base = nnx.split(policy)
         self.reference_graphdef = plain
+        base = jax.device_put(base, state_shardings(base, mesh))
         self.reference = base if self.lora else _copy(base)
         critic = None if self.ppo.critic == "shared" else nnx.merge(plain, _copy(base))
         if self.lora:
