@@ -48,7 +48,7 @@ def test_loss_scale_setting_resolves():
 
 
 def test_injected_overflow_skips_the_update_lowers_the_scale_and_training_goes_on(fp16, init_params):  # noqa: F811
-    state = with_scale(fp16.init_state(init_params), 2.0**30)  # far past fp16's 65504: the gradients overflow
+    state = with_scale(fp16.init_state(init_params), 2.0**26)  # far past fp16's 65504: the gradients overflow
     losses, overflows = [], 0
     for batch in batches(12):
         before, scale = host((state.params, state.opt_state.inner)), float(state.opt_state.scale)
@@ -64,7 +64,7 @@ def test_injected_overflow_skips_the_update_lowers_the_scale_and_training_goes_o
         else:
             assert not all(np.array_equal(old, new) for old, new in zip(before, after))  # the moments moved
             losses.append(float(metrics["loss"]))
-    assert 2 <= overflows <= 12 and len(losses) >= 4  # each overflow halved the scale once (regrowth may overflow)
+    assert overflows >= 2 and len(losses) >= 4, (overflows, losses)  # regrowth may overflow again
     assert int(state.opt_state.skipped) == overflows
     assert losses[-1] < losses[0] - 0.5, losses  # and training went on
 
