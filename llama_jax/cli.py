@@ -185,6 +185,15 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                         "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    def distill(cfg: Any) -> Any:
+        from llama_jax.training.distill import distill
+        return distill(cfg)
+    _add_config_command(sub, "distill", "knowledge distillation: train a small student on a frozen teacher's soft "
+                        "targets", "experiments/configs/distill_shakespeare.yaml",
+                        "distill.teacher=DIR distill.temperature=2", distill)
+
+
 def _align_reward(cfg: Any) -> Any:
     from llama_jax.alignment.reward import train_reward_model
     return train_reward_model(cfg)
@@ -331,7 +340,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
-            _add_train, _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+            _add_train, _add_finetune, _add_distill, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval,
+            _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

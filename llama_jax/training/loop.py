@@ -39,7 +39,9 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
-STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite")  # the rest come from the objective
+LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged as of the last step when optim.loss_scale is on
+STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite", "overflow", *LOSS_SCALE_METRICS)  # the rest come
+# from the objective
 
 
 @dataclass
@@ -237,7 +239,8 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
                     objective = {k: finite_mean(fetched, k) for k in last if k not in STEP_METRICS}
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
-                                      "nonfinite_skips": guard.skipped, **objective})
+                                      "nonfinite_skips": guard.skipped, **objective,
+                                      **{k: float(last[k]) for k in LOSS_SCALE_METRICS if k in last}})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)
