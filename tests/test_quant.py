@@ -1,6 +1,7 @@
 """Weight-only quantization: NumPy-exact quantizer, logits and bits per byte near float, exact checkpoint round trip,
 quantized generation, and QLoRA (adapters trained over a frozen int8 base)."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -124,8 +125,11 @@ def test_generate_cli_quant_flag(tmp_path, capsys):
     assert capsys.readouterr().out == "The cat" + expected + "\n"
 
 
+QLORA_CFG = dataclasses.replace(CFG, n_layers=1)  # one layer: half the train step's compile time
+
+
 def _qlora_trainer(mode: str) -> tuple[Trainer, Config]:
-    cfg = Config(model=CFG, lora=LoraConfig(rank=4, alpha=8.0, targets=[".*"]))
+    cfg = Config(model=QLORA_CFG, lora=LoraConfig(rank=4, alpha=8.0, targets=[".*"]))
     cfg.execution = ExecutionConfig(quant=mode, quant_group_size=16)
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps = 1e-2, 0, 20
     return Trainer(cfg, make_mesh(cfg.mesh)), cfg
@@ -139,7 +143,7 @@ def test_qlora_trains_adapters_only_over_a_frozen_int8_base():
     assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(state.params))
     assert jnp.dtype("int8") in {x.dtype for x in jax.tree.leaves(trainer.abstract_frozen())}
 
-    base = quant.quantize_model(Llama(CFG, rngs=nnx.Rngs(0)), "int8")
+    base = quant.quantize_model(Llama(QLORA_CFG, rngs=nnx.Rngs(0)), "int8")
     frozen_before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(base, quant.QuantizedParam))]
     train_state = trainer.init_state(base)
     rows = jnp.asarray(np.tile(np.arange(17) % 11 + 3, (4, 1)), jnp.int32)  # a pattern to memorise
