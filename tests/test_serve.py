@@ -211,3 +211,41 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
     for r in rows:
         requests_per_s, tokens_per_s, p50, p99 = map(float, r[2:6])
         assert requests_per_s > 0 and 0 < tokens_per_s <= 4.05 * requests_per_s and p99 >= p50 > 0
+
+
+def test_requests_join_a_running_batch_and_match_generate(live):
+    """Continuous batching: requests submitted while another decodes join it at the next step (they finish first,
+    not after it), past a window shift; every greedy output still equals `generate`'s."""
+    engine = Engine(live.model, live.tok, BatchingConfig(max_batch=4, batch_wait_ms=0)).start()
+    prompts = ["Water boils", "The cat sat on the mat and", "Paris", "Once upon a time there was"]
+    max_tokens = [40, 12, 20, 40]  # 80 steps of the long ones: past the shift at 64
+    texts, done, jobs, order = [[] for _ in prompts], [threading.Event() for _ in prompts], {}, []
+    joins = {1: 3, 2: 8}  # request 1 arrives once the long request 0 has decoded 3 tokens, request 2 after 8
+
+    def job(i: int) -> Job:
+        ids = live.tok.encode(prompts[i], bos=True)
+
+        def emit(event) -> None:
+            texts[i].append(event.text)
+            for j, after in joins.items():  # runs on the engine thread, between steps
+                if i == 0 and j not in jobs and jobs[0].tokens >= after:
+                    engine.submit(job(j))
+            if event.finish_reason is not None:
+                order.append(i)
+                done[i].set()
+                if i == 0:
+                    engine.submit(job(3))  # alone after the others: its steps pass the window shift
+
+        jobs[i] = Job(ids, max_tokens[i], emit, context=tuple(ids[-1:]))
+        return jobs[i]
+
+    try:
+        engine.submit(job(0))
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.close()
+    assert order == [1, 2, 0, 3] and engine.batches == 4
+    ids = [live.tok.encode(prompt, bos=True) for prompt in prompts]
+    want = generate(live.model, ids, max_new_tokens=max(max_tokens), eos_id=live.tok.eos_id)  # one compile
+    for i, prompt in enumerate(prompts):
+        assert "".join(texts[i]) == continuation(live.tok, ids[i][-1:], want[i][:max_tokens[i]]), prompt

@@ -1,27 +1,43 @@
-"""Dynamic batching: requests that arrive within a short window decode together in one jitted `generate` call.
+"""Continuous batching: requests join the running decode batch at step boundaries, into free slots of one KV cache.
 
-One engine thread owns the model. It takes the oldest waiting request, waits up to `batch_wait_ms` for more that can
-share its batch (same sampling settings, and every member's `max_tokens` still fits the context beside the longest
-prompt), pads the batch to a power of two (so it compiles once per size bucket) and streams each row's tokens out as
-text. A request whose client has gone is dropped from the waiting queue at once, stops receiving tokens while its
-batch runs, and the batch ends early once every real row is finished, cancelled or stopped by a stop sequence.
+One engine thread owns the model and a cache of `max_batch` rows (slots) by `max_seq_len + SHIFT` columns. Each
+decode step feeds every busy slot's last token at one shared column `index` (the write position `Llama` takes from a
+`KVCache`) and samples each slot's next token with that request's own temperature / top_p / seed, in one jitted call.
+Between steps, waiting requests take free slots: their prompts are prefilled together in one pass (left-padded to a
+bucketed length, as `generate` does) and their keys/values are copied into their slots so that they end just before
+`index`. A slot's positions count from its first column (`pad`) and columns before it are masked: the math
+`generate` does for a left-padded row, so greedy outputs are the same. A slot frees the moment its request ends
+(EOS, max_tokens, a stop sequence) or its client leaves; while idle, a new request waits up to `batch_wait_ms` for
+company so that a burst is prefilled together.
+
+Columns never run out: `index` starts at `max_seq_len` (any prompt fits before it) and on reaching the end of the
+window every slot shifts left by SHIFT columns; no request is longer than `max_seq_len`, so each busy slot starts
+more than SHIFT columns in. Steps run on the first `bucket(highest busy slot + 1)` slots only (slots are handed out
+lowest first), so a lone request does not pay for 32 rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from llama_jax.inference.generate import PAD, bucket, generate
+from llama_jax.inference.cache import init_cache
+from llama_jax.inference.generate import MIN_PROMPT_BUCKET, bucket, forward_padded, left_pad, model_mesh
+from llama_jax.inference.sampling import sample_rows
 from llama_jax.inference.stops import StopStream
 from llama_jax.inference.text import TextStream
-from llama_jax.model import Llama
+from llama_jax.model import KVCache, Llama
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -29,7 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """max_batch rows decode together; at most max_queue requests wait; a batch forms within batch_wait_ms."""
+    """max_batch slots decode together; at most max_queue requests wait; an idle engine waits batch_wait_ms for a
+    burst to prefill together."""
 
     max_batch: int = 32
     max_queue: int = 64
@@ -72,17 +89,11 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     tokens: int = 0
-    text: TextStream | None = None  # ids -> text, set by the engine when the job's batch starts
+    text: TextStream | None = None  # ids -> text, set by the engine when the job takes a slot
     _stop: StopStream = field(init=False)
 
     def __post_init__(self) -> None:
         self._stop = StopStream(self.stops)
-        if self.temperature == 0.0:
-            self.top_p = 1.0  # irrelevant when greedy; lets every greedy request share a batch
-
-    @property
-    def sampling_key(self) -> tuple[float, float]:
-        return self.temperature, self.top_p
 
     def piece(self, text: str) -> None:
         if self.finished:
@@ -92,6 +103,18 @@ class Job:
             self._end(released, "stop")
         elif released:
             self.emit(Event(text=released))
+
+    def take(self, token: int, eos: int) -> None:
+        """The next sampled token: end at EOS or max_tokens, else stream its text (a cancelled job just ends)."""
+        if self.cancelled:
+            self.finished = True
+        elif token == eos:
+            self.finish("stop")
+        else:
+            self.tokens += 1
+            self.text.push(token)
+            if self.tokens >= self.max_tokens:
+                self.finish("length")
 
     def finish(self, reason: str) -> None:
         """No more tokens: flush held-back text (which may still complete a stop sequence) and send the end."""
@@ -105,6 +128,77 @@ class Job:
         self.emit(Event(text=text, finish_reason=reason, completion_tokens=self.tokens))
 
 
+SHIFT = 64  # columns dropped at once when the window is full: one cache copy per 64 steps
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Slots:
+    """The device side of the engine: the shared cache and, per slot, what the next step needs."""
+
+    cache: KVCache  # [layers, slots, max_seq_len + SHIFT, kv_heads, head_dim]; index = the shared write column
+    token: jax.Array  # [slots] last sampled token
+    pad: jax.Array  # [slots] first column of the slot's request (earlier columns are masked)
+    temperature: jax.Array  # [slots] float32, 0 = greedy
+    top_p: jax.Array  # [slots] float32
+    key: jax.Array  # [slots] PRNG keys, split every step
+
+
+def _rows(slots: Slots, n: int) -> Slots:
+    """The first `n` slots (the cache's batch axis is its second)."""
+    cache = KVCache(slots.cache.k[:, :n], slots.cache.v[:, :n], slots.cache.index)
+    return Slots(cache, slots.token[:n], slots.pad[:n], slots.temperature[:n], slots.top_p[:n], slots.key[:n])
+
+
+def _sample(slots: Slots, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's next token from `[rows, vocab]` logits, and the rows' advanced keys."""
+    keys = jax.vmap(jax.random.split)(slots.key)
+    return sample_rows(logits, keys[:, 1], slots.temperature, slots.top_p), keys[:, 0]
+
+
+def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, rows: int) -> tuple[Slots, jax.Array]:
+    """One decode step for the first `rows` slots: feed their last tokens at `index`, sample the next ones."""
+    model: Llama = nnx.merge(graphdef, params)
+    part = _rows(slots, rows)
+    logits, cache = forward_padded(model, part.token[:, None], part.pad, part.cache)
+    token, key = _sample(part, logits[:, 0])
+    k, v = slots.cache.k.at[:, :rows].set(cache.k), slots.cache.v.at[:, :rows].set(cache.v)
+    return Slots(KVCache(k, v, cache.index), slots.token.at[:rows].set(token), slots.pad, slots.temperature,
+                 slots.top_p, slots.key.at[:rows].set(key)), token
+
+
+def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, pad: jax.Array, rows: jax.Array,
+           temperature: jax.Array, top_p: jax.Array, seed: jax.Array) -> tuple[Slots, jax.Array]:
+    """Prefill left-padded prompts `[n, P]` and place them in slots `rows` (out of range = a filler row, dropped),
+    ending at column `index - 1`; return the slots and each prompt's first sampled token."""
+    model: Llama = nnx.merge(graphdef, params)
+    n, length = tokens.shape
+    logits, fresh = forward_padded(model, tokens, pad, init_cache(model.cfg, n, length, model.execution.dtype))
+    new = Slots(fresh, tokens[:, -1], pad, temperature, top_p, jax.vmap(jax.random.key)(seed))
+    token, key = _sample(new, logits[:, -1])
+    index = slots.cache.index
+    cols = index - length + jnp.arange(length)
+    place = (slice(None), rows[:, None], cols[None, :])
+    cache = KVCache(slots.cache.k.at[place].set(fresh.k, mode="drop"),
+                    slots.cache.v.at[place].set(fresh.v, mode="drop"), index)
+    return Slots(cache, *(old.at[rows].set(value, mode="drop") for old, value in
+                          ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, temperature),
+                           (slots.top_p, top_p), (slots.key, key)))), token
+
+
+def _shift(slots: Slots) -> Slots:
+    """Drop the first SHIFT columns of every slot (no busy slot uses them) and move everything left."""
+    cache = slots.cache
+    k, v = (jnp.concatenate([x[:, :, SHIFT:], jnp.zeros_like(x[:, :, :SHIFT])], axis=2) for x in (cache.k, cache.v))
+    return Slots(KVCache(k, v, cache.index - SHIFT), slots.token, slots.pad - SHIFT, slots.temperature, slots.top_p,
+                 slots.key)
+
+
+step_jit = jax.jit(_step, static_argnames=("rows",), donate_argnames=("slots",))
+admit_jit = jax.jit(_admit, donate_argnames=("slots",))
+shift_jit = jax.jit(_shift, donate_argnames=("slots",))
+
+
 class Engine:
     """Owns the model and the decode thread; `submit` is safe to call from any thread."""
 
@@ -113,8 +207,8 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self.running = 0  # rows of the batch now decoding
-        self.batches = 0  # batches decoded so far, and the requests they held (their ratio = mean batch size)
+        self._busy: list[Job | None] = [None] * config.max_batch  # the request in each slot
+        self.batches = 0  # prefill passes so far, and the requests they admitted (their ratio = mean group size)
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
 
@@ -132,6 +226,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Requests decoding now."""
+        return sum(job is not None and not job.finished for job in self._busy)
+
     def submit(self, job: Job) -> None:
         with self._cv:
             if len(self._waiting) >= self.config.max_queue:
@@ -141,84 +240,96 @@ class Engine:
             self._cv.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client left: free its waiting slot now, or stop its row at the next decode step."""
+        """The client left: free its waiting place now, or its slot at the next step boundary."""
         job.cancelled = True
         with self._cv:
             if job in self._waiting:
                 self._waiting.remove(job)
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self.running = len(batch)
-            self.batches += 1
-            self.batched_requests += len(batch)
-            try:
-                self._decode(batch)
-            except Exception as err:  # one bad batch must not take the server down
-                log.exception("decode failed")
-                for job in batch:
-                    if not job.finished:
-                        job.finished = True
-                        job.emit(Event(error=f"generation failed: {err}"))
-            self.running = 0
+        graphdef, params = nnx.split(self.model)
+        mesh = model_mesh(params)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            slots, index = self._empty_slots(), self.model.cfg.max_seq_len
+            while True:
+                joining = self._admissions()
+                if joining is None:
+                    return
+                try:
+                    if joining:
+                        slots = self._prefill(graphdef, params, slots, joining)
+                    if self.running:
+                        if index == self.model.cfg.max_seq_len + SHIFT:
+                            slots, index = shift_jit(slots), index - SHIFT
+                        slots = self._decode(graphdef, params, slots)
+                        index += 1
+                except Exception as err:  # one failed step must not take the server down
+                    log.exception("decode failed")
+                    self._fail_all(f"generation failed: {err}")
+                    slots, index = self._empty_slots(), self.model.cfg.max_seq_len
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job plus compatible ones that arrive within the wait window; None once closed."""
+    def _empty_slots(self) -> Slots:
+        cfg, n = self.model.cfg, self.config.max_batch
+        cache = init_cache(cfg, n, cfg.max_seq_len + SHIFT, self.model.execution.dtype)
+        cache = KVCache(cache.k, cache.v, jnp.int32(cfg.max_seq_len))
+        return Slots(cache, jnp.zeros((n,), jnp.int32), jnp.full((n,), cfg.max_seq_len, jnp.int32),
+                     jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32), jax.vmap(jax.random.key)(jnp.arange(n)))
+
+    def _admissions(self) -> list[tuple[int, Job]] | None:
+        """Waiting jobs paired with the free slots they take (lowest first); blocks while idle; None once closed."""
         with self._cv:
-            while not self._waiting and not self._closed:
+            for slot, job in enumerate(self._busy):
+                if job is not None and (job.finished or job.cancelled):
+                    job.finished = True
+                    self._busy[slot] = None
+            idle = not self.running
+            while idle and not self._waiting and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
-            batch = [self._waiting.popleft()]
-            while True:
-                self._take_compatible(batch)
-                remaining = deadline - time.monotonic()
-                if len(batch) >= self.config.max_batch or remaining <= 0:
-                    return batch
-                self._cv.wait(remaining)
+            if idle:  # a burst that is arriving now prefills together
+                deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+                while len(self._waiting) < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(left)
+            free = [slot for slot, job in enumerate(self._busy) if job is None]
+            joining = [(slot, self._waiting.popleft()) for slot in free[:len(self._waiting)]]
+            for slot, job in joining:
+                self._busy[slot] = job
+            return joining
 
-    def _take_compatible(self, batch: list[Job]) -> None:
-        """Move waiting jobs that fit `batch` into it (the caller holds the lock)."""
-        for job in list(self._waiting):
-            if len(batch) >= self.config.max_batch:
-                break
-            if job.sampling_key == batch[0].sampling_key and self._fits(batch + [job]):
-                self._waiting.remove(job)
-                batch.append(job)
-
-    def _fits(self, jobs: Sequence[Job]) -> bool:
-        """generate() caps new tokens at context - longest prompt; no member may lose tokens to a longer one."""
-        room = self.model.cfg.max_seq_len - max(len(j.prompt) for j in jobs)
-        return all(j.max_tokens <= room for j in jobs)
-
-    def _decode(self, batch: list[Job]) -> None:
-        eos = self.tokenizer.eos_id
-        for job in batch:
+    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[tuple[int, Job]]) -> Slots:
+        """Prefill the joining prompts in one pass (rows and length bucketed) and stream their first tokens."""
+        max_seq_len = self.model.cfg.max_seq_len
+        length = min(bucket(max(len(job.prompt) for _, job in joining), MIN_PROMPT_BUCKET), max_seq_len)
+        n = bucket(len(joining), 1)
+        fill = n - len(joining)
+        tokens, pad = left_pad([job.prompt for _, job in joining] + [[self.tokenizer.bos_id]] * fill, length)
+        rows = np.array([slot for slot, _ in joining] + [self.config.max_batch] * fill, np.int32)
+        settings = np.array([(job.temperature, job.top_p) for _, job in joining] + [(0.0, 1.0)] * fill, np.float32)
+        seeds = np.array([job.seed or 0 for _, job in joining] + [0] * fill, np.uint32)
+        slots, first = admit_jit(graphdef, params, slots, tokens, pad, rows, settings[:, 0], settings[:, 1], seeds)
+        self.batches += 1
+        self.batched_requests += len(joining)
+        for _, job in joining:
+            job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
             job.text = TextStream(self.tokenizer, job.piece, job.context)
-        rows = bucket(len(batch), 1)
-        prompts = [job.prompt for job in batch] + [[self.tokenizer.bos_id]] * (rows - len(batch))
+        for (_, job), token in zip(joining, np.asarray(first).tolist()):
+            job.take(token, self.tokenizer.eos_id)
+        return slots
 
-        def on_step(tokens: np.ndarray) -> bool:
-            for job, token in zip(batch, tokens.tolist()):
-                if job.finished or token == PAD:
-                    continue
-                if job.cancelled:
+    def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots) -> Slots:
+        """One step for every busy slot; a slot whose job ends is freed at the next boundary."""
+        highest = max(slot for slot, job in enumerate(self._busy) if job is not None and not job.finished)
+        slots, tokens = step_jit(graphdef, params, slots, rows=min(bucket(highest + 1, 1), self.config.max_batch))
+        for job, token in zip(self._busy, np.asarray(tokens).tolist()):
+            if job is not None and not job.finished:
+                job.take(token, self.tokenizer.eos_id)
+        return slots
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            for slot, job in enumerate(self._busy):
+                if job is not None and not job.finished:
                     job.finished = True
-                elif token == eos:
-                    job.finish("stop")
-                else:
-                    job.tokens += 1
-                    job.text.push(token)
-                    if not job.finished and job.tokens >= job.max_tokens:
-                        job.finish("length")
-            return all(job.finished for job in batch)
-
-        generate(self.model, prompts, max_new_tokens=max(job.max_tokens for job in batch),
-                 temperature=batch[0].temperature, top_p=batch[0].top_p, eos_id=eos, seed=batch[0].seed,
-                 stream=on_step)
-        for job in batch:
-            job.finish("length")
+                    job.emit(Event(error=message))
+                self._busy[slot] = None
