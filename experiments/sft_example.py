@@ -30,6 +30,7 @@ from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.finetune import finetune
+from llama_jax.training.loop import TrainResult
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sft_reverse.yaml"
 WORDS = ("apple river stone cloud tiger lemon piano rocket garden silver candle forest violin marble copper "
@@ -62,12 +63,12 @@ def accuracy(model: Llama, tokenizer: Tokenizer, records: list[dict]) -> float:
 VARIANTS = {"full": (), "lora": ("lora.rank=8", "lora.alpha=16", "lora.targets=[.*]")}
 
 
-def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
-    """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
+def make_data(out: Path, n_train: int, n_test: int = 100) -> tuple[dict[str, str], list[dict], Tokenizer]:
+    """The task's JSONL files (chat `train` / `valid`, plain-text `text` for the base), held-out test records, a
+    tokenizer trained on them, and the random init `out/random` the base starts from."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    n_train = max(64, int(2000 * scale))
-    train, valid, test = task(rng, n_train), task(rng, 64), task(rng, 100)
+    train, valid, test = task(rng, n_train), task(rng, 64), task(rng, n_test)
     text = [{"text": f"{' '.join(w)} backwards is {' '.join(reversed(w))}"}
             for w in (list(rng.choice(WORDS, 3, replace=False)) for _ in range(2 * n_train))]
     files = {name: write_jsonl(out / f"{name}.jsonl", recs)
@@ -76,21 +77,30 @@ def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANT
     corpus += [t["text"] for t in text]
     tokenizer = Tokenizer.train(iter(corpus), MODEL.vocab_size, out / "tokenizer", overwrite=True)
     save_pretrained(Llama(MODEL, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    return files, test, tokenizer
 
-    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, object]:
-        overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={files['valid']}",
-                     f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
-                     f"finetune.epochs={epochs}", *extra]
-        start = time.perf_counter()
-        result = finetune(load_config(CONFIG, overrides))
-        return time.perf_counter() - start, result
 
-    tune("base", str(out / "random"), files["text"], max(1.0, 4 * scale))
+def tune(out: Path, files: dict[str, str], name: str, init_from: str, data: str, epochs: float,
+         *extra: str) -> tuple[float, TrainResult]:
+    """Fine-tune `init_from` on the JSONL `data` into the run `out/name`; (seconds, result)."""
+    overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={files['valid']}",
+                 f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
+                 f"finetune.epochs={epochs}", *extra]
+    start = time.perf_counter()
+    result = finetune(load_config(CONFIG, overrides))
+    return time.perf_counter() - start, result
+
+
+def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
+    """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
+    n_train = max(64, int(2000 * scale))
+    files, test, tokenizer = make_data(out, n_train)
+    tune(out, files, "base", str(out / "random"), files["text"], max(1.0, 4 * scale))
     base = load_pretrained(out / "base")
     results = {"base": {"accuracy": accuracy(base, tokenizer, test)}}
     epochs = max(1.0, 6 * scale)
     for name in variants:
-        seconds, result = tune(name, str(out / "base"), files["train"], epochs, *VARIANTS[name])
+        seconds, result = tune(out, files, name, str(out / "base"), files["train"], epochs, *VARIANTS[name])
         state = result.state
         model = _tuned(result.run_dir, out / "base", lora=bool(VARIANTS[name]))
         trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
