@@ -13,6 +13,7 @@ prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -76,7 +77,9 @@ def make_data(out: Path, n_train: int, n_test: int = 100) -> tuple[dict[str, str
     corpus = [f"[INST] {m['messages'][0]['content']} [/INST] {m['messages'][1]['content']}" for m in train]
     corpus += [t["text"] for t in text]
     tokenizer = Tokenizer.train(iter(corpus), MODEL.vocab_size, out / "tokenizer", overwrite=True)
-    save_pretrained(Llama(MODEL, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    # a small corpus (the notebook's test settings) yields fewer pieces; the model must not emit ids beyond them
+    architecture = dataclasses.replace(MODEL, vocab_size=tokenizer.vocab_size)
+    save_pretrained(Llama(architecture, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
     return files, test, tokenizer
 
 

@@ -10,11 +10,13 @@ so greedy outputs are the same. A slot frees the moment its request ends (EOS, m
 client leaves; while idle, a new request waits up to `batch_wait_ms` for company so that a burst prefills together.
 
 Columns (`Window`): the cache is as wide as the longest request needs (prompt bucket + max_tokens, rounded up to a
-power of two) plus a quarter of that spare, because each decode step reads every column (on CPU a window of
-max_seq_len + 64 made the stories15m step 4x slower than one of 160 columns). `index` starts at `need`, so any prompt fits before it; on reaching
-the end, every slot shifts left by the spare columns, which no busy slot still uses. A joiner needing more columns
-grows the window on the left; an idle engine starts afresh. Steps run on the first `bucket(highest busy slot + 1)`
-slots only (slots are handed out lowest first), so a lone request does not pay for 32 rows.
+power of two) plus a quarter of that spare, because each decode step reads every column (stories15m on CPU: a
+32-row step over 320 columns took 1.9x as long as over 160). `index` starts at `need`, so any prompt fits before it;
+on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses. A joiner needing
+more columns grows the window on the left; an idle engine starts afresh. Steps run on the first
+`bucket(highest busy slot + 1)` slots only (slots are handed out lowest first; the cache grows and shrinks by
+whole rows, because slicing rows out of a larger cache each step cost more than stepping all of them), so a lone
+request does not pay for 32 rows.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class Job:
 @dataclass(frozen=True)
 class Window:
     """The cache's columns: room for requests needing up to `need` columns (prompt bucket + max_tokens), plus
-    `shift` spare ones; the shared write column `index` stays in [need, need + shift)."""
+    `shift` spare ones; the shared write column `index` stays in [need, width]."""
 
     need: int
 
@@ -162,12 +164,6 @@ class Slots:
     key: jax.Array  # [slots] PRNG keys, split every step
 
 
-def _rows(slots: Slots, n: int) -> Slots:
-    """The first `n` slots (the cache's batch axis is its second)."""
-    cache = KVCache(slots.cache.k[:, :n], slots.cache.v[:, :n], slots.cache.index)
-    return Slots(cache, slots.token[:n], slots.pad[:n], slots.temperature[:n], slots.top_p[:n], slots.key[:n])
-
-
 def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, jax.Array]:
     """Each row's next token from `[rows, vocab]` logits, and the rows' advanced keys. `sampled` False (every row
     greedy) skips the sort and random draws over the vocabulary (on CPU they doubled a 32-row stories15m step)."""
@@ -177,15 +173,12 @@ def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, 
     return sample_rows(logits, keys[:, 1], slots.temperature, slots.top_p), keys[:, 0]
 
 
-def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, rows: int, sampled: bool) -> tuple[Slots, jax.Array]:
-    """One decode step for the first `rows` slots: feed their last tokens at `index`, sample the next ones."""
+def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> tuple[Slots, jax.Array]:
+    """One decode step for every slot: feed the last tokens at `index`, sample the next ones."""
     model: Llama = nnx.merge(graphdef, params)
-    part = _rows(slots, rows)
-    logits, cache = forward_padded(model, part.token[:, None], part.pad, part.cache)
-    token, key = _sample(part, logits[:, 0], sampled)
-    k, v = slots.cache.k.at[:, :rows].set(cache.k), slots.cache.v.at[:, :rows].set(cache.v)
-    return Slots(KVCache(k, v, cache.index), slots.token.at[:rows].set(token), slots.pad, slots.temperature,
-                 slots.top_p, slots.key.at[:rows].set(key)), token
+    logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache)
+    token, key = _sample(slots, logits[:, 0], sampled)
+    return Slots(cache, token, slots.pad, slots.temperature, slots.top_p, key), token
 
 
 def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, pad: jax.Array, rows: jax.Array,
@@ -207,19 +200,28 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
                            (slots.top_p, top_p), (slots.key, key)))), token
 
 
-def _recolumn(slots: Slots, start: int, width: int) -> Slots:
-    """Columns [start, start + width) of every slot, zeros where that leaves the old window (start < 0 grows it on
-    the left); positions are unchanged because `pad` and `index` move with the columns."""
-    old = slots.cache.k.shape[2]
-    fill = ((0, 0), (0, 0), (max(0, -start), max(0, start + width - old)), (0, 0), (0, 0))
-    k, v = (jnp.pad(x, fill)[:, :, max(0, start):max(0, start) + width] for x in (slots.cache.k, slots.cache.v))
-    return Slots(KVCache(k, v, slots.cache.index - start), slots.token, slots.pad - start, slots.temperature,
-                 slots.top_p, slots.key)
+def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
+    """The first `rows` slots (new ones empty) and columns [start, start + width) of each, zeros where that leaves
+    the old window (start < 0 grows it on the left); positions are unchanged: `pad` and `index` move along."""
+    old_rows, old_width = slots.token.shape[0], slots.cache.k.shape[2]
+    add = max(0, rows - old_rows)
+    fill = ((0, 0), (0, add), (max(0, -start), max(0, start + width - old_width)), (0, 0), (0, 0))
+    k, v = (jnp.pad(x, fill)[:, :rows, max(0, start):max(0, start) + width] for x in (slots.cache.k, slots.cache.v))
+    index = slots.cache.index - start
+
+    def rows_of(x: jax.Array, empty: jax.Array) -> jax.Array:
+        return jnp.concatenate([x, empty])[:rows]
+
+    return Slots(KVCache(k, v, index), rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
+                 rows_of(slots.pad - start, jnp.full((add,), index, jnp.int32)),
+                 rows_of(slots.temperature, jnp.zeros((add,), jnp.float32)),
+                 rows_of(slots.top_p, jnp.ones((add,), jnp.float32)),
+                 rows_of(slots.key, jax.vmap(jax.random.key)(jnp.arange(add))))
 
 
-step_jit = jax.jit(_step, static_argnames=("rows", "sampled"), donate_argnames=("slots",))
+step_jit = jax.jit(_step, static_argnames=("sampled",), donate_argnames=("slots",))
 admit_jit = jax.jit(_admit, static_argnames=("sampled",), donate_argnames=("slots",))
-recolumn_jit = jax.jit(_recolumn, static_argnames=("start", "width"))
+resize_jit = jax.jit(_resize, static_argnames=("rows", "start", "width"))
 
 
 class Engine:
@@ -279,12 +281,14 @@ class Engine:
                 if joining is None:
                     return
                 try:
+                    if joining or self.running:
+                        slots, window, index = self._fit(slots, window, index, joining)
                     if joining:
-                        slots, window, index = self._make_room(slots, window, index, joining)
                         slots = self._prefill(graphdef, params, slots, joining)
                     if self.running:
                         if index == window.width:
-                            slots = recolumn_jit(slots, start=window.shift, width=window.width)
+                            slots = resize_jit(slots, rows=slots.token.shape[0], start=window.shift,
+                                               width=window.width)
                             index -= window.shift
                         slots = self._decode(graphdef, params, slots)
                         index += 1
@@ -293,25 +297,26 @@ class Engine:
                     self._fail_all(f"generation failed: {err}")
                     slots, window, index = None, Window(0), 0
 
-    def _make_room(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
-                   ) -> tuple[Slots, Window, int]:
-        """Slots whose window fits the joining requests: a fresh one when idle, else the current one grown on the
-        left if a joiner needs more columns than it has."""
+    def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
+             ) -> tuple[Slots, Window, int]:
+        """Slots for the busy requests and the joining ones: `bucket(highest busy slot + 1)` rows, and a window as
+        wide as the longest one needs (fresh when idle, else grown on the left, never narrowed while busy)."""
         max_seq_len = self.model.cfg.max_seq_len
         for _, job in joining:
             job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
-        need = max(min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), max_seq_len) + job.max_tokens
-                   for _, job in joining)
+        need = max((min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), max_seq_len) + job.max_tokens
+                    for _, job in joining), default=0)
+        busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
+        rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
         joined = {slot for slot, _ in joining}
-        busy = any(job is not None and not job.finished for slot, job in enumerate(self._busy) if slot not in joined)
-        if not busy and (slots is None or Window.fitting(need) != window):
+        if slots is None or not set(busy) - joined and Window.fitting(need) != window:
             window = Window.fitting(need)
-            return self._empty_slots(window), window, window.need
-        if need <= window.need:
-            return slots, window, index
-        grown = Window.fitting(need)
+            return self._empty_slots(window, rows), window, window.need
+        grown = Window.fitting(need) if need > window.need else window
         extra = grown.width - window.width
-        return recolumn_jit(slots, start=-extra, width=grown.width), grown, index + extra
+        if rows != slots.token.shape[0] or extra:
+            slots, index = resize_jit(slots, rows=rows, start=-extra, width=grown.width), index + extra
+        return slots, grown, index
 
     def _admissions(self) -> list[tuple[int, Job]] | None:
         """Waiting jobs paired with the free slots they take (lowest first); blocks while idle; None once closed."""
@@ -342,7 +347,7 @@ class Engine:
         n = bucket(len(joining), 1)
         fill = n - len(joining)
         tokens, pad = left_pad([job.prompt for _, job in joining] + [[self.tokenizer.bos_id]] * fill, length)
-        rows = np.array([slot for slot, _ in joining] + [self.config.max_batch] * fill, np.int32)
+        rows = np.array([slot for slot, _ in joining] + [slots.token.shape[0]] * fill, np.int32)  # filler: dropped
         settings = np.array([(job.temperature, job.top_p) for _, job in joining] + [(0.0, 1.0)] * fill, np.float32)
         seeds = np.array([job.seed or 0 for _, job in joining] + [0] * fill, np.uint32)
         slots, first = admit_jit(graphdef, params, slots, tokens, pad, rows, settings[:, 0], settings[:, 1], seeds,
@@ -357,16 +362,14 @@ class Engine:
 
     def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots) -> Slots:
         """One step for every busy slot; a slot whose job ends is freed at the next boundary."""
-        busy = [(slot, job) for slot, job in enumerate(self._busy) if job is not None and not job.finished]
-        slots, tokens = step_jit(graphdef, params, slots, rows=min(bucket(busy[-1][0] + 1, 1), self.config.max_batch),
-                                 sampled=any(job.temperature > 0 for _, job in busy))
+        busy = [job for job in self._busy if job is not None and not job.finished]
+        slots, tokens = step_jit(graphdef, params, slots, sampled=any(job.temperature > 0 for job in busy))
         for job, token in zip(self._busy, np.asarray(tokens).tolist()):
             if job is not None and not job.finished:
                 job.take(token, self.tokenizer.eos_id)
         return slots
 
-    def _empty_slots(self, window: Window) -> Slots:
-        n = self.config.max_batch
+    def _empty_slots(self, window: Window, n: int) -> Slots:
         cache = init_cache(self.model.cfg, n, window.width, self.model.execution.dtype)
         return Slots(KVCache(cache.k, cache.v, jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
                      jnp.full((n,), window.need, jnp.int32), jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32),
