@@ -202,7 +202,8 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
     make_tiny_lm(tmp_path)
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_serve.py"), "--tokenizer", str(tmp_path / "tok.model"),
-         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1"],
+         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1",
+         "--warmup-rounds", "1"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 |") or
@@ -210,7 +211,8 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
     assert [int(r[1]) for r in rows] == [1, 4]
     for r in rows:
         requests_per_s, tokens_per_s, p50, p99 = map(float, r[2:6])
-        assert requests_per_s > 0 and 0 < tokens_per_s <= 4.05 * requests_per_s and p99 >= p50 > 0
+        # at most 4 tokens per request; tokens/s is printed rounded to the unit, requests/s to 0.01
+        assert requests_per_s > 0 and 0 < tokens_per_s <= 4 * (requests_per_s + 0.005) + 0.5 and p99 >= p50 > 0
 
 
 def test_requests_join_a_running_batch_and_match_generate(live):

@@ -14,9 +14,9 @@ power of two) plus a quarter of that spare, because each decode step reads every
 32-row step over 320 columns took 1.9x as long as over 160). `index` starts at `need`, so any prompt fits before it;
 on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses. A joiner needing
 more columns grows the window on the left; an idle engine starts afresh. Steps run on the first
-`bucket(highest busy slot + 1)` slots only (slots are handed out lowest first; the cache grows and shrinks by
-whole rows, because slicing rows out of a larger cache each step cost more than stepping all of them), so a lone
-request does not pay for 32 rows.
+`bucket(highest busy slot + 1)` slots only (slots are handed out lowest first; the cache grows by whole rows and
+starts afresh when idle, because slicing rows out of a larger cache each step cost more than stepping all of them),
+so a lone request does not pay for 32 rows.
 """
 
 from __future__ import annotations
@@ -181,23 +181,22 @@ def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> t
     return Slots(cache, token, slots.pad, slots.temperature, slots.top_p, key), token
 
 
-def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, pad: jax.Array, rows: jax.Array,
+def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, pad: jax.Array, row: jax.Array,
            temperature: jax.Array, top_p: jax.Array, seed: jax.Array, sampled: bool) -> tuple[Slots, jax.Array]:
-    """Prefill left-padded prompts `[n, P]` and place them in slots `rows` (out of range = a filler row, dropped),
-    ending at column `index - 1`; return the slots and each prompt's first sampled token."""
+    """Prefill one left-padded prompt `[1, P]` and place it in slot `row`, ending at column `index - 1`; return the
+    slots and the prompt's first sampled token."""
     model: Llama = nnx.merge(graphdef, params)
-    n, length = tokens.shape
-    logits, fresh = forward_padded(model, tokens, pad, init_cache(model.cfg, n, length, model.execution.dtype))
-    new = Slots(fresh, tokens[:, -1], pad, temperature, top_p, jax.vmap(jax.random.key)(seed))
+    length = tokens.shape[1]
+    logits, fresh = forward_padded(model, tokens, pad, init_cache(model.cfg, 1, length, model.execution.dtype))
+    new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
     token, key = _sample(new, logits[:, -1], sampled)
     index = slots.cache.index
-    cols = index - length + jnp.arange(length)
-    place = (slice(None), rows[:, None], cols[None, :])
-    cache = KVCache(slots.cache.k.at[place].set(fresh.k, mode="drop"),
-                    slots.cache.v.at[place].set(fresh.v, mode="drop"), index)
-    return Slots(cache, *(old.at[rows].set(value, mode="drop") for old, value in
-                          ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, temperature),
-                           (slots.top_p, top_p), (slots.key, key)))), token
+    start = (0, row, index - length, 0, 0)
+    cache = KVCache(jax.lax.dynamic_update_slice(slots.cache.k, fresh.k, start),
+                    jax.lax.dynamic_update_slice(slots.cache.v, fresh.v, start), index)
+    return Slots(cache, *(old.at[row].set(value[0]) for old, value in
+                          ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, new.temperature),
+                           (slots.top_p, new.top_p), (slots.key, key)))), token[0]
 
 
 def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
@@ -299,8 +298,9 @@ class Engine:
 
     def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
              ) -> tuple[Slots, Window, int]:
-        """Slots for the busy requests and the joining ones: `bucket(highest busy slot + 1)` rows, and a window as
-        wide as the longest one needs (fresh when idle, else grown on the left, never narrowed while busy)."""
+        """Slots for the busy requests and the joining ones: `bucket(highest busy slot + 1)` rows and a window as
+        wide as the longest one needs; fresh when idle, else grown (rows at the end, columns on the left), never
+        shrunk while busy."""
         max_seq_len = self.model.cfg.max_seq_len
         for _, job in joining:
             job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
@@ -308,10 +308,11 @@ class Engine:
                     for _, job in joining), default=0)
         busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
-        joined = {slot for slot, _ in joining}
-        if slots is None or not set(busy) - joined and Window.fitting(need) != window:
+        idle = not set(busy) - {slot for slot, _ in joining}
+        if slots is None or idle and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
+        rows = max(rows, slots.token.shape[0])  # no shrinking while busy: fewer shapes to compile
         grown = Window.fitting(need) if need > window.need else window
         extra = grown.width - window.width
         if rows != slots.token.shape[0] or extra:
@@ -341,23 +342,18 @@ class Engine:
             return joining
 
     def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[tuple[int, Job]]) -> Slots:
-        """Prefill the joining prompts in one pass (rows and length bucketed) and stream their first tokens."""
-        max_seq_len = self.model.cfg.max_seq_len
-        length = min(bucket(max(len(job.prompt) for _, job in joining), MIN_PROMPT_BUCKET), max_seq_len)
-        n = bucket(len(joining), 1)
-        fill = n - len(joining)
-        tokens, pad = left_pad([job.prompt for _, job in joining] + [[self.tokenizer.bos_id]] * fill, length)
-        rows = np.array([slot for slot, _ in joining] + [slots.token.shape[0]] * fill, np.int32)  # filler: dropped
-        settings = np.array([(job.temperature, job.top_p) for _, job in joining] + [(0.0, 1.0)] * fill, np.float32)
-        seeds = np.array([job.seed or 0 for _, job in joining] + [0] * fill, np.uint32)
-        slots, first = admit_jit(graphdef, params, slots, tokens, pad, rows, settings[:, 0], settings[:, 1], seeds,
-                                 sampled=bool(np.any(settings[:, 0] > 0)))
+        """Prefill each joining prompt into its slot and stream its first token. One prompt per call: a burst's
+        grouping varies with arrival times, and every group size would be another compile (tens of seconds under
+        load, which dominated a 32-client benchmark round when prompts were prefilled in groups)."""
+        length_cap = self.model.cfg.max_seq_len
+        for slot, job in joining:
+            tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
+            slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), np.float32(job.temperature),
+                                     np.float32(job.top_p), np.uint32(job.seed or 0), sampled=job.temperature > 0)
+            job.text = TextStream(self.tokenizer, job.piece, job.context)
+            job.take(int(first), self.tokenizer.eos_id)
         self.batches += 1
         self.batched_requests += len(joining)
-        for _, job in joining:
-            job.text = TextStream(self.tokenizer, job.piece, job.context)
-        for (_, job), token in zip(joining, np.asarray(first).tolist()):
-            job.take(token, self.tokenizer.eos_id)
         return slots
 
     def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots) -> Slots:
