@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,12 +28,11 @@ from flax import nnx
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.checkpoints.peft import load_peft
-from llama_jax.config import LlamaConfig, load_config
+from llama_jax.config import Config, LlamaConfig, load_config
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.finetune import finetune
-from llama_jax.training.loop import TrainResult
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sft_reverse.yaml"
 WORDS = ("apple river stone cloud tiger lemon piano rocket garden silver candle forest violin marble copper "
@@ -53,6 +54,32 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
+def chat_corpus(records: list[dict]) -> list[str]:
+    """Tokenizer training text of single-turn chat records, as the chat template lays them out."""
+    return [f"[INST] {r['messages'][0]['content']} [/INST] {r['messages'][1]['content']}" for r in records]
+
+
+def random_base(out: Path, model: LlamaConfig, corpus: list[str]) -> Tokenizer:
+    """Train `out/tokenizer.model` on `corpus` and write a randomly initialised `model` to `out/random`."""
+    tokenizer = Tokenizer.train(iter(corpus), model.vocab_size, out / "tokenizer", overwrite=True)
+    # a small corpus (the notebook's test settings) yields fewer pieces; the model must not emit ids beyond them
+    model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+    save_pretrained(Llama(model, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    return tokenizer
+
+
+def finetune_run(out: Path, name: str, init_from: str, data: str, validation: str | None, epochs: float,
+                 *extra: str, config: Path = CONFIG, stage: Callable[[Config], Any] = finetune) -> tuple[float, Any]:
+    """Fine-tune `init_from` on the JSONL `data` into `out/name` with `config` (tokenizer from `random_base`), or run
+    another `stage` that starts from a checkpoint (reward model, DPO); returns the seconds it took and its result."""
+    overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={validation}",
+                 f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
+                 f"finetune.epochs={epochs}", *extra]
+    start = time.perf_counter()
+    result = stage(load_config(config, overrides))
+    return time.perf_counter() - start, result
+
+
 def accuracy(model: Llama, tokenizer: Tokenizer, records: list[dict]) -> float:
     """Exact-match rate of the greedy reply to each record's user turn."""
     prompts = [encode_dialog(tokenizer, r["messages"][:1]) for r in records]
@@ -65,8 +92,8 @@ VARIANTS = {"full": (), "lora": ("lora.rank=8", "lora.alpha=16", "lora.targets=[
 
 
 def make_data(out: Path, n_train: int, n_test: int = 100) -> tuple[dict[str, str], list[dict], Tokenizer]:
-    """The task's JSONL files (chat `train` / `valid`, plain-text `text` for the base), held-out test records, a
-    tokenizer trained on them, and the random init `out/random` the base starts from."""
+    """The task's JSONL files (chat `train` / `valid`, plain-text `text` for the base), held-out test records, and
+    the tokenizer and random init (`out/random`) of `random_base`."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     train, valid, test = task(rng, n_train), task(rng, 64), task(rng, n_test)
@@ -74,36 +101,23 @@ def make_data(out: Path, n_train: int, n_test: int = 100) -> tuple[dict[str, str
             for w in (list(rng.choice(WORDS, 3, replace=False)) for _ in range(2 * n_train))]
     files = {name: write_jsonl(out / f"{name}.jsonl", recs)
              for name, recs in (("train", train), ("valid", valid), ("text", text))}
-    corpus = [f"[INST] {m['messages'][0]['content']} [/INST] {m['messages'][1]['content']}" for m in train]
-    corpus += [t["text"] for t in text]
-    tokenizer = Tokenizer.train(iter(corpus), MODEL.vocab_size, out / "tokenizer", overwrite=True)
-    # a small corpus (the notebook's test settings) yields fewer pieces; the model must not emit ids beyond them
-    architecture = dataclasses.replace(MODEL, vocab_size=tokenizer.vocab_size)
-    save_pretrained(Llama(architecture, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
+    tokenizer = random_base(out, MODEL, chat_corpus(train) + [t["text"] for t in text])
     return files, test, tokenizer
-
-
-def tune(out: Path, files: dict[str, str], name: str, init_from: str, data: str, epochs: float,
-         *extra: str) -> tuple[float, TrainResult]:
-    """Fine-tune `init_from` on the JSONL `data` into the run `out/name`; (seconds, result)."""
-    overrides = [f"finetune.init_from={init_from}", f"finetune.train={data}", f"finetune.validation={files['valid']}",
-                 f"data.tokenizer={out / 'tokenizer.model'}", f"checkpoint.dir={out / name}",
-                 f"finetune.epochs={epochs}", *extra]
-    start = time.perf_counter()
-    result = finetune(load_config(CONFIG, overrides))
-    return time.perf_counter() - start, result
 
 
 def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
     """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
-    n_train = max(64, int(2000 * scale))
-    files, test, tokenizer = make_data(out, n_train)
-    tune(out, files, "base", str(out / "random"), files["text"], max(1.0, 4 * scale))
+    files, test, tokenizer = make_data(out, max(64, int(2000 * scale)))
+
+    def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, Any]:
+        return finetune_run(out, name, init_from, data, files["valid"], epochs, *extra)
+
+    tune("base", str(out / "random"), files["text"], max(1.0, 4 * scale))
     base = load_pretrained(out / "base")
     results = {"base": {"accuracy": accuracy(base, tokenizer, test)}}
     epochs = max(1.0, 6 * scale)
     for name in variants:
-        seconds, result = tune(out, files, name, str(out / "base"), files["train"], epochs, *VARIANTS[name])
+        seconds, result = tune(name, str(out / "base"), files["train"], epochs, *VARIANTS[name])
         state = result.state
         model = _tuned(result.run_dir, out / "base", lora=bool(VARIANTS[name]))
         trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))

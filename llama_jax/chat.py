@@ -35,7 +35,8 @@ def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str =
                  last_turn_only: bool = False) -> tuple[list[int], list[bool]]:
     """Ids of a dialog exactly as `encode_dialog` builds it, and per id whether it is an assistant reply token (the
     reply's pieces and its EOS: the tokens supervised fine-tuning learns), only in the last reply if
-    `last_turn_only`. `final` is the role the dialog must end with ("assistant" for training examples).
+    `last_turn_only`, never in a reply marked `"train": false` (Ghost Attention's earlier turns). `final` is the role
+    the dialog must end with ("assistant" for training examples).
 
     Each pair is encoded whole, as Meta does; the reply starts after the longest prefix it shares with the encoding
     of `[INST] u [/INST]` alone (sentencepiece pieces do not cross the space before the reply).
@@ -57,7 +58,7 @@ def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str =
         prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
         pair = tokenizer.encode(f"{prompt} {answer['content'].strip()} ", bos=True, eos=True)
         shared = _common_prefix(pair, tokenizer.encode(prompt, bos=True))
-        learn = not last_turn_only or i == len(pairs) - 1
+        learn = (not last_turn_only or i == len(pairs) - 1) and answer.get("train", True) is not False
         ids += pair
         flags += [False] * shared + [learn] * (len(pair) - shared)
     if len(dialog) % 2:

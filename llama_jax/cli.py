@@ -88,6 +88,27 @@ def _run_resize_vocab(args: argparse.Namespace) -> None:
     print(resize_checkpoint(args.checkpoint, args.tokenizer, args.output, args.format, args.overwrite))
 
 
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="magnitude, N:M (2:4) or structured (FFN channels, KV groups) pruning of a "
+                                     "checkpoint")
+    p.add_argument("--input", required=True, help="input checkpoint (any format)")
+    p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--config", help="YAML config whose prune section is used")
+    p.add_argument("--format", choices=["orbax", "hf", "meta", "llama2c"], help="default: the input's format")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the input's dtype")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.method=2:4 or "
+                   "prune.method=structured prune.ffn_hidden_dim=256")
+    p.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from llama_jax.compression.prune import prune_checkpoint
+    from llama_jax.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    print(prune_checkpoint(args.input, args.output, cfg.prune, args.format, args.dtype, args.overwrite).report())
+
+
 def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
     p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
@@ -162,6 +183,61 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         return finetune(cfg)
     _add_config_command(sub, "finetune", "supervised fine-tuning (full or LoRA) on JSONL chat/instruction/text data",
                         "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
+
+
+def _align_reward(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import train_reward_model
+    return train_reward_model(cfg)
+
+
+def _align_score(cfg: Any) -> Any:
+    from llama_jax.alignment.reward import score_file
+    return score_file(cfg)
+
+
+def _align_dpo(cfg: Any) -> Any:
+    from llama_jax.alignment.dpo import train_dpo
+    return train_dpo(cfg)
+
+
+def _align_ppo(cfg: Any) -> Any:
+    from llama_jax.alignment.ppo import ppo
+    return ppo(cfg)
+
+
+def _align_rejection(cfg: Any) -> Any:
+    from llama_jax.alignment.rejection import rejection_sampling
+    return rejection_sampling(cfg)
+
+
+def _align_gatt(cfg: Any) -> Any:
+    from llama_jax.alignment.gatt import gatt
+    return gatt(cfg)
+
+
+# `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
+ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+    "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
+               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large", _align_reward),
+    "score": ("score prompt/completion JSONL records with a trained reward model",
+              "experiments/configs/rm_llama2_7b.yaml", "reward.score_input=IN.jsonl reward.score_output=OUT.jsonl",
+              _align_score),
+    "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
+            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
+    "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
+            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
+    "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",
+                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8", _align_rejection),
+    "gatt": ("Ghost Attention data: dialogs sampled with an instruction on every turn, kept in the first only",
+             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", _align_gatt),
+}
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="RLHF as Llama 2 did it: " + ", ".join(ALIGN_ACTIONS))
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
+        _add_config_command(actions, name, help, example, overrides, run)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -254,8 +330,8 @@ def _run_serve(args: argparse.Namespace) -> None:
           BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
 
 
-COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_generate, _add_chat, _add_train,
-            _add_finetune, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
+            _add_train, _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +22,28 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "of
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("halt", "skip")
+MARGIN_TABLES = ("none", "small", "large")  # llama_jax.alignment.rewards_math.MARGINS
+DPO_VARIANTS = ("dpo", "ipo")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading `2:4` as the string it is in YAML 1.2 (an N:M `prune.method`), not as YAML
+    1.1's base-60 integer 124; every other integer form reads as before."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def nearest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
@@ -49,10 +68,18 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
+        """Fill the derived defaults: `n_kv_heads = n_heads` and `head_dim = dim / n_heads` (Meta's rule; an
+        explicit `head_dim`, as HF's config allows, is what head pruning leaves: fewer heads of the same size)."""
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and self.n_heads > 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}), "
+                                  "or set model.head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         self.validate()
 
     @classmethod
@@ -63,8 +90,14 @@ class LlamaConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def derived_head_dim(self) -> bool:
+        """True when `head_dim` is `dim / n_heads`, the only case Meta's and llama2.c's formats can describe."""
+        return self.head_dim * self.n_heads == self.dim
+
+    @property
+    def attention_width(self) -> int:
+        """Width of all query heads together (`n_heads * head_dim`; `dim` unless heads were pruned)."""
+        return self.n_heads * self.head_dim
 
     @property
     def n_rep(self) -> int:
@@ -94,14 +127,15 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameter count derived from the shapes (no arrays needed)."""
         kv = self.n_kv_heads * self.head_dim
-        per_layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        per_layer = (2 * self.dim * self.attention_width + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
+                     + 2 * self.dim)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters (output head included) plus causal attention."""
         kv = self.n_kv_heads * self.head_dim
-        layer = 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
+        layer = 2 * self.dim * self.attention_width + 2 * self.dim * kv + 3 * self.dim * self.hidden_dim
         matmul_params = self.n_layers * layer + self.vocab_size * self.dim
         return 6.0 * matmul_params + 6.0 * self.n_layers * self.dim * seq_len
 
@@ -109,13 +143,12 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE; change dim or n_heads")
+            raise ConfigError(f"head_dim = {self.head_dim} must be even for RoPE; change dim, n_heads or head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
@@ -123,7 +156,7 @@ class LlamaConfig:
             raise ConfigError("model.norm_eps and model.rope_theta must be positive")
 
 
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "hidden_dim", "tie_embeddings")
 
 
 @dataclass(frozen=True)
@@ -318,6 +351,201 @@ class FinetuneConfig:
     bad_records: str = "truncate"
 
 
+PRUNE_METHODS = ("none", "magnitude", "structured")  # plus N:M patterns such as "2:4"
+PRUNE_SCOPES = ("layer", "global")
+
+
+@dataclass
+class PruneConfig:
+    """Weight pruning (`llama_jax.compression`) of the block projections (wq, wk, wv, wo, w1, w2, w3).
+
+    `magnitude` zeroes the `sparsity` fraction of smallest-magnitude weights, in each matrix of each layer
+    (`scope: layer`) or below one threshold over all of them (`scope: global`); `N:M` (e.g. `2:4`) keeps the N
+    largest of every M consecutive input weights; `structured` removes the weakest FFN channels down to
+    `ffn_hidden_dim` and whole KV groups (a kv head with its query heads) down to `n_kv_heads`, the same count in
+    every layer, so the checkpoint shrinks. A train or finetune run with a magnitude or N:M section computes the
+    mask once from its initial weights (a checkpoint pruned the same way yields its own zero pattern), keeps it in
+    the optimizer state, and the masked weights stay exactly zero.
+    """
+
+    method: str = "none"
+    sparsity: float = 0.5
+    scope: str = "layer"
+    ffn_hidden_dim: int | None = None
+    n_kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNE_METHODS and self.n_of_m is None:
+            raise ConfigError(f"prune.method '{self.method}' is not one of {PRUNE_METHODS} or an N:M pattern such "
+                              f"as 2:4{nearest(self.method, PRUNE_METHODS)}")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"prune.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in PRUNE_SCOPES:
+            raise ConfigError(f"prune.scope '{self.scope}' is not one of {PRUNE_SCOPES}")
+        for name in ("ffn_hidden_dim", "n_kv_heads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"prune.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def n_of_m(self) -> tuple[int, int] | None:
+        """(N, M) of an `N:M` method with 0 < N < M, else None."""
+        n, sep, m = self.method.partition(":")
+        if not (sep and n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
+            return None
+        return int(n), int(m)
+
+    @property
+    def masks_weights(self) -> bool:
+        """True for the methods that zero weights in place (magnitude, N:M) and so keep a mask in training."""
+        return self.method == "magnitude" or self.n_of_m is not None
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training and scoring (`align reward|score`). Pairs come from `finetune.train` (held-out:
+    `finetune.validation`), the backbone from `finetune.init_from`. `margin` is the table m(rating) of the ranking
+    loss: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0). `score` reads `score_input` JSONL (prompt/messages +
+    completion) and writes it with rewards to `score_output`, using the reward run `checkpoint` (default
+    `checkpoint.dir`)."""
+
+    margin: str = "small"
+    checkpoint: str | None = None
+    score_input: str = ""
+    score_output: str = ""
+
+    def __post_init__(self) -> None:
+        if self.margin not in MARGIN_TABLES:
+            raise ConfigError(f"reward.margin '{self.margin}' is not one of {MARGIN_TABLES}"
+                              f"{nearest(self.margin, MARGIN_TABLES)}")
+
+
+@dataclass
+class DpoConfig:
+    """Direct preference optimisation (`align dpo`) on the pairs of `finetune.train`, from `finetune.init_from`,
+    which is also the reference (under LoRA: the base with adapters off). `variant` dpo minimises
+    `-log σ(β h)` (with `label_smoothing` ε > 0: conservative DPO, `-(1-ε) log σ(β h) - ε log σ(-β h)`); ipo
+    minimises `(h - 1/(2β))²`; h = the policy's minus the reference's log-ratio of chosen over rejected. The
+    reference log-probabilities are computed once and cached at `reference_cache` (default
+    `<checkpoint.dir>/reference_logps.npz`)."""
+
+    beta: float = 0.1
+    variant: str = "dpo"
+    label_smoothing: float = 0.0
+    reference_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in DPO_VARIANTS:
+            raise ConfigError(f"dpo.variant '{self.variant}' is not one of {DPO_VARIANTS}"
+                              f"{nearest(self.variant, DPO_VARIANTS)}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.variant != "dpo":
+            raise ConfigError("dpo.label_smoothing applies to variant dpo only; set it to 0 for ipo")
+
+
+@dataclass
+class PpoConfig:
+    """PPO as Llama 2 ran it (paper section 3.2.3): per iteration, `batch_size` rollouts from prompts of `prompts`
+    (JSONL `messages` ending with a user turn, or `prompt` text), scored by `reward` (a reward-model directory or a
+    `module:function` reward callable), reward `whiten(logit(R)) - kl_coef * KL` per token (each switchable), GAE
+    (`gamma`, `lam`), clipped objective (`clip`, values by `value_clip`), `epochs` passes of one AdamW step (constant
+    `lr`, the `optim` section's betas, decay and clipping) per `minibatch_size` rows. `critic` is `separate` (a second
+    copy of the policy's trunk with a value head) or `shared` (the value head on the policy's trunk). With LoRA the
+    reference is the base with adapters off. `gather_weights` samples from an fsdp-gathered copy of the weights, made
+    once per rollout on device (the paper's generation ran ~20x slower under FSDP until it gathered them)."""
+
+    init_from: str | None = None
+    reward: str = ""
+    prompts: str = ""
+    iterations: int = 200
+    batch_size: int = 64
+    minibatch_size: int = 8
+    epochs: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    lr: float = 1e-6
+    logit_reward: bool = True
+    whiten_reward: bool = True
+    critic: str = "separate"
+    gather_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.critic not in ("separate", "shared"):
+            raise ConfigError(f"ppo.critic '{self.critic}' is not one of ('separate', 'shared')"
+                              f"{nearest(self.critic, ('separate', 'shared'))}")
+        for name in ("iterations", "batch_size", "minibatch_size", "epochs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.minibatch_size "
+                              f"({self.minibatch_size})")
+        if self.lr <= 0 or self.temperature <= 0 or self.kl_coef < 0:
+            raise ConfigError(f"ppo.lr ({self.lr}) and ppo.temperature ({self.temperature}) must be positive and "
+                              f"ppo.kl_coef ({self.kl_coef}) not negative")
+
+
+@dataclass
+class RejectionConfig:
+    """Rejection sampling (paper section 3.2.3): `samples` completions per prompt of `prompts`, sample k drawn at
+    `temperatures[k % len(temperatures)]`, scored by `reward` (as `ppo.reward`); the best per prompt, pooled with
+    the best of earlier rounds listed in `pool` (their `output` files), is written to `output` as SFT JSONL and, with
+    `finetune` true, fine-tuned on (the `finetune` section's settings, `finetune.init_from` = `init_from`)."""
+
+    init_from: str | None = None
+    reward: str = ""
+    prompts: str = ""
+    samples: int = 4
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    output: str = ""
+    pool: list[str] = field(default_factory=list)
+    finetune: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"rejection.samples ({self.samples}), rejection.batch_size ({self.batch_size}) and "
+                              f"rejection.max_new_tokens ({self.max_new_tokens}) must be at least 1")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ConfigError(f"rejection.temperatures must be a non-empty list of temperatures >= 0, got "
+                              f"{self.temperatures}")
+
+
+@dataclass
+class GattConfig:
+    """Ghost Attention data (paper section 3.3): for each dialog of `dialogs` (JSONL `messages`), an instruction
+    made of 1..`max_combined` entries drawn from different categories of `instructions` (YAML/JSON: category ->
+    list of `full` texts or `{full, short}` pairs; the short form with probability `shorten`) is attached to every
+    user turn while `init_from` samples the replies; the written records (`output`) keep it in the first turn only
+    and learn only the last reply (one record per assistant turn with `all_turns`)."""
+
+    init_from: str | None = None
+    dialogs: str = ""
+    instructions: str = ""
+    output: str = ""
+    max_combined: int = 2
+    shorten: float = 0.5
+    all_turns: bool = True
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_combined < 1 or not 0 <= self.shorten <= 1:
+            raise ConfigError(f"gatt.max_combined must be >= 1 ({self.max_combined}) and gatt.shorten in [0, 1] "
+                              f"({self.shorten})")
+
+
 @dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
@@ -329,6 +557,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    gatt: GattConfig = field(default_factory=GattConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,7 +583,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return from_dict(hint, value, prefix=f"{key}.")
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
@@ -413,7 +647,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
                 node[part] = child
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = load_yaml(value) if value != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); quote "
                               "it or fix the brackets") from None
@@ -432,7 +666,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):

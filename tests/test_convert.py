@@ -26,6 +26,7 @@ def _params(model):
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.e2e
 def test_cli_round_trip_orbax_hf_meta_llama2c_orbax_is_lossless(tmp_path):
     hf = make_hf_model(kv_heads=2)
     model = llama_jax.load_pretrained(save_hf_model(hf, tmp_path / "src"))

@@ -27,6 +27,7 @@ def checkpoint(tmp_path_factory):
     return save_random_checkpoint(cfg, tmp_path_factory.mktemp("hf1000"))
 
 
+@pytest.mark.e2e
 def test_generate_streams_the_greedy_continuation(checkpoint, tokenizer_1k, capsys):
     prompt = "It was a fine morning and"
     args = ["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k), "--prompt", prompt,
@@ -72,6 +73,7 @@ def expected_chat_transcript(checkpoint, tokenizer_1k) -> str:
             + PROMPT + fresh + "\n" + PROMPT + "\n")
 
 
+@pytest.mark.e2e
 def test_chat_keeps_history_resets_and_exits(checkpoint, tokenizer_1k, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(CHAT_LINES) + "\n"))
     assert main(["chat", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_1k), *CHAT_ARGS]) == 0

@@ -137,6 +137,7 @@ def test_generate_until_cuts_at_stop_sequences(tiny):
     assert got[1:] == [text[:text.index(stop)] if stop in text else text for text in full[1:]]
 
 
+@pytest.mark.e2e
 @pytest.mark.torch_ref
 def test_lm_eval_task_accuracy_equals_direct_computation(reference):
     tiny = reference

@@ -40,6 +40,7 @@ def test_topology_errors(name, message):
         parse_topology(name)
 
 
+@pytest.mark.e2e
 @needs_libtpu
 def test_small_model_on_v5p_8():
     result = plan(None, SMALL + ["train.batch_size=8"], topology="v5p-8")
@@ -88,6 +89,7 @@ def test_mesh_that_does_not_divide_the_chips():
         plan(None, SMALL + ["mesh.fsdp=3"], topology="v5p-8")
 
 
+@pytest.mark.e2e
 def test_gpu_estimate_against_a_memory_budget():
     result = plan(None, SMALL + ["train.batch_size=8"], gpus=8, gpu_memory_gib=80)
     assert result.fits and result.fits_with_headroom and len(result.target.devices) == 8

@@ -89,9 +89,7 @@ def _config_from_hf(path: Path) -> LlamaConfig:
                n_kv_heads=raw.get("num_key_value_heads") or heads, vocab_size=raw["vocab_size"],
                norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", raw.get("rope_theta", 1e4)),
                max_seq_len=raw.get("max_position_embeddings", 4096),
-               tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
-    if raw.get("head_dim", dim // heads) != dim // heads:
-        raise ValueError(f"{path / CONFIG}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
+               tie_embeddings=bool(raw.get("tie_word_embeddings", False)), head_dim=raw.get("head_dim"))
     derived = LlamaConfig(**cfg)
     if derived.hidden_dim != raw["intermediate_size"]:
         cfg["ffn_hidden_dim"] = raw["intermediate_size"]

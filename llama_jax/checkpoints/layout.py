@@ -66,10 +66,10 @@ def to_meta_layout(name: str, param: Any, cfg: LlamaConfig) -> Any:
 
 
 def meta_shape(name: str, cfg: LlamaConfig) -> tuple[int, ...]:
-    leaf, d, kv = _leaf(name), cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    leaf, d, q, kv = _leaf(name), cfg.dim, cfg.attention_width, cfg.n_kv_heads * cfg.head_dim
     return {
         "tok_embeddings": (cfg.vocab_size, d), "output": (cfg.vocab_size, d),
-        "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+        "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
         "w1": (cfg.hidden_dim, d), "w3": (cfg.hidden_dim, d), "w2": (d, cfg.hidden_dim),
     }.get(leaf, (d,))
 
@@ -108,9 +108,12 @@ def check_shape(name: str, tensor: Any, cfg: LlamaConfig, file_name: str | None 
                          "the checkpoint does not match its config")
 
 
-def restore_target(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh | None) -> tuple[Any, Any]:
-    """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0."""
-    graphdef, abstract = abstract_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
+def restore_target(cfg: LlamaConfig, execution: ExecutionConfig, mesh: Mesh | None,
+                   attach: Callable[[Llama], Llama] | None = None) -> tuple[Any, Any]:
+    """(graphdef, abstract params) to restore a stored tree into: each array sharded on `mesh`, else on device 0;
+    `attach` adds weights a training objective put on the model (a reward head)."""
+    attach = attach or (lambda model: model)
+    graphdef, abstract = abstract_init(lambda: attach(Llama(cfg, execution, rngs=nnx.Rngs(0))), mesh)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)

@@ -53,7 +53,10 @@ def header(cfg: LlamaConfig) -> np.ndarray:
 def save_llama2c(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str,
                  tokenizer: str | Path | None = None) -> None:
     """Write `model.bin` (always float32: the v0 format has no other dtype) and, given a sentencepiece model,
-    `tokenizer.bin`."""
+    `tokenizer.bin`. The header has no head_dim (run.c uses dim / n_heads), so a head-pruned model is refused."""
+    if not cfg.derived_head_dim:
+        raise ValueError(f"llama2.c's header cannot describe head_dim {cfg.head_dim} != dim / n_heads = "
+                         f"{cfg.dim} / {cfg.n_heads} (heads were pruned); save as hf, meta or orbax instead")
     collected = {name: np.asarray(t, np.float32) for name, t in tensors}
     body, head = _sections(cfg)
     cos, sin = freq_cis(cfg)

@@ -111,7 +111,8 @@ def config_from_params(path: Path, reader: MetaReader) -> LlamaConfig:
         fields = {k: raw[k] for k in ("dim", "n_layers", "n_heads")}
     except KeyError as err:
         raise ValueError(f"{path / PARAMS}: required key {err} is missing") from None
-    for key in ("n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len"):
+    for key in ("n_kv_heads", "head_dim", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta",
+                "max_seq_len"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
     vocab = raw.get("vocab_size", -1)
@@ -126,7 +127,8 @@ def read_meta(path: Path) -> tuple[LlamaConfig, MetaReader]:
 
 def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
     """Meta's params.json keys. An explicit FFN width is encoded with `multiple_of`/`ffn_dim_multiplier` so that
-    Meta's own FeedForward formula reproduces it (round int(mult * 8d/3) up to a multiple of the width itself)."""
+    Meta's own FeedForward formula reproduces it (round int(mult * 8d/3) up to a multiple of the width itself); a
+    `head_dim` other than dim / n_heads (after head pruning) is written as an extra key that only we read."""
     multiple_of, multiplier = cfg.multiple_of, cfg.ffn_dim_multiplier
     if cfg.ffn_hidden_dim is not None:
         base = cfg.meta_ffn_base
@@ -135,6 +137,8 @@ def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
     params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                   vocab_size=cfg.vocab_size, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
                   norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+    if not cfg.derived_head_dim:  # pruned heads: Meta's own code derives dim / n_heads and cannot run this model
+        params["head_dim"] = cfg.head_dim
     return params
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,14 +109,16 @@ def _unwrap(tree: Any) -> Any:
 
 
 def restore_params(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None,
-                   cfg: LlamaConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+                   cfg: LlamaConfig | None = None, attach: Callable[[Llama], Llama] | None = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, parameters) of the model stored at `path`, laid out and typed as `execution` asks, each array
-    sharded as `mesh` places it (device 0 without a mesh). `cfg` may change non-shape fields (e.g. `max_seq_len`)."""
+    sharded as `mesh` places it (device 0 without a mesh). `cfg` may change non-shape fields (e.g. `max_seq_len`);
+    `attach` adds the weights a training objective stored beside the model's (`restore_target`)."""
     step = step_dir(as_path(path))
     stored = read_stored(step)
     cfg = cfg or stored.cfg
-    graphdef, target = restore_target(cfg, execution, mesh)
-    _, as_stored = restore_target(cfg, dataclasses.replace(execution, scan_layers=stored.scan_layers), mesh)
+    graphdef, target = restore_target(cfg, execution, mesh, attach)
+    _, as_stored = restore_target(cfg, dataclasses.replace(execution, scan_layers=stored.scan_layers), mesh, attach)
     tree = nnx.to_pure_dict(as_stored)
     with ocp.StandardCheckpointer() as checkpointer, reading(step / PARAMS, fix="use another step or re-create it"):
         if stored.variable_leaves:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning data: JSONL records -> token examples with answer-only loss -> packed rows -> batches.
 
 A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
-encoded by `llama_jax.chat.encode_turns`; loss on every reply, or only the last with `last_turn_only`),
+encoded by `llama_jax.chat.encode_turns`; loss on every reply not marked `"train": false`, or only the last with
+`last_turn_only`),
 `{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
 (`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
 and line, and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
@@ -13,12 +14,7 @@ example), so attention and RoPE treat every packed example as if it ran alone.
 
 from __future__ import annotations
 
-import glob
-import json
-import logging
 import math
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,41 +33,19 @@ from llama_jax.data.pipeline import (
     _processes,
     _seed,
 )
+from llama_jax.data.records import RecordIssues, read_records
 from llama_jax.data.tokenized import tokenizer_hash
-from llama_jax.paths import as_path, is_remote
 from llama_jax.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
-POLICIES = ("truncate", "skip", "fail")
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclass
-class BadRecord:
-    file: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}"
-
-
-@dataclass
-class Examples:
+class Examples(RecordIssues):
     """Encoded examples (token ids and per-token "learn this token" flags) and the records that were not usable."""
 
     ids: list[np.ndarray] = field(default_factory=list)
     learn: list[np.ndarray] = field(default_factory=list)
-    bad: list[BadRecord] = field(default_factory=list)
-    truncated: list[BadRecord] = field(default_factory=list)
-
-    def report(self) -> str:
-        """One line per file with counts, then one line per bad or truncated record (`file:line: reason`)."""
-        files = sorted({r.file for r in self.bad + self.truncated})
-        lines = [f"{f}: {sum(r.file == f for r in self.bad)} bad record(s) skipped, "
-                 f"{sum(r.file == f for r in self.truncated)} truncated" for f in files]
-        lines += [f"skipped {r}" for r in self.bad] + [f"truncated {r}" for r in self.truncated]
-        return "\n".join(lines)
 
 
 def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = False) -> tuple[list[int], list[bool]]:
@@ -101,69 +75,26 @@ def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = Fals
     return ids, learn
 
 
-def data_files(spec: str) -> list[str]:
-    """Comma-separated JSONL paths or globs (local or gs://) in order; every entry must match a file."""
-    files: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if is_remote(part):
-            path = as_path(part)
-            matches = [str(path)] if path.exists() else sorted(str(p) for p in path.parent.glob(path.name))
-        else:
-            matches = sorted(glob.glob(str(as_path(part).expanduser())))
-        if not matches:
-            raise FileNotFoundError(f"no file matches '{part}' (finetune data); check the path or glob")
-        files += matches
-    if not files:
-        raise ConfigError("finetune.train is empty; give JSONL files, e.g. finetune.train=data/sft.jsonl")
-    return files
-
-
-def _records(file: str) -> Iterator[tuple[int, str]]:
-    with as_path(file).open("r") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield line_no, line
-
-
 def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "truncate",
                   last_turn_only: bool = False) -> Examples:
     """Encode every record of the JSONL files in `spec`; examples longer than `seq_len + 1` tokens follow `policy`."""
-    if policy not in POLICIES:
-        raise ConfigError(f"finetune.bad_records '{policy}' is not one of {POLICIES}")
-    out = Examples()
-    for file in data_files(spec):
-        for line_no, line in _records(file):
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-                ids, learn = encode_record(record, tokenizer, last_turn_only)
-                if len(ids) > seq_len + 1:
-                    problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
-                    if policy != "truncate":
-                        raise ValueError(problem)
-                    ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
-                    if not any(learn[1:]):
-                        raise ValueError(f"{problem}, and no answer token is left after truncating it")
-                    out.truncated.append(BadRecord(file, line_no, problem))
-                if not any(learn[1:]):
-                    raise ValueError("no answer tokens to learn")
-            except ValueError as err:
-                if policy == "fail":
-                    raise ValueError(f"{file}:{line_no}: {err} (finetune.bad_records=fail; fix the record or "
-                                     "choose skip/truncate)") from None
-                out.bad.append(BadRecord(file, line_no, str(err)))
-                continue
-            out.ids.append(np.asarray(ids, np.int32))
-            out.learn.append(np.asarray(learn, bool))
-    if out.bad or out.truncated:
-        report = out.report()
-        log.warning("%s", report)
-        print(f"WARNING: {report}", file=sys.stderr, flush=True)
-    if not out.ids:
-        raise ValueError(f"no usable fine-tuning examples in '{spec}'; see the bad-record report above")
-    return out
+    def encode(record: Any, truncate: bool) -> tuple[tuple[list[int], list[bool]], str | None]:
+        ids, learn = encode_record(record, tokenizer, last_turn_only)
+        problem = None
+        if len(ids) > seq_len + 1:
+            problem = f"{len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}"
+            if not truncate:
+                raise ValueError(problem)
+            ids, learn = ids[:seq_len + 1], learn[:seq_len + 1]
+            if not any(learn[1:]):
+                raise ValueError(f"{problem}, and no answer token is left after truncating it")
+        if not any(learn[1:]):
+            raise ValueError("no answer tokens to learn")
+        return (ids, learn), problem
+
+    items, issues = read_records(spec, encode, policy, "finetune.train")
+    return Examples(issues.bad, issues.truncated, [np.asarray(i, np.int32) for i, _ in items],
+                    [np.asarray(f, bool) for _, f in items])
 
 
 def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarray | None = None
@@ -197,8 +128,18 @@ def pack(examples: Examples, seq_len: int, packing: bool = True, order: np.ndarr
 
 def _row_dataset(rows: dict[str, np.ndarray]) -> grain.MapDataset:
     """Row i as a dict, with the (single) source index the shared `DataIterator` counts tokens by."""
-    return grain.MapDataset.source(list(range(len(rows["tokens"])))).map(
+    return grain.MapDataset.source(list(range(len(next(iter(rows.values())))))).map(
         lambda i: {**{k: v[i] for k, v in rows.items()}, "source": np.int32(0)})
+
+
+def row_iterator(rows: dict[str, np.ndarray], cfg: Config, mesh: Mesh | None, fingerprint: str, label: str,
+                 index: int, count: int) -> DataIterator:
+    """Endless batches of `train.batch_size` rows (this process's share), shuffled afresh each epoch by
+    `data.shuffle_seed`, checkpointable; tokens are counted under `label`."""
+    shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
+    local = _local_batch(cfg.train.batch_size, count)
+    return DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
+                        [label], cfg.data.seq_len)
 
 
 @dataclass
@@ -223,11 +164,9 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
     order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
     rows = pack(examples, seq_len, ft.packing, order)
     n_rows = len(rows["tokens"])
-    shuffled = _row_dataset(rows).shuffle(seed=_seed(cfg.data.shuffle_seed, 1)).repeat()
     fingerprint = _fingerprint("sft", ft.train, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
                                cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
-    train = DataIterator(shuffled[index::count].batch(local).to_iter_dataset(READ_OPTIONS), mesh, fingerprint,
-                         ["finetune"], seq_len)
+    train = row_iterator(rows, cfg, mesh, fingerprint, "finetune", index, count)
     validation = None
     if ft.validation:
         held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)

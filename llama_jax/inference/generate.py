@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.inference.cache import init_cache, shard_cache
-from llama_jax.inference.sampling import Sampling, sample
+from llama_jax.inference.sampling import Sampling, filter_logits, sample
 from llama_jax.model import KVCache, Llama
 from llama_jax.sharding import MESH_AXES
 
@@ -43,6 +43,7 @@ class DecodeState:
     step: jax.Array  # number of tokens generated so far
     key: jax.Array
     out: jax.Array  # [B, output bucket] generated ids, PAD-filled
+    logp: jax.Array  # [B, output bucket] log-probability of each id under the distribution it was drawn from
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -53,10 +54,13 @@ def bucket(n: int, minimum: int) -> int:
 def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax.Array) -> DecodeState:
     """Sample from `[B, vocab]` logits, record the tokens of rows still running, and mark rows that hit EOS."""
     new = sample(logits, jax.random.fold_in(state.key, state.step), sampling)
+    drawn_from = logits.astype(jnp.float32) if sampling.greedy else filter_logits(logits, sampling)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(drawn_from, axis=-1), new[:, None], axis=-1)
     new = jnp.where(state.done, PAD, new)
     out = jax.lax.dynamic_update_slice(state.out, new[:, None], (0, state.step))
+    logp = jax.lax.dynamic_update_slice(state.logp, jnp.where(state.done[:, None], 0.0, logp), (0, state.step))
     done = state.done | (new == eos_id)
-    return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out)
+    return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out, logp)
 
 
 def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -80,7 +84,8 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
     b = tokens.shape[0]
     logits, cache = forward_padded(model, tokens, pad, init_cache(model.cfg, b, slots, model.execution.dtype))
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
-                        jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32))
+                        jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32),
+                        jnp.zeros((b, n_out), jnp.float32))
     return _emit(state, logits[:, -1], sampling, eos_id)
 
 
@@ -89,7 +94,7 @@ def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.A
     """Feed each row's last token at the next cache slot and sample the following one."""
     model: Llama = nnx.merge(graphdef, params)
     logits, cache = forward_padded(model, jnp.maximum(state.token, 0)[:, None], state.pad, state.cache)
-    state = DecodeState(cache, state.token, state.pad, state.done, state.step, state.key, state.out)
+    state = DecodeState(cache, state.token, state.pad, state.done, state.step, state.key, state.out, state.logp)
     return _emit(state, logits[:, 0], sampling, eos_id)
 
 
@@ -148,11 +153,20 @@ def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     returning True ends generation there for every row (a server whose clients have all left or hit a stop string).
     The mesh defaults to the one the model's parameters are sharded on; the KV cache is laid out on it too.
     """
+    out = decode(model, prompt_ids, max_new_tokens, Sampling(float(temperature), float(top_p), int(top_k)), eos_id,
+                 seed, stream, mesh).out
+    return [[int(t) for t in row if t != PAD] for row in np.asarray(out)]
+
+
+def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
+           eos_id: int | None = None, seed: int = 0, stream: Callable[[np.ndarray], bool | None] | None = None,
+           mesh: Mesh | None = None) -> DecodeState:
+    """`generate`'s work, returning the final on-device state: `out` (`[B, output bucket]` ids, PAD after a row
+    stopped or past `max_new_tokens`) and `logp` (each id's log-probability as sampled: RLHF rollouts need it)."""
     cfg = model.cfg
     check_prompts(prompt_ids, cfg.max_seq_len)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = Sampling(float(temperature), float(top_p), int(top_k))
     longest = max(len(p) for p in prompt_ids)
     max_new = min(max_new_tokens, cfg.max_seq_len - longest)
     prompt_len, n_out = bucket(longest, MIN_PROMPT_BUCKET), bucket(max_new, MIN_OUTPUT_BUCKET)
@@ -166,10 +180,9 @@ def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
         state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
                             sampling=sampling)
         if stream is None:
-            state = decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
-        else:
+            return decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
+        stop = stream(np.asarray(state.token))
+        while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
+            state = step_jit(graphdef, params, state, eos, sampling=sampling)
             stop = stream(np.asarray(state.token))
-            while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
-                state = step_jit(graphdef, params, state, eos, sampling=sampling)
-                stop = stream(np.asarray(state.token))
-    return [[int(t) for t in row if t != PAD] for row in np.asarray(state.out)]
+    return state

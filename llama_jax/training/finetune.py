@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
+from jax.sharding import Mesh
 
 from llama_jax.checkpoints.io import FORMATS, detect_format
 from llama_jax.checkpoints.peft import save_peft
@@ -24,6 +27,7 @@ from llama_jax.training.loop import TrainResult, check_train, lock_run_dir, run_
 from llama_jax.training.step import Trainer
 
 ADAPTER_DIR = "adapter"
+T = TypeVar("T")
 
 
 def _tokenizer(cfg: Config) -> Tokenizer:
@@ -37,32 +41,46 @@ def _tokenizer(cfg: Config) -> Tokenizer:
     raise ConfigError(f"no tokenizer.model beside '{source}'; set data.tokenizer=PATH")
 
 
-def finetune(cfg: Config) -> TrainResult:
-    """Fine-tune `finetune.init_from` on `finetune.train` as `cfg` describes (resuming a run in `checkpoint.dir`)."""
-    ft = cfg.finetune
-    if not ft.init_from:
-        raise ConfigError("finetune.init_from is not set; give the checkpoint to fine-tune (HF, Meta, orbax, run dir)")
+def run_stage(cfg: Config, body: Callable[[Config, Mesh, Tokenizer], T]) -> T:
+    """Run a stage that starts from `finetune.init_from` (fine-tuning, reward models, DPO): start the runtime, lock
+    the run directory, take the model section from the checkpoint, then `body(cfg, mesh, tokenizer)`."""
+    if not cfg.finetune.init_from:
+        raise ConfigError("finetune.init_from is not set; give the checkpoint to start from (HF, Meta, orbax, run dir)")
     check_train(cfg)
     initialize(cfg.train)
     with lock_run_dir(cfg):
-        return _finetune(cfg)
+        architecture = FORMATS[detect_format(cfg.finetune.init_from)].read(as_path(cfg.finetune.init_from))[0]
+        cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
+        mesh = make_mesh(cfg.mesh)
+        check_model_fits(cfg.model, mesh)
+        tokenizer = _tokenizer(cfg)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}; "
+                              "use the model's tokenizer (data.tokenizer)")
+        return body(cfg, mesh, tokenizer)
 
 
-def _finetune(cfg: Config) -> TrainResult:
-    ft = cfg.finetune
-    architecture = FORMATS[detect_format(ft.init_from)].read(as_path(ft.init_from))[0]
-    cfg = dataclasses.replace(cfg, model=architecture, train=dataclasses.replace(cfg.train))
-    mesh = make_mesh(cfg.mesh)
-    check_model_fits(cfg.model, mesh)
-    tokenizer = _tokenizer(cfg)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}; "
-                          "use the model's tokenizer (data.tokenizer)")
+def epochs_to_steps(cfg: Config, steps_per_epoch: int) -> None:
+    """`finetune.epochs` > 0 sets `train.steps` (in place) from the number of batches in one epoch."""
+    if cfg.finetune.epochs > 0:
+        cfg.train.steps = max(1, math.ceil(cfg.finetune.epochs * steps_per_epoch))
+
+
+def finetune(cfg: Config) -> TrainResult:
+    """Fine-tune `finetune.init_from` on `finetune.train` as `cfg` describes (resuming a run in `checkpoint.dir`)."""
+    return run_stage(cfg, _finetune)
+
+
+def _finetune(cfg: Config, mesh: Mesh, tokenizer: Tokenizer) -> TrainResult:
     data = build_sft_data(cfg, tokenizer, mesh)
-    if ft.epochs > 0:
-        cfg.train.steps = max(1, math.ceil(ft.epochs * data.steps_per_epoch))
+    epochs_to_steps(cfg, data.steps_per_epoch)
     trainer = Trainer(cfg, mesh)
-    result = run_training(cfg, trainer, data.train, data.validation, tokenizer, ft.init_from)
+    result = run_training(cfg, trainer, data.train, data.validation, tokenizer, cfg.finetune.init_from)
+    export_adapter(cfg, trainer, result)
+    return result
+
+
+def export_adapter(cfg: Config, trainer: Trainer, result: TrainResult) -> None:
+    """Under LoRA, write the finished adapter in PEFT format to `<run>/adapter` (process 0)."""
     if trainer.lora and result.state is not None and jax.process_index() == 0:
         save_peft(trainer.model(result.state.params), cfg.lora, as_path(cfg.checkpoint.dir) / ADAPTER_DIR)
-    return result

@@ -39,6 +39,7 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
+STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite")  # the rest come from the objective
 
 
 @dataclass
@@ -224,9 +225,10 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
                     rate, mfu = speed.update()
                     throughput = rate
                     last = fetched[-1]
+                    objective = {k: finite_mean(fetched, k) for k in last if k not in STEP_METRICS}
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
-                                      "nonfinite_skips": guard.skipped})
+                                      "nonfinite_skips": guard.skipped, **objective})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)

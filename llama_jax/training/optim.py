@@ -16,7 +16,7 @@ import optax
 
 from llama_jax.config import ConfigError, OptimConfig
 
-GradFn = Callable[[Any, Any], tuple[tuple[jax.Array, jax.Array], Any]]
+GradFn = Callable[[Any, Any], tuple[tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]], Any]]
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -47,28 +47,31 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
 
 
 def accumulate_gradients(grad_fn: GradFn, params: Any, batch: dict[str, jax.Array], steps: int
-                         ) -> tuple[Any, jax.Array, jax.Array]:
-    """Mean-per-token gradient over `steps` microbatches of `batch`; returns (grads, loss_sum, token_count).
+                         ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Mean-per-unit gradient over `steps` microbatches of `batch`; returns (grads, loss_sum, count, sums).
 
-    `grad_fn(params, microbatch) -> ((loss_sum, count), grads_of_loss_sum)`. Microbatch i takes rows i, i+steps, ...
-    so each device's contiguous shard of the batch splits locally (no resharding).
+    `grad_fn(params, microbatch) -> ((loss_sum, (count, sums)), grads_of_loss_sum)`, where `count` is how many units
+    (tokens, pairs) the loss sums over and `sums` a dict of further per-unit metric sums, added up like the loss.
+    Microbatch i takes rows i, i+steps, ... so each device's contiguous shard of the batch splits locally.
     """
     if steps == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
+        (loss_sum, (count, sums)), grads = grad_fn(params, batch)
     else:
         def split(x: jax.Array) -> jax.Array:
             if x.shape[0] % steps:
                 raise ConfigError(f"batch size {x.shape[0]} is not divisible by optim.grad_accum_steps={steps}")
             return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
 
-        def body(carry: tuple[Any, jax.Array, jax.Array], micro: dict[str, jax.Array]) -> tuple[Any, None]:
-            grads, loss_sum, count = carry
-            (m_loss, m_count), m_grads = grad_fn(params, micro)
-            return (jax.tree.map(jnp.add, grads, m_grads), loss_sum + m_loss, count + m_count), None
+        def body(carry: tuple[Any, jax.Array, Any], micro: dict[str, jax.Array]) -> tuple[Any, None]:
+            grads, loss_sum, aux = carry
+            (m_loss, m_aux), m_grads = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grads, m_grads), loss_sum + m_loss, jax.tree.map(jnp.add, aux, m_aux)), None
 
+        micros = jax.tree.map(split, batch)
+        aux_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micros))[0][1]
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, count), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
+        init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
+        (grads, loss_sum, (count, sums)), _ = jax.lax.scan(body, init, micros)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    return grads, loss_sum, count
+    return grads, loss_sum, count, sums

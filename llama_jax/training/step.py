@@ -9,6 +9,11 @@ Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.d
 
 With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
 optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
+With a `prune` mask (magnitude or N:M), the optimizer chain starts with `compression.masks.keep_pruned`: the mask
+is computed from the initial weights, stored in the optimizer state, and the masked weights stay exactly zero.
+
+What the step minimises is an `Objective`: next-token cross-entropy by default; post-training stages (reward models,
+DPO) pass their own loss over their own batch fields, and may attach weights of their own (a reward head).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
-from llama_jax.config import Config, ExecutionConfig
+from llama_jax.compression.masks import apply_masks, keep_pruned, masks_of
+from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
@@ -60,19 +66,54 @@ def model_losses(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+LossFn = Callable[[Llama, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a train step minimises. `loss(model, batch)` returns the loss summed over the batch's units (target
+    tokens, preference pairs), how many units there are, and sums of further per-unit metrics (each is reported
+    divided by the count, e.g. a pair accuracy); `attach(model)` adds the stage's own weights to a fresh or loaded
+    `Llama` in place (before LoRA adapters) and returns it."""
+
+    loss: LossFn
+    attach: Callable[[Llama], Llama] | None = None
+
+
+def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    return (*model_losses(model, batch), {})
+
+
+NEXT_TOKEN = Objective(next_token_loss)
+
+
 def token_losses(graphdef: nnx.GraphDef, params: Any, batch: Batch, *frozen: Any) -> tuple[jax.Array, jax.Array]:
     """`model_losses` of the model `graphdef` + `params` (+ the `frozen` states of a partly trained model)."""
     return model_losses(nnx.merge(graphdef, params, *frozen), batch)
 
 
+def check_prune(cfg: Config) -> bool:
+    """True when training keeps a pruning mask (`prune.method` magnitude or N:M); rejects what cannot train."""
+    if cfg.prune.method == "structured":
+        raise ConfigError("prune.method=structured rewrites a checkpoint (python -m llama_jax prune); train on its "
+                          "output with prune.method=none")
+    if cfg.prune.masks_weights and cfg.lora.rank > 0:
+        raise ConfigError("a prune mask applies to full training; LoRA trains adapters only (set lora.rank=0 or "
+                          "prune.method=none)")
+    return cfg.prune.masks_weights
+
+
 class Trainer:
     """Builds and runs the train step of one config on one mesh."""
 
-    def __init__(self, cfg: Config, mesh: Mesh):
-        self.cfg, self.mesh = cfg, mesh
+    def __init__(self, cfg: Config, mesh: Mesh, objective: Objective = NEXT_TOKEN):
+        self.cfg, self.mesh, self.objective = cfg, mesh, objective
         self.lora = cfg.lora.rank > 0
         self.trainable = LoRAParam if self.lora else nnx.Param
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.pruned = check_prune(cfg)
+        if self.pruned:
+            self.tx = optax.chain(keep_pruned(cfg.prune), self.tx)
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
         self.frozen_sharding = state_shardings(abstract_frozen, mesh)
         # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
@@ -85,7 +126,10 @@ class Trainer:
                                         rngs=nnx.Rngs(self.cfg.train.seed)))
 
     def with_adapters(self, model: Llama) -> Llama:
-        """`model` with fresh LoRA adapters attached (seeded by `train.seed`) when LoRA is on; else unchanged."""
+        """`model` with the objective's own weights and fresh LoRA adapters attached (seeded by `train.seed`) when
+        LoRA is on."""
+        if self.objective.attach is not None:
+            model = self.objective.attach(model)
         return lora.attach(model, self.cfg.lora, nnx.Rngs(self.cfg.train.seed + 1)) if self.lora else model
 
     def _split(self, model: Llama) -> tuple[nnx.GraphDef, Any, Any]:
@@ -130,7 +174,11 @@ class Trainer:
             return init(params)
 
     def init_state_from(self, params: Any) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        """Step 0 with fresh optimizer moments; with a `prune` mask, the masked weights are zeroed here."""
+        opt_state = self.tx.init(params)
+        if self.pruned:
+            params = apply_masks(params, masks_of(opt_state))
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
     def set_base(self, model: Llama) -> None:
         """Take `model`'s weights as the frozen base (LoRA), e.g. before restoring adapters from a checkpoint."""
@@ -140,13 +188,15 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.frozen)
 
     def _train_step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        def loss(params: Any, micro: Batch) -> tuple[jax.Array, jax.Array]:
+        def loss(params: Any, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
             model = nnx.merge(self.graphdef, params, frozen)
             with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
-                return model_losses(model, micro)
+                loss_sum, count, sums = self.objective.loss(model, micro)
+            return loss_sum, (count, sums)
 
         grad_fn = jax.value_and_grad(loss, has_aux=True)
-        grads, loss_sum, count = accumulate_gradients(grad_fn, state.params, batch, self.cfg.optim.grad_accum_steps)
+        grads, loss_sum, count, sums = accumulate_gradients(grad_fn, state.params, batch,
+                                                            self.cfg.optim.grad_accum_steps)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss, grad_norm = loss_sum / jnp.maximum(count, 1.0), optax.tree.norm(grads)
@@ -156,7 +206,7 @@ class Trainer:
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                          (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state.step), "tokens": count,
-                   "finite": finite}
+                   "finite": finite, **{k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -1,0 +1,1 @@
+"""Model compression: pruning (`masks`, `structured`, `prune`)."""
