@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -155,89 +154,68 @@ def _run_chat(args: argparse.Namespace) -> None:
 
 
 def _add_config_command(sub: argparse._SubParsersAction, name: str, help: str, example: str, overrides: str,
-                        run: Callable[[Any], Any]) -> None:
-    """A command that runs `run(config)` on a YAML config with `key=value` overrides and prints its report."""
+                        target: str) -> None:
+    """A command that runs the library function `target` ("module:function") on a YAML config with `key=value`
+    overrides and prints its report; the module is imported only when the command runs."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", help=f"key=value config overrides, e.g. {overrides}")
-    p.set_defaults(run=lambda args: _run_config(args, run))
+    p.set_defaults(run=lambda args: _run_config(args, target))
 
 
-def _run_config(args: argparse.Namespace, run: Callable[[Any], Any]) -> None:
+def _run_config(args: argparse.Namespace, target: str) -> None:
+    import importlib
+
     from llama_jax.config import load_config
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
-    print(run(cfg).report())
+    module, function = target.split(":")
+    print(getattr(importlib.import_module(module), function)(cfg).report())
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    def train(cfg: Any) -> Any:
-        from llama_jax.training.loop import train
-        return train(cfg)
     _add_config_command(sub, "train", "pretrain (or resume) a model from a YAML config; see experiments/configs/",
-                        "experiments/configs/shakespeare.yaml", "train.steps=100 optim.lr=1e-3", train)
+                        "experiments/configs/shakespeare.yaml", "train.steps=100 optim.lr=1e-3",
+                        "llama_jax.training.loop:train")
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    def finetune(cfg: Any) -> Any:
-        from llama_jax.training.finetune import finetune
-        return finetune(cfg)
     _add_config_command(sub, "finetune", "supervised fine-tuning (full or LoRA) on JSONL chat/instruction/text data",
-                        "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
+                        "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16",
+                        "llama_jax.training.finetune:finetune")
 
 
-def _align_reward(cfg: Any) -> Any:
-    from llama_jax.alignment.reward import train_reward_model
-    return train_reward_model(cfg)
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    _add_config_command(sub, "distill", "knowledge distillation: train a small student on a frozen teacher's soft "
+                        "targets", "experiments/configs/distill_shakespeare.yaml",
+                        "distill.teacher=DIR distill.temperature=2", "llama_jax.training.distill:distill")
 
 
-def _align_score(cfg: Any) -> Any:
-    from llama_jax.alignment.reward import score_file
-    return score_file(cfg)
-
-
-def _align_dpo(cfg: Any) -> Any:
-    from llama_jax.alignment.dpo import train_dpo
-    return train_dpo(cfg)
-
-
-def _align_ppo(cfg: Any) -> Any:
-    from llama_jax.alignment.ppo import ppo
-    return ppo(cfg)
-
-
-def _align_rejection(cfg: Any) -> Any:
-    from llama_jax.alignment.rejection import rejection_sampling
-    return rejection_sampling(cfg)
-
-
-def _align_gatt(cfg: Any) -> Any:
-    from llama_jax.alignment.gatt import gatt
-    return gatt(cfg)
-
-
-# `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
-ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+# `align <action>`: (help, example config, example overrides, "module:function" run on the config). Add a stage here.
+ALIGN_ACTIONS: dict[str, tuple[str, str, str, str]] = {
     "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
-               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large", _align_reward),
+               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large",
+               "llama_jax.alignment.reward:train_reward_model"),
     "score": ("score prompt/completion JSONL records with a trained reward model",
               "experiments/configs/rm_llama2_7b.yaml", "reward.score_input=IN.jsonl reward.score_output=OUT.jsonl",
-              _align_score),
+              "llama_jax.alignment.reward:score_file"),
     "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
-            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
+            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo",
+            "llama_jax.alignment.dpo:train_dpo"),
     "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
-            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
+            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", "llama_jax.alignment.ppo:ppo"),
     "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",
-                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8", _align_rejection),
+                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8",
+                  "llama_jax.alignment.rejection:rejection_sampling"),
     "gatt": ("Ghost Attention data: dialogs sampled with an instruction on every turn, kept in the first only",
-             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", _align_gatt),
+             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", "llama_jax.alignment.gatt:gatt"),
 }
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="RLHF as Llama 2 did it: " + ", ".join(ALIGN_ACTIONS))
     actions = p.add_subparsers(dest="action", required=True)
-    for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
-        _add_config_command(actions, name, help, example, overrides, run)
+    for name, (help, example, overrides, target) in ALIGN_ACTIONS.items():
+        _add_config_command(actions, name, help, example, overrides, target)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -331,7 +309,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
-            _add_train, _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+            _add_train, _add_finetune, _add_distill, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval,
+            _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Exception as err:
+        if type(err).__name__ == "JaxRuntimeError":
+            from llama_jax.distributed import await_peer_verdict
+            await_peer_verdict(err)
         message = expected_failure(err)
         if message is None or args.debug or debug_enabled():
             raise

@@ -76,3 +76,10 @@ def test_legacy_run_step_without_model_item_loads(tmp_path):
         manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
                                                 config=ocp.args.JsonSave(raw_config)))
     _assert_same(load_pretrained(tmp_path / "run"), model)
+
+
+def test_orbax_export_with_overwrite_replaces_the_old_one(tmp_path):
+    save_pretrained(_model(), tmp_path / "export", format="orbax")
+    newer = Llama(TINY, rngs=nnx.Rngs(4))
+    save_pretrained(newer, tmp_path / "export", format="orbax", overwrite=True)
+    _assert_same(load_pretrained(tmp_path / "export"), newer)

@@ -164,10 +164,11 @@ class _Stream:
 
 
 def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: PathLike, dtype: str) -> None:
-    """Write Meta-named tensors as a parameter directory (layers unstacked, `dtype` parameters)."""
+    """Write Meta-named tensors as a parameter directory (layers unstacked, `dtype` parameters). An existing one is
+    replaced (`write_tensors` has already refused a non-empty directory unless told to overwrite)."""
     path = as_path(path)
     execution = ExecutionConfig(param_dtype=dtype)
     model = build_model(cfg, execution, _Stream(tensors))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(absolute(path / MODEL), model_item(cfg, execution))
+        checkpointer.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(absolute(path / MODEL), model_item(cfg, execution), force=True)

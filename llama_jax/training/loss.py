@@ -19,16 +19,25 @@ LOSS_CHUNK = 1024  # sequence positions per chunk
 def chunked_token_losses(project: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,
                          chunk: int = LOSS_CHUNK) -> jax.Array:
     """Per-token cross-entropy `[batch, seq]` (float32) of `project(features)` logits against integer `targets`."""
-    b, t, d = features.shape
+    return chunked_map(lambda f, y: optax.softmax_cross_entropy_with_integer_labels(project(f), y),
+                       (features, targets), chunk)
+
+
+def chunked_map(per_chunk: Callable[..., jax.Array], arrays: tuple[jax.Array, ...], chunk: int = LOSS_CHUNK
+                ) -> jax.Array:
+    """`per_chunk(*slices) -> [batch, chunk]` over `[batch, seq, ...]` arrays, one sequence chunk at a time (each
+    chunk recomputed in the backward pass), concatenated to `[batch, seq]`."""
+    b, t = arrays[0].shape[:2]
     if t <= chunk:
-        return optax.softmax_cross_entropy_with_integer_labels(project(features), targets)
+        return per_chunk(*arrays)
     n = -(-t // chunk)
-    pad = n * chunk - t
-    f = jnp.pad(features, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
     @jax.checkpoint
-    def one(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(project(pair[0]), pair[1])
+    def one(slices: tuple[jax.Array, ...]) -> jax.Array:
+        return per_chunk(*slices)
 
-    return jax.lax.map(one, (f, y)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return jax.lax.map(one, tuple(split(x) for x in arrays)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
