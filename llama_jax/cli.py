@@ -109,7 +109,8 @@ def _run_prune(args: argparse.Namespace) -> None:
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
+    p.add_argument("--checkpoint", required=True,
+                   help="model checkpoint (an HF dir or any format load_pretrained reads)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
     p.add_argument("--quant", choices=["none", "int8", "int4"],
@@ -305,7 +306,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 503")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long an idle server waits after a request so a burst is prefilled together")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (the rest goes to fsdp)")
     p.add_argument("--quant", choices=["none", "int8", "int4"],
                    help="weight-only int8 (per channel) or int4 (groups of 128) at load (default: as stored)")
