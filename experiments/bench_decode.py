@@ -11,12 +11,15 @@ Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shape
 prompt and new tokens; its tokens/s count the whole call (prefill included). `--llama2c PATH` times a llama2.c `run`
 binary that you built (batch 1 only: it decodes one sequence) on our llama2c export of the same random weights, with
 a synthetic byte-level `tokenizer.bin` and a prompt of the same length; llama2.c's own "achieved tok/s" counts every
-position it runs (prompt positions go one token at a time there). Ratios are this run's, on this machine.
+position it runs (prompt positions go one token at a time there). `--llama2c-runq PATH` does the same for llama2.c's
+int8 `runq` on our version-2 (Q8_0) export. `--quant int8|int4` times weight-only quantized weights
+(`execution.quant`); the floor then counts their packed bytes. Ratios are this run's, on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -32,10 +35,11 @@ from peers import hf_model, measured_bandwidth, record, releasing_torch, timed, 
 
 from llama_jax.checkpoints.io import save_pretrained
 from llama_jax.checkpoints.llama2c import TOKENIZER, write_tokenizer_bin
-from llama_jax.config import ATTENTION, ExecutionConfig, LlamaConfig
+from llama_jax.config import ATTENTION, QUANT, ExecutionConfig, LlamaConfig
 from llama_jax.inference.generate import PAD, bucket, decode_loop_jit, prefill_jit
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
+from llama_jax.quant import parameter_bytes, quantize_model
 from llama_jax.sharding import make_mesh, sharded_init
 
 
@@ -47,10 +51,18 @@ def _timed(fn) -> tuple[float, object]:
 
 
 
-def step_bytes(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, slots: int) -> int:
+def step_bytes(model: Llama, batch: int, slots: int) -> int:
     """Bytes one decode step must read: every weight once, and the keys/values of every cache slot."""
-    cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(execution.dtype).itemsize
-    return cfg.num_params() * jnp.dtype(execution.param_dtype).itemsize + cache
+    cfg = model.cfg
+    cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(model.execution.dtype).itemsize
+    return parameter_bytes(nnx.state(model, nnx.Param)) + cache
+
+
+def random_model(cfg: LlamaConfig, execution: ExecutionConfig) -> Llama:
+    """Random weights born sharded on all devices, then quantized as `execution.quant` asks."""
+    model = sharded_init(lambda: Llama(cfg, dataclasses.replace(execution, quant="none"), rngs=nnx.Rngs(0)),
+                         make_mesh())
+    return quantize_model(model, execution.quant, execution.quant_group_size) if execution.quant != "none" else model
 
 
 def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: int, new_tokens: int,
@@ -59,7 +71,7 @@ def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: 
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + new {new_tokens} exceeds the context of {cfg.max_seq_len}")
     mesh = make_mesh()
-    model = sharded_init(lambda: Llama(cfg, execution, rngs=nnx.Rngs(0)), mesh)
+    model = random_model(cfg, execution)
     graphdef, params = nnx.split(model)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     pad = np.zeros((batch,), np.int32)
@@ -103,12 +115,13 @@ def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_t
     return batch * new_tokens / min(timed(run, 1, 1 if i == 0 else 0) for i in range(repeats))
 
 
-def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int) -> float:
-    """llama2.c's reported tokens/s on our export of `model` (float32), prompt of `prompt_len` tokens."""
+def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int, version: int = 0) -> float:
+    """llama2.c's reported tokens/s on our export of `model` (version 0 float32 for `run`, version 2 int8 for
+    `runq`), prompt of `prompt_len` tokens."""
     if not Path(binary).is_file():
-        raise FileNotFoundError(f"--llama2c {binary} does not exist; build llama2.c's `run` (make runomp) first")
+        raise FileNotFoundError(f"{binary} does not exist; build llama2.c's `run` / `runq` (make runomp) first")
     with tempfile.TemporaryDirectory() as tmp:
-        out = save_pretrained(model, Path(tmp) / "export", format="llama2c", dtype="float32")
+        out = save_pretrained(model, Path(tmp) / "export", format="llama2c", dtype="float32", version=version)
         vocab = model.cfg.vocab_size
         # ids 3..258 are the byte-fallback pieces llama2.c encodes any text with; " " is its dummy prefix.
         pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)] + [b" "]
@@ -136,6 +149,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
     parser.add_argument("--compare-torch", action="store_true", help="also time HF generate with a static cache")
     parser.add_argument("--llama2c", metavar="PATH", help="also time this llama2.c `run` binary (batch 1 rows)")
+    parser.add_argument("--llama2c-runq", metavar="PATH", help="also time this llama2.c int8 `runq` binary (batch 1)")
+    parser.add_argument("--quant", default="none", choices=QUANT, help="weight-only quantization (execution.quant)")
+    parser.add_argument("--quant-group-size", type=int, default=128, help="int4: input features per scale")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -144,18 +160,20 @@ def main() -> None:
     devices = jax.devices()
     bandwidth = measured_bandwidth(0.25 if jax.default_backend() == "cpu" else 1.0)
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); prompt {args.prompt_len}, "
-          f"new {args.new_tokens}, greedy, {args.dtype}; measured memory bandwidth {bandwidth / 1e9:,.0f} GB/s")
+          f"new {args.new_tokens}, greedy, {args.dtype}, quant {args.quant}; measured memory bandwidth "
+          f"{bandwidth / 1e9:,.0f} GB/s")
     header = (f"{'model':<12} {'params':>8} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} "
               f"{'floor ms':>8}")
-    print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c else ""))
+    print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c or args.llama2c_runq else ""))
     print("-" * len(header))
     for preset in args.models.split(","):
         cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
-        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention)
+        execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention,
+                                    quant=args.quant, quant_group_size=args.quant_group_size)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats)
             slots = args.prompt_len + bucket(args.new_tokens, 1)
-            r["floor_ms"] = 1e3 * step_bytes(cfg, execution, batch, slots) / bandwidth
+            r["floor_ms"] = 1e3 * step_bytes(model, batch, slots) / bandwidth
             line = (f"{preset:<12} {r['params_m']:>7.1f}M {batch:>5} {r['prefill_tok_s']:>14,.0f} "
                     f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f} {r['floor_ms']:>8.2f}")
             peers = {}
@@ -163,11 +181,13 @@ def main() -> None:
                 peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats)
             if args.llama2c and batch == 1:
                 peers["llama2c"] = bench_llama2c(args.llama2c, model, args.prompt_len, args.new_tokens)
+            if args.llama2c_runq and batch == 1:
+                peers["llama2c_runq"] = bench_llama2c(args.llama2c_runq, model, args.prompt_len, args.new_tokens, 2)
             for name, rate in peers.items():
                 line += f"  {name} {rate:,.1f} tok/s, ratio {r['decode_tok_s'] / rate:.2f}"
             print(line, flush=True)
             record(args.json, kind="decode", model=preset, layers=cfg.n_layers, batch=batch, dtype=args.dtype,
-                   prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind,
+                   quant=args.quant, prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind,
                    xla_flags=os.environ.get("XLA_FLAGS", ""), **r, **peers)
 
 

@@ -1,9 +1,10 @@
 """Requests/s, tokens/s and p50/p99 latency of `python -m llama_jax serve` under 1, 8 and 32 concurrent clients.
 
 Saves a random-weight model of the chosen shape (default `stories15m`, vocabulary = the tokenizer's) in HF format,
-starts the server as a subprocess on 127.0.0.1, and for each concurrency level runs one unmeasured warm-up round
-(it compiles the batch-size buckets) and then `--rounds` rounds in which every client sends one non-streaming greedy
-completion of `--max-tokens` tokens (random weights rarely emit EOS, so each request decodes them all).
+starts the server as a subprocess on 127.0.0.1, and for each concurrency level runs `--warmup-rounds` unmeasured
+rounds (they compile the shapes that level reaches; which slot counts a burst passes through depends on arrival
+times, so one round may not meet them all) and then `--rounds` rounds in which every client sends one non-streaming
+greedy completion of `--max-tokens` tokens (random weights rarely emit EOS, so each request decodes them all).
 `python experiments/bench_serve.py --tokenizer tokenizer.model`; a smoke run:
 `python experiments/bench_serve.py --tokenizer tok.model --shape tiny --concurrency 1 2 --max-tokens 4 --rounds 1`.
 """
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-words", type=int, default=24)
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per concurrency level")
+    p.add_argument("--warmup-rounds", type=int, default=2, help="unmeasured rounds first, per level")
     args = p.parse_args()
 
     tok = Tokenizer(args.tokenizer)
@@ -92,7 +94,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         try:
             for clients in args.concurrency:
-                asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, 0))  # warm-up: compiles
+                for _ in range(args.warmup_rounds):  # compiles
+                    asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, 0))
                 wall, latencies, tokens = 0.0, [], 0
                 for r in range(args.rounds):
                     seconds, lat, n = asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, r + 1))

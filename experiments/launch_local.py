@@ -43,13 +43,13 @@ def _forward(stream: IO[str], prefix: str) -> None:
         sys.stdout.flush()
 
 
-def launch(config: str, overrides: Sequence[str], processes: int, devices: int) -> int:
+def launch(config: str, overrides: Sequence[str], processes: int, devices: int, command: str = "train") -> int:
     """Start the processes, forward their output, wait for all; returns the first non-zero exit status (or 0)."""
     if processes < 1 or devices < 1:
         raise SystemExit(f"error: --processes ({processes}) and --devices ({devices}) must be at least 1")
     address = f"127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "llama_jax", "train", "--config", config, "train.distributed=true", *overrides]
-    procs = [subprocess.Popen(command, env=process_env(dict(os.environ), devices, address, processes, i),
+    argv = [sys.executable, "-m", "llama_jax", command, "--config", config, "train.distributed=true", *overrides]
+    procs = [subprocess.Popen(argv, env=process_env(dict(os.environ), devices, address, processes, i),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
              for i in range(processes)]
     for i, p in enumerate(procs):
@@ -88,10 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", "-n", type=int, default=2, help="number of processes (simulated hosts)")
     parser.add_argument("--devices", "-d", type=int, default=4, help="simulated CPU devices per process")
+    parser.add_argument("--command", default="train", choices=["train", "finetune"], help="what every process runs")
     parser.add_argument("--config", required=True, help="training YAML config")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides passed to every process")
     args = parser.parse_args(argv)
-    return launch(args.config, args.overrides, args.processes, args.devices)
+    return launch(args.config, args.overrides, args.processes, args.devices, args.command)
 
 
 if __name__ == "__main__":

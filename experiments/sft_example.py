@@ -13,6 +13,7 @@ prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,8 @@ def chat_corpus(records: list[dict]) -> list[str]:
 def random_base(out: Path, model: LlamaConfig, corpus: list[str]) -> Tokenizer:
     """Train `out/tokenizer.model` on `corpus` and write a randomly initialised `model` to `out/random`."""
     tokenizer = Tokenizer.train(iter(corpus), model.vocab_size, out / "tokenizer", overwrite=True)
+    # a small corpus (the notebook's test settings) yields fewer pieces; the model must not emit ids beyond them
+    model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
     save_pretrained(Llama(model, rngs=nnx.Rngs(0)), out / "random", "orbax", overwrite=True)
     return tokenizer
 
@@ -88,18 +91,23 @@ def accuracy(model: Llama, tokenizer: Tokenizer, records: list[dict]) -> float:
 VARIANTS = {"full": (), "lora": ("lora.rank=8", "lora.alpha=16", "lora.targets=[.*]")}
 
 
-def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
-    """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
+def make_data(out: Path, n_train: int, n_test: int = 100) -> tuple[dict[str, str], list[dict], Tokenizer]:
+    """The task's JSONL files (chat `train` / `valid`, plain-text `text` for the base), held-out test records, and
+    the tokenizer and random init (`out/random`) of `random_base`."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    n_train = max(64, int(2000 * scale))
-    train, valid, test = task(rng, n_train), task(rng, 64), task(rng, 100)
+    train, valid, test = task(rng, n_train), task(rng, 64), task(rng, n_test)
     text = [{"text": f"{' '.join(w)} backwards is {' '.join(reversed(w))}"}
             for w in (list(rng.choice(WORDS, 3, replace=False)) for _ in range(2 * n_train))]
     files = {name: write_jsonl(out / f"{name}.jsonl", recs)
              for name, recs in (("train", train), ("valid", valid), ("text", text))}
-    corpus = [t["text"] for t in text]
-    tokenizer = random_base(out, MODEL, chat_corpus(train) + corpus)
+    tokenizer = random_base(out, MODEL, chat_corpus(train) + [t["text"] for t in text])
+    return files, test, tokenizer
+
+
+def run(out: Path, scale: float = 1.0, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
+    """Build the data, tokenizer and base, fine-tune each variant, and return the measured numbers per variant."""
+    files, test, tokenizer = make_data(out, max(64, int(2000 * scale)))
 
     def tune(name: str, init_from: str, data: str, epochs: float, *extra: str) -> tuple[float, Any]:
         return finetune_run(out, name, init_from, data, files["valid"], epochs, *extra)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -110,14 +109,25 @@ def _run_prune(args: argparse.Namespace) -> None:
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (an HF dir or any format load_pretrained reads)")
+    p.add_argument("--checkpoint", required=True,
+                   help="model checkpoint (an HF dir or any format load_pretrained reads)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
+    p.add_argument("--quant", choices=["none", "int8", "int4"],
+                   help="weight-only quantization applied at load (default: as the checkpoint stores it)")
+    p.add_argument("--quant-group-size", type=int, default=128, help="int4: input features sharing one scale")
     p.add_argument("--max-new-tokens", type=int, default=max_new, help="stop after this many tokens (or at EOS)")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+
+
+def _load_for_decoding(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(tokenizer, model) as the decoding arguments ask."""
+    from llama_jax import Tokenizer, load_pretrained
+    quant = {} if args.quant is None else {"quant": args.quant, "quant_group_size": args.quant_group_size}
+    return Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype, **quant)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -128,10 +138,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from llama_jax import Tokenizer, generate_text, load_pretrained
+    from llama_jax import generate_text
     from llama_jax.tokenizer import check_utf8
     prompt = check_utf8(args.prompt, "--prompt")
-    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    tokenizer, model = _load_for_decoding(args)
     print(prompt, end="", flush=True)
     generate_text(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                   args.seed, on_text=lambda _, piece: print(piece, end="", flush=True))
@@ -147,97 +157,75 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> None:
-    from llama_jax import Tokenizer, load_pretrained
     from llama_jax.inference.chat_session import chat
-    tokenizer, model = Tokenizer(args.tokenizer), load_pretrained(args.checkpoint, dtype=args.dtype)
+    tokenizer, model = _load_for_decoding(args)
     chat(model, tokenizer, sys.stdin, lambda text: print(text, end="", flush=True), args.system,
          args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
 def _add_config_command(sub: argparse._SubParsersAction, name: str, help: str, example: str, overrides: str,
-                        run: Callable[[Any], Any]) -> None:
-    """A command that runs `run(config)` on a YAML config with `key=value` overrides and prints its report."""
+                        target: str) -> None:
+    """A command that runs the library function `target` ("module:function") on a YAML config with `key=value`
+    overrides and prints its report; the module is imported only when the command runs."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     p.add_argument("overrides", nargs="*", help=f"key=value config overrides, e.g. {overrides}")
-    p.set_defaults(run=lambda args: _run_config(args, run))
+    p.set_defaults(run=lambda args: _run_config(args, target))
 
 
-def _run_config(args: argparse.Namespace, run: Callable[[Any], Any]) -> None:
+def _run_config(args: argparse.Namespace, target: str) -> None:
+    import importlib
+
     from llama_jax.config import load_config
     cfg = load_config(args.config, args.overrides)  # config errors surface before the heavy imports
-    print(run(cfg).report())
+    module, function = target.split(":")
+    print(getattr(importlib.import_module(module), function)(cfg).report())
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    def train(cfg: Any) -> Any:
-        from llama_jax.training.loop import train
-        return train(cfg)
     _add_config_command(sub, "train", "pretrain (or resume) a model from a YAML config; see experiments/configs/",
-                        "experiments/configs/shakespeare.yaml", "train.steps=100 optim.lr=1e-3", train)
+                        "experiments/configs/shakespeare.yaml", "train.steps=100 optim.lr=1e-3",
+                        "llama_jax.training.loop:train")
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    def finetune(cfg: Any) -> Any:
-        from llama_jax.training.finetune import finetune
-        return finetune(cfg)
     _add_config_command(sub, "finetune", "supervised fine-tuning (full or LoRA) on JSONL chat/instruction/text data",
-                        "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16", finetune)
+                        "experiments/configs/sft_llama2_7b.yaml", "finetune.init_from=DIR lora.rank=16",
+                        "llama_jax.training.finetune:finetune")
 
 
-def _align_reward(cfg: Any) -> Any:
-    from llama_jax.alignment.reward import train_reward_model
-    return train_reward_model(cfg)
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    _add_config_command(sub, "distill", "knowledge distillation: train a small student on a frozen teacher's soft "
+                        "targets", "experiments/configs/distill_shakespeare.yaml",
+                        "distill.teacher=DIR distill.temperature=2", "llama_jax.training.distill:distill")
 
 
-def _align_score(cfg: Any) -> Any:
-    from llama_jax.alignment.reward import score_file
-    return score_file(cfg)
-
-
-def _align_dpo(cfg: Any) -> Any:
-    from llama_jax.alignment.dpo import train_dpo
-    return train_dpo(cfg)
-
-
-def _align_ppo(cfg: Any) -> Any:
-    from llama_jax.alignment.ppo import ppo
-    return ppo(cfg)
-
-
-def _align_rejection(cfg: Any) -> Any:
-    from llama_jax.alignment.rejection import rejection_sampling
-    return rejection_sampling(cfg)
-
-
-def _align_gatt(cfg: Any) -> Any:
-    from llama_jax.alignment.gatt import gatt
-    return gatt(cfg)
-
-
-# `align <action>`: (help, example config, example overrides, library function of the config). Add a stage here.
-ALIGN_ACTIONS: dict[str, tuple[str, str, str, Callable[[Any], Any]]] = {
+# `align <action>`: (help, example config, example overrides, "module:function" run on the config). Add a stage here.
+ALIGN_ACTIONS: dict[str, tuple[str, str, str, str]] = {
     "reward": ("train a reward model on preference pairs (ranking loss with margin), report held-out accuracy",
-               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large", _align_reward),
+               "experiments/configs/rm_llama2_7b.yaml", "reward.margin=large",
+               "llama_jax.alignment.reward:train_reward_model"),
     "score": ("score prompt/completion JSONL records with a trained reward model",
               "experiments/configs/rm_llama2_7b.yaml", "reward.score_input=IN.jsonl reward.score_output=OUT.jsonl",
-              _align_score),
+              "llama_jax.alignment.reward:score_file"),
     "dpo": ("direct preference optimisation (dpo, ipo, label-smoothed) from an SFT checkpoint",
-            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo", _align_dpo),
+            "experiments/configs/dpo_llama2_7b.yaml", "dpo.beta=0.1 dpo.variant=ipo",
+            "llama_jax.alignment.dpo:train_dpo"),
     "ppo": ("PPO against a reward (model or callable) with a KL penalty to the initial policy",
-            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", _align_ppo),
+            "experiments/configs/ppo_tiny.yaml", "ppo.iterations=50 ppo.kl_coef=0.02", "llama_jax.alignment.ppo:ppo"),
     "rejection": ("best-of-K sampling scored by a reward, written as SFT data and fine-tuned on",
-                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8", _align_rejection),
+                  "experiments/configs/rejection_tiny.yaml", "rejection.samples=8",
+                  "llama_jax.alignment.rejection:rejection_sampling"),
     "gatt": ("Ghost Attention data: dialogs sampled with an instruction on every turn, kept in the first only",
-             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", _align_gatt),
+             "experiments/configs/gatt_tiny.yaml", "gatt.max_combined=3", "llama_jax.alignment.gatt:gatt"),
 }
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="RLHF as Llama 2 did it: " + ", ".join(ALIGN_ACTIONS))
     actions = p.add_subparsers(dest="action", required=True)
-    for name, (help, example, overrides, run) in ALIGN_ACTIONS.items():
-        _add_config_command(actions, name, help, example, overrides, run)
+    for name, (help, example, overrides, target) in ALIGN_ACTIONS.items():
+        _add_config_command(actions, name, help, example, overrides, target)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -318,8 +306,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 503")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long an idle server waits after a request so a burst is prefilled together")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (the rest goes to fsdp)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"],
+                   help="weight-only int8 (per channel) or int4 (groups of 128) at load (default: as stored)")
     p.set_defaults(run=_run_serve)
 
 
@@ -327,11 +318,12 @@ def _run_serve(args: argparse.Namespace) -> None:
     from llama_jax.serving.engine import BatchingConfig
     from llama_jax.serving.server import serve
     serve(args.checkpoint, args.tokenizer, args.host, args.port, args.dtype, args.model_name,
-          BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor)
+          BatchingConfig(args.max_batch, args.max_queue, args.batch_wait_ms), args.tensor, args.quant)
 
 
 COMMANDS = [_add_info, _add_tokenizer, _add_convert, _add_resize_vocab, _add_prune, _add_generate, _add_chat,
-            _add_train, _add_finetune, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval, _add_serve]
+            _add_train, _add_finetune, _add_distill, _add_align, _add_merge, _add_eval, _add_plan, _add_lm_eval,
+            _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Exception as err:
+        if type(err).__name__ == "JaxRuntimeError":
+            from llama_jax.distributed import await_peer_verdict
+            await_peer_verdict(err)
         message = expected_failure(err)
         if message is None or args.debug or debug_enabled():
             raise

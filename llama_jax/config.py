@@ -22,12 +22,21 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv", "save_attention", "of
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("halt", "skip")
+QUANT = ("none", "int8", "int4")
+LOSS_SCALES = ("auto", "dynamic", "none")
 MARGIN_TABLES = ("none", "small", "large")  # llama_jax.alignment.rewards_math.MARGINS
 DPO_VARIANTS = ("dpo", "ipo")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 class _Loader(yaml.SafeLoader):
@@ -162,7 +171,8 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_s
 @dataclass(frozen=True)
 class ExecutionConfig:
     """How a model runs: dtypes, rematerialisation, layer scan, attention implementation (`llama_jax.attention`:
-    auto | xla | cudnn | splash). Never stored as part of a checkpoint's architecture
+    auto | xla | cudnn | splash), weight-only quantization (`llama_jax.quant`: none | int8 per channel | int4 in
+    groups of `quant_group_size` input features). Never stored as part of a checkpoint's architecture
     and free to change at load time (a run trained with one setting resumes or loads under another)."""
 
     param_dtype: str = "float32"
@@ -170,13 +180,17 @@ class ExecutionConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "auto"
+    quant: str = "none"
+    quant_group_size: int = 128
 
     def __post_init__(self) -> None:
         for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attention", ATTENTION)):
+                              ("attention", ATTENTION), ("quant", QUANT)):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{nearest(str(value), choices)}")
+        if self.quant_group_size < 1:
+            raise ConfigError(f"execution.quant_group_size must be positive, got {self.quant_group_size}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)
@@ -249,7 +263,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (Llama 2 paper defaults)."""
+    """AdamW with linear warmup and cosine decay (Llama 2 paper defaults).
+
+    `loss_scale` (see `training.loss_scale`): `dynamic` (start at 2^16, double after `loss_scale_period` clean steps,
+    halve and skip the update on an Inf/NaN gradient), a number (a fixed scale), `none`, or `auto` = dynamic when
+    `execution.dtype` is float16, else none.
+    """
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -260,8 +279,15 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
+    loss_scale: str = "auto"
+    loss_scale_period: int = 2000
 
     def __post_init__(self) -> None:
+        if self.loss_scale not in LOSS_SCALES and not _positive_number(self.loss_scale):
+            raise ConfigError(f"optim.loss_scale '{self.loss_scale}' is not one of {LOSS_SCALES} or a positive number"
+                              f"{nearest(self.loss_scale, LOSS_SCALES)}")
+        if self.loss_scale_period < 1:
+            raise ConfigError(f"optim.loss_scale_period must be at least 1, got {self.loss_scale_period}")
         for name in ("lr", "eps", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
@@ -331,24 +357,45 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
 
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora needs rank >= 0 (0 = full fine-tuning), alpha > 0 and 0 <= dropout < 1; got "
+                              f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}")
+
 
 @dataclass
 class FinetuneConfig:
     """Supervised fine-tuning data and schedule (Llama 2: 2 epochs, packed, loss on the answers only).
 
-    `train` / `validation` are JSONL files (comma-separated paths or globs; gs:// works) whose records hold
-    `messages` (Llama-2-chat dialogs), `prompt` + `completion`, or `text`. `bad_records` decides what an unusable
-    record does: `truncate` cuts over-long examples and skips malformed ones, `skip` skips both, `fail` stops at the
-    first; every skipped record is reported with its file and line. `epochs` > 0 sets `train.steps` from the data.
+    `train` / `validation` are JSONL files (comma-separated paths or globs; gs:// works), a TFDS dataset
+    `tfds:NAME[:VERSION]` (in `data.data_dir`) or a Hugging Face dataset `hf:ORG/NAME[:config]` / `hf:/path` (a
+    `save_to_disk` directory or a directory of data files), read from `train_split` / `validation_split`. Records
+    hold `messages` (Llama-2-chat dialogs), `prompt` + `completion`, or `text`; `fields` renames other column names
+    to these (`{prompt: question, completion: answer}`). `bad_records` decides what an unusable record does:
+    `truncate` cuts over-long examples and skips malformed ones, `skip` skips both, `fail` stops at the first; every
+    skipped record is reported with its file and line (record index for datasets). `epochs` > 0 sets `train.steps`
+    from the data.
     """
 
     init_from: str | None = None
     train: str = ""
     validation: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    fields: dict[str, str] = field(default_factory=dict)
     epochs: float = 2.0
     packing: bool = True
     last_turn_only: bool = False
     bad_records: str = "truncate"
+
+    def __post_init__(self) -> None:
+        shapes = ("messages", "prompt", "completion", "text")
+        if not isinstance(self.fields, dict) or not all(isinstance(v, str) for v in self.fields.values()):
+            raise ConfigError("finetune.fields must map record fields to column names, e.g. "
+                              f"{{prompt: question, completion: answer}}, got {self.fields!r}")
+        unknown = sorted(set(self.fields) - set(shapes))
+        if unknown:
+            raise ConfigError(f"finetune.fields keys {unknown} are not record fields; use some of {list(shapes)}")
 
 
 PRUNE_METHODS = ("none", "magnitude", "structured")  # plus N:M patterns such as "2:4"
@@ -556,6 +603,28 @@ class GattConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`python -m llama_jax distill`): the student (the `model` section, or `train.init_from`)
+    learns from the frozen `teacher` (any checkpoint format) with loss `alpha * T^2 * KL(teacher_T || student_T) +
+    (1 - alpha) * CE(student, next token)`, where `_T` are the softmaxes at `temperature` T; `hidden_weight` > 0 adds
+    that times the mean squared error between the teacher's final hidden states and the student's (through a learned
+    `dim_student x dim_teacher` projection when the widths differ)."""
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be positive, got {self.temperature}")
+        if self.hidden_weight < 0:
+            raise ConfigError(f"distill.hidden_weight must not be negative, got {self.hidden_weight}")
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.preset("tiny"))
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -572,6 +641,7 @@ class Config:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

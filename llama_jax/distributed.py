@@ -6,20 +6,30 @@ With `train.distributed` set, each process calls `jax.distributed.initialize` be
 the config (`train.coordinator_address`, `train.num_processes`, `train.process_id`) or, for any left unset, from the
 environment variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
 
-If a process dies, the others would wait for it in their next collective; instead JAX's coordination service notices
-its missing heartbeats within `train.heartbeat_timeout_s` and ends every process with "Terminating process because
-the JAX distributed service detected fatal errors ... another task died" (a non-zero exit a scheduler can restart).
+If a process dies, the others would wait for it in their next collective, and JAX's coordination service, noticing
+its missing heartbeats after `train.heartbeat_timeout_s`, would end them with a C++ fatal error and stack trace (the
+`missed_heartbeat_callback` that could replace it cannot be used from Python in jaxlib 0.10: calling it aborts with
+std::bad_cast). So `PeerWatch` keeps a heartbeat of its own in the service's key-value store, checked in half that
+time: a survivor prints one line naming the silent process and how to resume, and exits with status 3 before JAX's
+fatal path (and before the run dir's lock or an interrupted save could matter: checkpoints commit atomically). A
+collective that fails because a peer's connection dropped (CPU collectives raise at once) waits for that verdict.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 from collections.abc import Mapping
 
 import jax
 
 from llama_jax.config import ConfigError, TrainConfig
 
+PEER_LOST_STATUS = 3
+ALIVE_KEY = "llama_jax/alive"
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
@@ -66,3 +76,87 @@ def initialize(train: TrainConfig) -> None:
                "and before any other JAX use")
         raise ConfigError(f"train.distributed=true but jax.distributed.initialize failed "
                           f"({str(err).splitlines()[0]}); {how}") from err
+    if jax.process_count() > 1:
+        PeerWatch.start_for(train.heartbeat_timeout_s / 2)
+
+
+class PeerWatch(threading.Thread):
+    """Every `interval` s: bump this process's counter under ALIVE_KEY and read the others'; a peer whose counter has
+    not moved for `limit` s, or an unreachable coordinator, ends this process with one line (`exit_lost_peer`).
+
+    At interpreter exit the counter becomes "done", so a peer that finished first (and stops beating while it waits
+    in JAX's shutdown barrier) is not mistaken for a dead one.
+    """
+
+    current: PeerWatch | None = None
+
+    def __init__(self, limit: float, interval: float):
+        super().__init__(name="llama_jax-peer-watch", daemon=True)
+        from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize connected
+
+        self.client = jax_distributed.global_state.client
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.limit, self.interval = limit, interval
+        self.stopping = threading.Event()
+
+    @classmethod
+    def start_for(cls, limit: float) -> PeerWatch:
+        cls.current = cls(limit, min(1.0, limit / 4))
+        cls.current.start()
+        atexit.register(cls.current.finish)
+        return cls.current
+
+    def finish(self) -> None:
+        self.stopping.set()
+        try:
+            self.client.key_value_set(f"{ALIVE_KEY}/{self.index}", "done", allow_overwrite=True)
+        except Exception:  # the coordinator may be gone already; peers then learn it from JAX's shutdown
+            pass
+
+    def run(self) -> None:
+        seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in range(self.count)}
+        beat = 0
+        while not self.stopping.wait(self.interval):
+            beat += 1
+            try:
+                self.client.key_value_set(f"{ALIVE_KEY}/{self.index}", str(beat), allow_overwrite=True)
+                values = {p: self._read(p) for p in seen if p != self.index}
+            except Exception as err:
+                if not self.stopping.is_set():
+                    exit_lost_peer(f"the coordinator (process 0) of this {self.count}-process run is unreachable "
+                                   f"({str(err).splitlines()[0][:120]})", self.index)
+                return
+            now = time.monotonic()
+            for p, value in values.items():
+                if value == "done":
+                    continue
+                if value != seen[p][0]:
+                    seen[p] = (value, now)
+                elif now - seen[p][1] > self.limit and not self.stopping.is_set():
+                    exit_lost_peer(f"process {p} of this {self.count}-process run stopped responding "
+                                   f"{now - seen[p][1]:.0f} s ago (killed, crashed or its host is unreachable; "
+                                   "see its log)", self.index)
+
+    def _read(self, process: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(f"{ALIVE_KEY}/{process}")
+        except Exception as err:
+            if "NOT_FOUND" in str(err):  # that peer's first beat has not arrived yet
+                return None
+            raise
+
+
+def exit_lost_peer(what: str, index: int) -> None:
+    """End this process at once with one line: a normal exit would block in JAX's shutdown barrier and then abort."""
+    print(f"\nerror: {what}; process {index} stops too. Start every process again with the same command: training "
+          "resumes from the last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PEER_LOST_STATUS)
+
+
+def await_peer_verdict(err: BaseException) -> None:
+    """After `err` in a multi-process run: if a peer has died (a collective fails at once when its connection drops),
+    give `PeerWatch` the time to notice and end the process with its line; returns if no peer is missing."""
+    watch = PeerWatch.current
+    if watch is not None and watch.is_alive() and type(err).__name__ == "JaxRuntimeError":
+        watch.join(watch.limit + 2 * watch.interval + 1)

@@ -4,7 +4,8 @@ An adapter on projection `W` (model layout, input dims first) adds `alpha / rank
 with `A: [*in, rank]` and `B: [rank, *out]`; B starts at zero, so a fresh adapter leaves the model unchanged.
 Adapters are attached as `lora_<param>` attributes (which `llama_jax.model.project` picks up), their weights are
 `LoRAParam`s (float32 whatever the base dtype) so a filter separates them from the frozen base, and with
-`scan_layers` they carry the same leading layer axis as the weights they adapt.
+`scan_layers` they carry the same leading layer axis as the weights they adapt. Over a quantized base
+(`execution.quant`, QLoRA) the adapters are float32 as always and the base stays int8/int4; merging dequantizes it.
 
 qwix was evaluated first: its NNX LoRA creates adapter weights lazily inside the first forward call and picks them
 by module path, but our blocks run as `nnx.merge`d copies inside `jax.checkpoint`/`lax.scan` (so lazily created
@@ -26,6 +27,7 @@ from flax import nnx
 
 from llama_jax.config import ConfigError, LoraConfig
 from llama_jax.model import Llama
+from llama_jax.quant import QuantizedWeight, dequantize_model
 
 # Short target names (PEFT's module names also accepted) -> (sub-module, parameter) inside a Block.
 TARGETS = {
@@ -130,8 +132,10 @@ def attach(model: Llama, cfg: LoraConfig, rngs: nnx.Rngs) -> Llama:
         for short in resolve_targets(cfg.targets):
             module_name, param = TARGETS[short]
             module = getattr(block, module_name)
-            setattr(module, f"lora_{param}", LoRA(getattr(module, param), cfg.rank, cfg.alpha, cfg.dropout, stacked,
-                                                  rngs, INPUT_DIMS.get(param, 1), tag))
+            base = getattr(module, param)
+            base = base.qvalue if isinstance(base, QuantizedWeight) else base  # same shape and axes
+            setattr(module, f"lora_{param}", LoRA(base, cfg.rank, cfg.alpha, cfg.dropout, stacked, rngs,
+                                                  INPUT_DIMS.get(param, 1), tag))
             tag += 1
     return model
 
@@ -148,7 +152,8 @@ def adapters(model: Llama) -> Iterator[tuple[int | None, str, Any, str, LoRA]]:
 
 def merge(model: Llama) -> Llama:
     """Fold every adapter into its base weight (`W + scale * A @ B`, in the weight's dtype) and detach it, in place;
-    the result is a plain `Llama` that saves in any checkpoint format."""
+    the result is a plain `Llama` that saves in any checkpoint format (a quantized base is dequantized first)."""
+    dequantize_model(model)
     for _, _, module, param, adapter in list(adapters(model)):
         weight = getattr(module, param)
         weight[...] = (weight[...].astype(jnp.float32) + adapter.delta()).astype(weight.dtype)

@@ -8,6 +8,7 @@ heads j*r .. (j+1)*r-1, SwiGLU, no biases. Parameters carry logical axis names (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import Visibility, attention
 from llama_jax.config import ExecutionConfig, LlamaConfig
+from llama_jax.quant import QuantizedWeight, quantize_model
 from llama_jax.sharding import constrain
 
 # What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: the attention
@@ -33,6 +35,10 @@ REMAT = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(ATTENTION_NAMES),
         offload_src="device", offload_dst="pinned_host"),
 }
+
+# Every linear projection of a Block: (sub-module, parameter) -> how many leading input dims it contracts.
+PROJECTIONS = {("attention", "wq"): 1, ("attention", "wk"): 1, ("attention", "wv"): 1, ("attention", "wo"): 2,
+               ("feed_forward", "w1"): 1, ("feed_forward", "w3"): 1, ("feed_forward", "w2"): 1}
 
 
 @jax.tree_util.register_dataclass
@@ -93,10 +99,16 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
+def weight(module: nnx.Module, name: str, dtype: Any) -> jax.Array:
+    """`module.<name>` as a `dtype` array: a float parameter cast, a quantized one (`llama_jax.quant`) dequantized."""
+    value = getattr(module, name)
+    return value.dequantize(dtype) if isinstance(value, QuantizedWeight) else value[...].astype(dtype)
+
+
 def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
     """`einsum(spec, x, module.<name>)` plus the low-rank update of a LoRA adapter attached as `module.lora_<name>`
     (see `llama_jax.lora`); the model itself never creates adapters."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    y = jnp.einsum(spec, x, weight(module, name, x.dtype))
     adapter = getattr(module, f"lora_{name}", None)
     return y if adapter is None else y + adapter(x)
 
@@ -183,7 +195,8 @@ class Llama(nnx.Module):
 
     `cfg` is the architecture (what checkpoints store); `execution` says how it runs (dtypes, remat, layer scan).
     With `cache=KVCache`, the tokens are written at `cache.index` and `(logits, new_cache)` is returned, so prefill
-    and step-by-step decoding share this one code path. `mask` (`[batch, seq, slots]`, True = may attend) and
+    and step-by-step decoding share this one code path. With `execution.quant`, the projections are born quantized
+    (`llama_jax.quant`; a random init is quantized after drawing). `mask` (`[batch, seq, slots]`, True = may attend) and
     `segment_ids` (packed sequences) are combined with the causal mask; `positions` default to
     `cache.index + arange(seq)`. Attention runs through `llama_jax.attention` with `execution.attention`.
     """
@@ -203,6 +216,8 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg, execution)
         if not cfg.tie_embeddings:
             self.output = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, cfg.dim)
+        if execution.quant != "none":
+            quantize_model(self, execution.quant, execution.quant_group_size)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
                  cache: KVCache | None = None, segment_ids: jax.Array | None = None
@@ -239,9 +254,21 @@ class Llama(nnx.Module):
 
     def logits(self, features: jax.Array) -> jax.Array:
         """float32 `[..., vocab]` logits of final-norm hidden states (a slice of them works too)."""
-        head = self.tok_embeddings[...].T if self.cfg.tie_embeddings else self.output[...]
-        logits = jnp.einsum("BTD,DV->BTV", features, head.astype(features.dtype), preferred_element_type=jnp.float32)
+        if self.cfg.tie_embeddings:
+            head = self.tok_embeddings[...].T.astype(features.dtype)
+        else:
+            head = weight(self, "output", features.dtype)
+        logits = jnp.einsum("BTD,DV->BTV", features, head, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
+
+    def projections(self) -> Iterator[tuple[nnx.Module, str, int]]:
+        """`(owner module, parameter name, input dims)` of every linear projection: each block's (one stacked block
+        with `scan_layers`), then the untied output head."""
+        for block in [self.layers] if self.execution.scan_layers else list(self.layers):
+            for (module, name), in_dims in PROJECTIONS.items():
+                yield getattr(block, module), name, in_dims
+        if not self.cfg.tie_embeddings:
+            yield self, "output", 1
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None
                     ) -> tuple[jax.Array, KVCache | None]:

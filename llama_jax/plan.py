@@ -218,7 +218,7 @@ def plan_step(cfg: Config, target: Target, headroom: float = DEFAULT_HEADROOM) -
     batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))}
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = trainer.jitted_train_step(batch).lower(state, frozen, batch).compile()
+        compiled = trainer.jitted_train_step(batch).lower(state, frozen, trainer.objective.inputs, batch).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     params, opt, data, fixed = (bytes_per_device(x) for x in (state.params, state.opt_state, batch, frozen))

@@ -163,3 +163,35 @@ def test_mismatched_resume_is_refused_untouched_and_a_corrected_rerun_continues(
     out, err = capsys.readouterr()
     assert "stopped at step 3" in out and "Exception ignored" not in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ("finetune finetune.train=hf:{tmp}/nope", "no directory {tmp}/nope"),
+    ("finetune finetune.train={tmp}", "is a directory"),
+    ("finetune finetune.train={root}/sft.jsonl finetune.fields=prompt", "finetune.fields must map"),
+    ("finetune finetune.train={root}/sft.jsonl finetune.fields={{\"question\":\"q\"}}", "not record fields"),
+    ("finetune finetune.train={root}/sft.jsonl finetune.init_from={tmp}/missing", "{tmp}/missing"),
+    ("finetune finetune.train={root}/sft.jsonl finetune.init_from=null", "finetune.init_from is not set"),
+    ("finetune finetune.train={root}/sft.jsonl lora.rank=-2", "rank >= 0"),
+    ("finetune finetune.train={root}/sft.jsonl lora.rank=2 lora.targets=[zz]", "'zz' matches no module"),
+    ("train mesh.data=2 mesh.fsdp=2", "set one axis to -1"),
+    ("train model.n_heads=3", "divisible by model.n_heads"),
+    ("train data.seq_len=64", "max_seq_len"),
+    ("train train.batch_size=0", "batch size 0"),
+    ("generate --checkpoint {tmp} --tokenizer {tok} --prompt a", "not a known checkpoint layout"),
+    ("generate --checkpoint {hf} --tokenizer {tmp} --prompt a", "tokenizer model not found"),
+    ("generate --checkpoint {hf} --tokenizer {tok} --prompt a --max-new-tokens -3", "max_new_tokens"),
+    ("generate --checkpoint {hf} --tokenizer {tok} --prompt a --temperature -1", "temperature"),
+    ("generate --checkpoint {hf} --tokenizer {tok} --prompt a --top-p 2", "top_p"),
+    ("merge --base {hf} --adapter {tmp} --output {tmp}/merged", "no adapter_config.json"),
+    ("plan --topology v5e-7", "no standard slice shape"),
+])
+def test_more_bad_inputs_of_a_new_user(files, tmp_path, capsys, args, expected):
+    """Config, data, tokenizer, checkpoint, sampling, path, mesh and topology mistakes beyond the ones above."""
+    (files["root"] / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    names = {"tmp": tmp_path, "root": files["root"], "hf": files["hf"], "tok": files["tokenizer"]}
+    command, *rest = args.format(**names).split()
+    if command in ("train", "finetune"):
+        base = [f"finetune.init_from={files['hf']}"] if command == "finetune" else []
+        rest = ["--config", str(files["config"]), f"checkpoint.dir={tmp_path / 'run'}", *base, *rest]
+    fails_cleanly([command, *rest], capsys, files["root"], expected.format(**names))

@@ -1,6 +1,7 @@
 """The lm-evaluation-harness adapter: a local multiple-choice task scored through lm_eval equals our direct math."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -161,6 +162,47 @@ def test_cli_runs_lm_eval_with_our_model(reference):
         [sys.executable, "-m", "llama_jax", "lm-eval", "run", "--model", "llama_jax", "--model_args",
          f"checkpoint={tiny.hf_dir},tokenizer={tiny.tok_path}", "--tasks", "tiny_mc", "--include_path", tasks,
          "--batch_size", "4", "--output_path", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
+    assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx(_expected_accuracies(tiny, QUESTIONS), abs=1e-9)
+
+
+def _venv_with_llama_jax(root):
+    """A fresh venv holding an installed copy of this repository (built as pip builds it: wheel, the .pth, entry
+    points), seeing the test environment's other packages through a .pth of its own."""
+    import shutil
+    import site
+    from pathlib import Path
+
+    repo, src, venv = Path(__file__).parents[1], root / "src", root / "venv"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "llama_jax_lm_eval.py", "llama_jax_lm_eval.pth"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "llama_jax", src / "llama_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    base = [p for p in site.getsitepackages() if p.endswith("site-packages")]
+    Path(purelib, "test_base.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in base))
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
+                   check=True, capture_output=True, timeout=300)
+    return python
+
+
+@pytest.mark.e2e
+@pytest.mark.torch_ref
+def test_plain_lm_eval_command_finds_installed_llama_jax(reference, tmp_path):
+    """`lm_eval --model llama_jax` (lm_eval's own entry point, no llama_jax wrapper) on an installed llama_jax."""
+    tiny = reference
+    python = _venv_with_llama_jax(tmp_path)
+    tasks, out = _write_task(tiny.root, QUESTIONS), tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed copy
+    result = subprocess.run(
+        [python, "-m", "lm_eval", "--model", "llama_jax", "--model_args",
+         f"checkpoint={tiny.hf_dir},tokenizer={tiny.tok_path}", "--tasks", "tiny_mc", "--include_path", tasks,
+         "--batch_size", "4", "--output_path", str(out)], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
     assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx(_expected_accuracies(tiny, QUESTIONS), abs=1e-9)

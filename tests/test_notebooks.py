@@ -59,3 +59,19 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
                for o in c.outputs)
     assert (tmp_path / "run-hf" / "config.json").is_file()
     assert "['system', 'user', 'assistant', 'user', 'assistant']" in joined
+
+
+@pytest.mark.e2e
+def test_finetune_runs_top_to_bottom(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    out = tmp_path / "ft"
+    nb = _with_parameters(nbformat.read(REPO / "experiments" / "notebooks" / "finetune.ipynb", as_version=4),
+                          INSTALL=False, OUT=str(out), N_TRAIN=64, N_TEST=8, BASE_EPOCHS=1.0, LORA_EPOCHS=1.0)
+
+    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+
+    joined = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                       if o.output_type == "stream")
+    assert "accuracy before fine-tuning:" in joined and "accuracy after LoRA fine-tuning:" in joined
+    assert "['adapter_config.json', 'adapter_model.safetensors']" in joined and "'peft_type': 'LORA'" in joined
+    assert (out / "merged" / "config.json").is_file() and "merged checkpoint accuracy:" in joined

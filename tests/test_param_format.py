@@ -42,7 +42,8 @@ def test_export_and_training_step_share_the_parameter_items(tmp_path):
     assert _items(tmp_path / "run" / "5") == {"model", "params", "opt_state", "meta", "config"}
     read = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     assert read.restore(tmp_path / "export" / "model") == read.restore(tmp_path / "run" / "5" / "model") == {
-        "architecture": TINY.to_dict(), "scan_layers": False, "param_dtype": "float32"}
+        "architecture": TINY.to_dict(), "scan_layers": False, "param_dtype": "float32", "quant": "none",
+        "quant_group_size": 128}
     _assert_same(load_pretrained(tmp_path / "export"), load_pretrained(tmp_path / "run"))
 
 
@@ -76,3 +77,10 @@ def test_legacy_run_step_without_model_item_loads(tmp_path):
         manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
                                                 config=ocp.args.JsonSave(raw_config)))
     _assert_same(load_pretrained(tmp_path / "run"), model)
+
+
+def test_orbax_export_with_overwrite_replaces_the_old_one(tmp_path):
+    save_pretrained(_model(), tmp_path / "export", format="orbax")
+    newer = Llama(TINY, rngs=nnx.Rngs(4))
+    save_pretrained(newer, tmp_path / "export", format="orbax", overwrite=True)
+    _assert_same(load_pretrained(tmp_path / "export"), newer)

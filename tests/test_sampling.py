@@ -71,3 +71,17 @@ def test_same_seed_same_tokens_different_seed_differs():
 def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)
+
+
+def test_per_row_settings_follow_each_rows_own_definition():
+    """`sample_rows` (a continuous batch mixes requests): greedy, temperature and top-p rows side by side."""
+    rows = [(0.0, 1.0), (2.0, 1.0), (1.0, 0.75)]  # (temperature, top_p) in turn, DRAWS rows of each
+    temperature, top_p = (jnp.repeat(jnp.asarray(col, jnp.float32), DRAWS) for col in zip(*rows))
+    keys = jax.random.split(jax.random.key(0), len(rows) * DRAWS)
+    tokens = jax.jit(sampling_module.sample_rows)(jnp.repeat(LOGITS, len(rows) * DRAWS, axis=0), keys,
+                                                  temperature, top_p)
+    freq = [np.bincount(np.asarray(t), minlength=PROBS.size) / DRAWS for t in np.split(np.asarray(tokens), 3)]
+    np.testing.assert_array_equal(freq[0], np.eye(PROBS.size)[np.argmax(PROBS)])
+    np.testing.assert_allclose(freq[1], PROBS ** 0.5 / np.sum(PROBS ** 0.5), atol=0.015)
+    nucleus = np.where(PROBS >= 0.15, PROBS, 0) / 0.85  # 0.4 + 0.3 < 0.75: the nucleus needs 0.15 too
+    np.testing.assert_allclose(freq[2], nucleus, atol=0.015)

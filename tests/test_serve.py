@@ -202,7 +202,8 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
     make_tiny_lm(tmp_path)
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_serve.py"), "--tokenizer", str(tmp_path / "tok.model"),
-         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1"],
+         "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1",
+         "--warmup-rounds", "1"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 |") or
@@ -210,4 +211,43 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
     assert [int(r[1]) for r in rows] == [1, 4]
     for r in rows:
         requests_per_s, tokens_per_s, p50, p99 = map(float, r[2:6])
-        assert requests_per_s > 0 and 0 < tokens_per_s <= 4.05 * requests_per_s and p99 >= p50 > 0
+        # at most 4 tokens per request; tokens/s is printed rounded to the unit, requests/s to 0.01
+        assert requests_per_s > 0 and 0 < tokens_per_s <= 4 * (requests_per_s + 0.005) + 0.5 and p99 >= p50 > 0
+
+
+def test_requests_join_a_running_batch_and_match_generate(live):
+    """Continuous batching: requests submitted while another decodes join it at the next step (the short one
+    finishes first, not after it), one of them needing a wider cache window, past window shifts; every greedy
+    output still equals `generate`'s."""
+    engine = Engine(live.model, live.tok, BatchingConfig(max_batch=4, batch_wait_ms=0)).start()
+    prompts = ["Water boils", "The cat sat on the mat and", "Paris", "Once upon a time there was"]
+    max_tokens = [44, 12, 50, 40]  # windows: 16-token prompt bucket + 44 -> 64 columns (+16 spare); + 50 -> 128
+    texts, done, jobs, order = [[] for _ in prompts], [threading.Event() for _ in prompts], {}, []
+    joins = {1: 3, 2: 8}  # request 1 arrives once the long request 0 has decoded 3 tokens, request 2 after 8
+
+    def job(i: int) -> Job:
+        ids = live.tok.encode(prompts[i], bos=True)
+
+        def emit(event) -> None:
+            texts[i].append(event.text)
+            for j, after in joins.items():  # runs on the engine thread, between steps
+                if i == 0 and j not in jobs and jobs[0].tokens >= after:
+                    engine.submit(job(j))
+            if event.finish_reason is not None:
+                order.append(i)
+                done[i].set()
+                if i == 0:
+                    engine.submit(job(3))  # joins request 2
+
+        jobs[i] = Job(ids, max_tokens[i], emit, context=tuple(ids[-1:]))
+        return jobs[i]
+
+    try:
+        engine.submit(job(0))
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.close()
+    assert order == [1, 0, 2, 3] and engine.batches == 4
+    for i, prompt in enumerate(prompts):
+        ids = live.tok.encode(prompt, bos=True)
+        assert "".join(texts[i]) == _expected(live, ids, max_tokens[i], ids[-1:]), prompt

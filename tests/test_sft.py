@@ -161,3 +161,48 @@ def test_unpacked_rows_hold_one_example_each():
     assert rows["tokens"].shape == (3, 8)
     assert [int(r.max()) for r in rows["segment_ids"]] == [1, 1, 1]
     assert list(rows["positions"][1]) == [0, 1, 2, 3, 4, 5, 0, 0]
+
+
+def _dataset_records():
+    """Two good chats, a chat with alternation broken (index 2), a good one (index 3)."""
+    turns = [DIALOG[1:3], DIALOG[3:5], [DIALOG[1], DIALOG[1]], DIALOG[1:5]]
+    return [{"messages": t} for t in turns]
+
+
+def test_tfds_and_hf_datasets_read_like_jsonl_with_renamed_columns_and_indexed_bad_records(tokenizer, tmp_path,
+                                                                                           capsys):
+    import datasets
+    import tensorflow_datasets as tfds
+
+    from llama_jax.config import DataConfig
+
+    chats = _dataset_records()
+    jsonl = _write_jsonl(tmp_path / "chats.jsonl", [json.dumps(r) for r in chats])
+    expected = read_examples(str(jsonl), tokenizer, 128, "skip")
+    assert [b.line for b in expected.bad] == [3]
+
+    features = tfds.features.FeaturesDict({"messages": tfds.features.Sequence(
+        {"role": tfds.features.Text(), "content": tfds.features.Text()})})
+    tfds.dataset_builders.store_as_tfds_dataset("sft_chats", "1.0.0", features, {"train": [(str(i), r) for i, r in enumerate(chats)]},
+                                                data_dir=tmp_path / "tfds", disable_shuffling=True)
+    pairs = [{"question": "2+3=", "answer": "5"}, {"question": "1+1=", "answer": " "}, {"question": "4+4=", "answer": "8"}]
+    datasets.Dataset.from_list(pairs).save_to_disk(tmp_path / "hf_saved")
+    (tmp_path / "hf_parquet").mkdir()
+    datasets.Dataset.from_list(chats).to_parquet(tmp_path / "hf_parquet" / "train.parquet")
+    data = DataConfig(data_dir=str(tmp_path / "tfds"))
+
+    for spec in ["tfds:sft_chats:1.0.0", f"hf:{tmp_path / 'hf_parquet'}"]:
+        got = read_examples(spec, tokenizer, 128, "skip", data=data)
+        assert [x.tolist() for x in got.ids] == [x.tolist() for x in expected.ids]
+        assert [x.tolist() for x in got.learn] == [x.tolist() for x in expected.learn]
+        assert [(b.file, b.line) for b in got.bad] == [(f"{spec} [train]", 2)]
+        assert f"{spec} [train] record 2: " in capsys.readouterr().err
+
+    spec = f"hf:{tmp_path / 'hf_saved'}"
+    got = read_examples(spec, tokenizer, 128, "skip", fields={"prompt": "question", "completion": "answer"})
+    assert [x.tolist() for x in got.ids] == [encode_record({"prompt": p["question"], "completion": p["answer"]},
+                                                           tokenizer)[0] for p in (pairs[0], pairs[2])]
+    with pytest.raises(ValueError, match=rf"{spec} \[train\] record 1: 'completion' is empty"):
+        read_examples(spec, tokenizer, 128, "fail", fields={"prompt": "question", "completion": "answer"})
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        read_examples("tfds:sft_chats:1.0.0", tokenizer, 128, split="test", data=data)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -139,3 +140,17 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert main(["train", "--config", str(TINY), "optim.lrr=1", f"checkpoint.dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err == "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_like_sigterm_and_a_second_one_ends_the_process():
+    from llama_jax.training.loop import stop_signal_flag
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_signal_flag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the run saves and stops at the next step
+        time.sleep(0.05)
+        assert stop.is_set() and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with stop_signal_flag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.is_set() and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

@@ -44,7 +44,7 @@ from llama_jax.paths import AnyPath, as_path
 from llama_jax.sharding import batch_sharding, make_mesh, state_shardings
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.finetune import ADAPTER_DIR, stage_tokenizer
-from llama_jax.training.loop import lock_run_dir, sigterm_flag
+from llama_jax.training.loop import lock_run_dir, stop_signal_flag
 from llama_jax.training.loss import chunked_token_entropy, chunked_token_losses
 from llama_jax.training.metrics import MetricsLogger
 from llama_jax.training.optim import make_optimizer
@@ -338,7 +338,7 @@ def _run(cfg: Config, trainer: PpoTrainer, tokenizer: Tokenizer, prompts: list, 
         logger = MetricsLogger(run_dir, p.iterations, start, enabled=main)
         metrics: dict[str, float] = {}
         it, stopped = start, "iterations"
-        with sigterm_flag() as sigterm:
+        with stop_signal_flag() as sigterm:
             while it < p.iterations:
                 state, metrics = ppo_iteration(trainer, state, tokenizer, prompts, reward_fn, it, kl_coef)
                 kl_coef = next_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.batch_size, p.kl_horizon)

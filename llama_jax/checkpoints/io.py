@@ -20,6 +20,7 @@ from llama_jax.checkpoints.layout import TensorGetter, build_model, iter_meta_te
 from llama_jax.config import DTYPES, ConfigError, ExecutionConfig, LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
+from llama_jax.quant import dequantized, is_quantized, requantize
 
 Writer = Callable[..., None]
 
@@ -71,19 +72,24 @@ def load_pretrained(path: PathLike, mesh: Mesh | None = None, execution: Executi
     Checkpoints store only the architecture, so how the model runs is chosen here: `execution` (default: float32,
     no remat, unrolled layers), with single fields overridden by keyword (`scan_layers=True`, `remat="full"`);
     `dtype` sets both parameter and compute dtype (e.g. "bfloat16"); `max_seq_len` changes the context.
+    `quant="int8"` (or int4, `quant_group_size=...`) quantizes the projections as they load; without `execution`
+    or `quant`, a quantized orbax checkpoint loads as stored and any other one as float.
     """
     fmt = FORMATS[detect_format(path)]
     path = as_path(path)
     if dtype is not None:
         check_dtype(dtype)
         execution_fields = {"param_dtype": dtype, "dtype": dtype, **execution_fields}
+    if execution is None and "quant" not in execution_fields and fmt.name == "orbax":
+        execution_fields = {**orbax_format.read_stored(path).quantization(), **execution_fields}
     execution = _execution(execution or ExecutionConfig(), execution_fields)
     cfg, get_tensor = fmt.read(path)
     if max_seq_len is not None:
         cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
     if fmt.restore is not None:
         return fmt.restore(path, execution, mesh, cfg)
-    return build_model(cfg, execution, get_tensor, mesh)
+    model = build_model(cfg, dataclasses.replace(execution, quant="none"), get_tensor, mesh)
+    return requantize(model, execution.quant, execution.quant_group_size)
 
 
 def _execution(base: ExecutionConfig, fields: dict[str, Any]) -> ExecutionConfig:
@@ -101,7 +107,16 @@ def check_dtype(dtype: str) -> None:
 
 def save_pretrained(model: Llama, path: PathLike, format: str = "hf", dtype: str | None = None,
                     overwrite: bool = False, **options: Any) -> AnyPath:
-    """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`."""
+    """Write `model` in `format`; refuses a non-empty directory unless `overwrite=True`.
+
+    A quantized model (`llama_jax.quant`) is stored quantized as `orbax` (integers and scales as they are, `dtype`
+    ignored) and dequantized for every other format."""
+    if is_quantized(model):
+        if format == "orbax":
+            path = _output_dir(path, format, overwrite)
+            orbax_format.save_model(model, path)
+            return path
+        model = dequantized(model)
     return write_tensors(model.cfg, iter_meta_tensors(model), path, format, dtype or model.execution.param_dtype,
                          overwrite, **options)
 
@@ -115,6 +130,14 @@ def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], p
     unknown = sorted(set(options) - set(inspect.signature(FORMATS[format].write).parameters))
     if unknown:
         raise ValueError(f"format '{format}' has no option {', '.join(unknown)}; drop it or choose another format")
+    path = _output_dir(path, format, overwrite)
+    FORMATS[format].write(cfg, tensors, path, dtype, **options)
+    return path
+
+
+def _output_dir(path: PathLike, format: str, overwrite: bool) -> AnyPath:
+    """The output directory for `format`, created; refused if it is remote for a local-only format, a file, or
+    (unless `overwrite`) not empty."""
     path = as_path(path)
     if is_remote(path) and not FORMATS[format].remote:
         raise _local_only(path)
@@ -123,5 +146,4 @@ def write_tensors(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], p
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory '{path}' is not empty; choose another path or pass overwrite=True")
     path.mkdir(parents=True, exist_ok=True)
-    FORMATS[format].write(cfg, tensors, path, dtype, **options)
     return path

@@ -5,24 +5,35 @@ negative vocab_size means an unshared classifier follows), then float32 tensors 
 layers: tok_emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, freq_cis_real, freq_cis_imag
 (max_seq_len * head_dim/2 each), then wcls when unshared. Matrices are torch `(out, in)` row-major in Meta's RoPE
 layout, i.e. exactly our canonical tensors. The file is grouped by kind, not by layer, so the writer collects
-all tensors first (fine: the format is float32-only and meant for small models).
+all tensors first (fine: the format is meant for small models).
+
+Version 2 (what `runq.c` reads; written, not read): a 256-byte header (uint32 magic "ak42", int32 version 2, the 7
+int32 above with a positive vocab_size, uint8 shared_classifier, int32 group_size, zeros), the float32 norms
+(attention norms, ffn norms, final norm), then per tensor int8 values followed by one float32 scale per
+`group_size` consecutive values (llama2.c's Q8_0: symmetric, scale = absmax / 127): tok_emb, wq, wk, wv, wo, w1, w2,
+w3 (each stacked over layers, one tensor after another), then wcls when unshared. `runq` also quantizes the
+activations to int8 at every matmul, so it is not weight-only like `execution.quant=int8`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
 from llama_jax.checkpoints.layout import meta_shape
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.model import rope_inv_freq
+from llama_jax.quant import quantize_array
 
 MODEL = "model.bin"
 TOKENIZER = "tokenizer.bin"
 HEADER = 7 * 4
+V2_HEADER = 256
 _LAYER_KINDS = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 
@@ -51,25 +62,56 @@ def header(cfg: LlamaConfig) -> np.ndarray:
 
 
 def save_llama2c(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str,
-                 tokenizer: str | Path | None = None) -> None:
-    """Write `model.bin` (always float32: the v0 format has no other dtype) and, given a sentencepiece model,
-    `tokenizer.bin`. The header has no head_dim (run.c uses dim / n_heads), so a head-pruned model is refused."""
+                 tokenizer: str | Path | None = None, version: int = 0, group_size: int = 64) -> None:
+    """Write `model.bin` (version 0: float32, the only dtype it has; version 2: int8 in groups of `group_size`, for
+    `runq`) and, given a sentencepiece model, `tokenizer.bin`. The header has no head_dim (run.c uses
+    dim / n_heads), so a head-pruned model is refused."""
+    if version not in (0, 2):
+        raise ValueError(f"llama2.c version {version} is not supported; write version 0 (float32) or 2 (int8)")
     if not cfg.derived_head_dim:
         raise ValueError(f"llama2.c's header cannot describe head_dim {cfg.head_dim} != dim / n_heads = "
                          f"{cfg.dim} / {cfg.n_heads} (heads were pruned); save as hf, meta or orbax instead")
     collected = {name: np.asarray(t, np.float32) for name, t in tensors}
     body, head = _sections(cfg)
-    cos, sin = freq_cis(cfg)
     with open(path / MODEL, "wb") as f:
-        f.write(header(cfg).tobytes())
-        for name in body:
-            f.write(collected.pop(name).tobytes())
-        f.write(cos.tobytes())
-        f.write(sin.tobytes())
-        for name in head:
-            f.write(collected.pop(name).tobytes())
+        if version == 2:
+            _write_v2(f, cfg, collected, group_size)
+        else:
+            cos, sin = freq_cis(cfg)
+            f.write(header(cfg).tobytes())
+            for name in body:
+                f.write(collected.pop(name).tobytes())
+            f.write(cos.tobytes())
+            f.write(sin.tobytes())
+            for name in head:
+                f.write(collected.pop(name).tobytes())
     if tokenizer is not None:
         save_tokenizer_bin(tokenizer, path / TOKENIZER)
+
+
+def _write_v2(f: BinaryIO, cfg: LlamaConfig, tensors: dict[str, np.ndarray], group_size: int) -> None:
+    """The version-2 body (see the module docstring); the group shrinks by halves until it divides `dim`, as
+    llama2.c's exporter does."""
+    while cfg.dim % group_size:
+        group_size //= 2
+    if cfg.hidden_dim % group_size:
+        raise ValueError(f"llama2.c int8 groups of {group_size} do not divide hidden_dim {cfg.hidden_dim}; pass a "
+                         "group_size that divides dim and hidden_dim")
+    f.write(np.array([0x616B3432], np.uint32).tobytes() + np.array([2], np.int32).tobytes())
+    f.write(np.abs(header(cfg)).tobytes() + np.uint8(cfg.tie_embeddings).tobytes() + np.int32(group_size).tobytes())
+    f.write(bytes(V2_HEADER - f.tell()))
+    layers = range(cfg.n_layers)
+    for kind in ("attention_norm", "ffn_norm"):
+        for i in layers:
+            f.write(tensors.pop(f"layers.{i}.{kind}.weight").tobytes())
+    f.write(tensors.pop("norm.weight").tobytes())
+    kinds = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+             "feed_forward.w3"]
+    names = ["tok_embeddings.weight", *[f"layers.{i}.{kind}.weight" for kind in kinds for i in layers]]
+    for name in names + _sections(cfg)[1]:
+        groups = tensors.pop(name).reshape(-1, group_size)
+        values, scales = quantize_array(jnp.asarray(groups.T), 0, 1, "int8", group_size)  # a column per group
+        f.write(np.asarray(values).T.tobytes() + np.asarray(scales, np.float32).tobytes())
 
 
 def save_tokenizer_bin(model_file: str | Path, out: Path) -> None:

@@ -1,14 +1,16 @@
 """The llama_jax parameter format: one on-disk layout for `orbax` exports and for every training step directory.
 
 A directory in this format holds two Orbax items:
-- `model/` (JSON): `{"architecture": <LlamaConfig fields>, "scan_layers": bool, "param_dtype": str}` — the
-  architecture plus how the stored tree is laid out, and nothing about training;
+- `model/` (JSON): `{"architecture": <LlamaConfig fields>, "scan_layers": bool, "param_dtype": str, "quant": str,
+  "quant_group_size": int}` — the architecture plus how the stored tree is laid out, and nothing about training;
 - `params/`: the model's parameters as a plain nested dict in the model's own layout (layers stacked on a leading
-  axis when `scan_layers`).
+  axis when `scan_layers`; a quantized projection as `{"qvalue": int8 | int4, "scale": float}`, see
+  `llama_jax.quant`).
 A training step directory (`<run>/<step>/`) adds `opt_state/`, `meta/` and `config/` beside them, so one function
 reads the model of an export, a step or a run directory (its newest step) and never parses training settings.
 Restoring places every array straight into its sharding on a mesh and casts it to the requested dtype; asking for
-the other `scan_layers` layout restacks the layers after reading. Older layouts still load: exports with
+the other `scan_layers` layout restacks the layers after reading; another `quant` dequantizes and/or quantizes after
+reading (the stored integers and scales themselves come back bit for bit). Older layouts still load: exports with
 `llama_config.json`, and run steps saved before `model/` existed (read from their config's model section).
 """
 
@@ -32,6 +34,7 @@ from llama_jax.config import ExecutionConfig, LlamaConfig, from_dict, stored_mod
 from llama_jax.errors import reading
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, PathLike, absolute, as_path
+from llama_jax.quant import requantize
 
 MODEL = "model"
 PARAMS = "params"
@@ -47,12 +50,19 @@ class StoredModel:
     scan_layers: bool
     param_dtype: str
     variable_leaves: bool = False  # run steps saved before `model/` existed wrap each array as {"value": array}
+    quant: str = "none"
+    quant_group_size: int = 128
+
+    def quantization(self) -> dict[str, Any]:
+        """The stored quantization as execution fields."""
+        return {"quant": self.quant, "quant_group_size": self.quant_group_size}
 
 
 def model_item(cfg: LlamaConfig, execution: ExecutionConfig) -> dict[str, Any]:
     """The `model/` item written beside `params/` by exports and by training."""
     return {"architecture": cfg.to_dict(), "scan_layers": execution.scan_layers,
-            "param_dtype": execution.param_dtype}
+            "param_dtype": execution.param_dtype, "quant": execution.quant,
+            "quant_group_size": execution.quant_group_size}
 
 
 def read_json_item(path: AnyPath) -> Any:
@@ -89,7 +99,8 @@ def read_stored(path: PathLike) -> StoredModel:
         with reading(step / MODEL, (ValueError, KeyError), "use another step or re-create it"):
             raw = read_json_item(step / MODEL)
             return StoredModel(from_dict(LlamaConfig, raw["architecture"], "model."), bool(raw["scan_layers"]),
-                               str(raw["param_dtype"]))
+                               str(raw["param_dtype"]), quant=str(raw.get("quant", "none")),
+                               quant_group_size=int(raw.get("quant_group_size", 128)))
     if (step / LEGACY_EXPORT_CONFIG).is_file():
         cfg, execution = stored_model_section(json.loads((step / LEGACY_EXPORT_CONFIG).read_text()))
         return StoredModel(cfg, execution.scan_layers, execution.param_dtype)
@@ -111,12 +122,14 @@ def _unwrap(tree: Any) -> Any:
 def restore_params(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None,
                    cfg: LlamaConfig | None = None, attach: Callable[[Llama], Llama] | None = None
                    ) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, parameters) of the model stored at `path`, laid out and typed as `execution` asks, each array
-    sharded as `mesh` places it (device 0 without a mesh). `cfg` may change non-shape fields (e.g. `max_seq_len`);
-    `attach` adds the weights a training objective stored beside the model's (`restore_target`)."""
+    """(graphdef, parameters) of the model stored at `path`, laid out and typed as `execution` asks but quantized as
+    stored, each array sharded as `mesh` places it (device 0 without a mesh). `cfg` may change non-shape fields
+    (e.g. `max_seq_len`); `attach` adds the weights a training objective stored beside the model's
+    (`restore_target`)."""
     step = step_dir(as_path(path))
     stored = read_stored(step)
     cfg = cfg or stored.cfg
+    execution = dataclasses.replace(execution, **stored.quantization())
     graphdef, target = restore_target(cfg, execution, mesh, attach)
     _, as_stored = restore_target(cfg, dataclasses.replace(execution, scan_layers=stored.scan_layers), mesh, attach)
     tree = nnx.to_pure_dict(as_stored)
@@ -134,8 +147,9 @@ def restore_params(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None
 
 def restore_orbax(path: PathLike, execution: ExecutionConfig, mesh: Mesh | None,
                   cfg: LlamaConfig | None = None) -> Llama:
-    """`load_pretrained` for this format: the model restored straight onto `mesh`."""
-    return nnx.merge(*restore_params(path, execution, mesh, cfg))
+    """`load_pretrained` for this format: the model restored straight onto `mesh`, quantized as `execution` asks."""
+    model = nnx.merge(*restore_params(path, execution, mesh, cfg))
+    return requantize(model, execution.quant, execution.quant_group_size)
 
 
 def read_orbax(path: PathLike) -> tuple[LlamaConfig, TensorGetter]:
@@ -164,10 +178,16 @@ class _Stream:
 
 
 def save_orbax(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: PathLike, dtype: str) -> None:
-    """Write Meta-named tensors as a parameter directory (layers unstacked, `dtype` parameters)."""
+    """Write Meta-named tensors as a parameter directory (layers unstacked, `dtype` parameters). An existing one is
+    replaced (`write_tensors` has already refused a non-empty directory unless told to overwrite)."""
     path = as_path(path)
     execution = ExecutionConfig(param_dtype=dtype)
-    model = build_model(cfg, execution, _Stream(tensors))
+    save_model(build_model(cfg, execution, _Stream(tensors)), path)
+
+
+def save_model(model: Llama, path: AnyPath) -> None:
+    """Write `model`'s parameters as they are (layout, dtype, quantized integers and scales) into `path`."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(absolute(path / MODEL), model_item(cfg, execution))
+        checkpointer.save(absolute(path / PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(absolute(path / MODEL), model_item(model.cfg, model.execution),
+                                                       force=True)

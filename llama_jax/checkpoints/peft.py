@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
 from llama_jax import lora
@@ -43,8 +44,8 @@ def _per_layer(model: Llama) -> list[tuple[int, str, np.ndarray, np.ndarray, flo
     """(layer, short name, A, B, scale) for every adapter, unstacked, as float32 numpy."""
     out = []
     for layer, short, _, _, adapter in lora.adapters(model):
-        a, b = np.asarray(jax.device_get(adapter.a[...]), np.float32), np.asarray(jax.device_get(adapter.b[...]),
-                                                                                  np.float32)
+        a, b = (np.asarray(multihost_utils.process_allgather(x[...], tiled=True), np.float32)
+                for x in (adapter.a, adapter.b))
         layers = range(model.cfg.n_layers) if layer is None else [layer]
         for i in layers:
             out.append((i, short, a[i] if layer is None else a, b[i] if layer is None else b, adapter.scale))
@@ -52,9 +53,12 @@ def _per_layer(model: Llama) -> list[tuple[int, str, np.ndarray, np.ndarray, flo
 
 
 def save_peft(model: Llama, cfg: LoraConfig, path: PathLike) -> AnyPath:
-    """Write `model`'s adapters as a PEFT LoRA adapter directory for the HF export of its base."""
+    """Write `model`'s adapters as a PEFT LoRA adapter directory for the HF export of its base.
+
+    In a multi-process run every process must call this: the adapters, sharded over all processes' devices, are
+    gathered to each (a collective), and process 0 alone writes the files.
+    """
     path = as_path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for layer, short, a, b, _ in _per_layer(model):
         rank = a.shape[-1]
@@ -71,6 +75,9 @@ def save_peft(model: Llama, cfg: LoraConfig, path: PathLike) -> AnyPath:
               "lora_dropout": cfg.dropout, "target_modules": sorted(lora.PEFT_MODULES[t] for t in targets),
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
               "base_model_name_or_path": None, "modules_to_save": None}
+    if jax.process_index() != 0:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps(config, indent=2))
     return path

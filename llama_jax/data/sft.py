@@ -1,11 +1,12 @@
-"""Supervised fine-tuning data: JSONL records -> token examples with answer-only loss -> packed rows -> batches.
+"""Supervised fine-tuning data: records (JSONL, TFDS, HF datasets; `records.py`) -> token examples with answer-only
+loss -> packed rows -> batches.
 
 A record is one of three shapes: `{"messages": [...]}` (a Llama-2-chat dialog ending with an assistant turn,
 encoded by `llama_jax.chat.encode_turns`; loss on every reply not marked `"train": false`, or only the last with
 `last_turn_only`),
 `{"prompt": ..., "completion": ...}` (`<s> prompt completion </s>`, loss on the completion and EOS) or `{"text": ...}`
 (`<s> text </s>`, loss on everything). Unusable records are never dropped silently: each is reported with its file
-and line, and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
+and line (or dataset and record index), and the `bad_records` policy decides whether it is skipped, truncated (over-long ones) or fatal.
 
 Rows hold `seq_len` positions: `tokens` (inputs), `targets` (the next tokens), `loss_mask` (1 where the target is
 learned), `segment_ids` (1, 2, ... per packed example, 0 = padding) and `positions` (restarting at 0 in each
@@ -15,6 +16,7 @@ example), so attention and RoPE treat every packed example as if it ran alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.chat import encode_turns
-from llama_jax.config import Config, ConfigError
+from llama_jax.config import Config, ConfigError, DataConfig
 from llama_jax.data.pipeline import (
     READ_OPTIONS,
     DataIterator,
@@ -76,8 +78,10 @@ def encode_record(record: Any, tokenizer: Tokenizer, last_turn_only: bool = Fals
 
 
 def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "truncate",
-                  last_turn_only: bool = False) -> Examples:
-    """Encode every record of the JSONL files in `spec`; examples longer than `seq_len + 1` tokens follow `policy`."""
+                  last_turn_only: bool = False, split: str = "train", data: DataConfig | None = None,
+                  fields: Mapping[str, str] | None = None) -> Examples:
+    """Encode every record of `spec` (JSONL files or a dataset's `split`, see `records.py`); examples longer than
+    `seq_len + 1` tokens follow `policy`."""
     def encode(record: Any, truncate: bool) -> tuple[tuple[list[int], list[bool]], str | None]:
         ids, learn = encode_record(record, tokenizer, last_turn_only)
         problem = None
@@ -92,7 +96,7 @@ def read_examples(spec: str, tokenizer: Tokenizer, seq_len: int, policy: str = "
             raise ValueError("no answer tokens to learn")
         return (ids, learn), problem
 
-    items, issues = read_records(spec, encode, policy, "finetune.train")
+    items, issues = read_records(spec, encode, policy, "finetune.train", split, data, fields)
     return Examples(issues.bad, issues.truncated, [np.asarray(i, np.int32) for i, _ in items],
                     [np.asarray(f, bool) for _, f in items])
 
@@ -160,19 +164,21 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
         raise ConfigError(f"data.seq_len {seq_len} must be in 1..model.max_seq_len ({cfg.model.max_seq_len})")
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
-    examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+    examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only, ft.train_split,
+                             cfg.data, ft.fields)
     order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
     rows = pack(examples, seq_len, ft.packing, order)
     n_rows = len(rows["tokens"])
-    fingerprint = _fingerprint("sft", ft.train, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
+    fingerprint = _fingerprint("sft", ft.train, ft.train_split, ft.fields, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
                                cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
     train = row_iterator(rows, cfg, mesh, fingerprint, "finetune", index, count)
     validation = None
     if ft.validation:
-        held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only)
+        held = read_examples(ft.validation, tokenizer, seq_len, ft.bad_records, ft.last_turn_only,
+                             ft.validation_split, cfg.data, ft.fields)
         val_rows = pack(held, seq_len, ft.packing)
         pad = -len(val_rows["tokens"]) % batch_size
         val_rows = {k: np.concatenate([v, np.zeros((pad, seq_len), v.dtype)]) for k, v in val_rows.items()}
         validation = ValidationData(_row_dataset(val_rows)[index::count].batch(local), mesh,
-                                    _fingerprint(fingerprint, ft.validation))
+                                    _fingerprint(fingerprint, ft.validation, ft.validation_split))
     return SFTData(train, validation, n_rows, len(examples.ids), math.ceil(n_rows / batch_size))

@@ -94,6 +94,9 @@ def _hf_locator(source: DataSource) -> tuple[str, str | None, str]:
     spec = source.name[len(HF_PREFIX):]
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser().resolve()), None, source.split
+    if spec.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"'{source.name}': no directory {spec}; give a save_to_disk directory, a directory of "
+                                "data files, or a hub name hf:ORG/NAME")
     name, _, config = spec.partition(":")
     return name, config or None, source.split
 

@@ -42,13 +42,18 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        drop_sorted = mass_before > sampling.top_p
-        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
-        logits = jnp.where(drop, -jnp.inf, logits)
+        logits = drop_outside_top_p(logits, sampling.top_p)
     return logits
+
+
+def drop_outside_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """Set to -inf every token outside the nucleus of mass `top_p` (a float, or one per row as `[..., 1]`)."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    drop_sorted = (mass_before > top_p) & (top_p < 1.0)
+    drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
+    return jnp.where(drop, -jnp.inf, logits)
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -56,3 +61,11 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """One token per row of `[batch, vocab]` logits, each row with its own temperature, top_p and PRNG key (a
+    continuously batched server mixes requests): argmax where temperature is 0, as `sample` does."""
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys, drop_outside_top_p(scaled, top_p[:, None]))
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

@@ -1,27 +1,46 @@
-"""Dynamic batching: requests that arrive within a short window decode together in one jitted `generate` call.
+"""Continuous batching: requests join the running decode batch at step boundaries, into free slots of one KV cache.
 
-One engine thread owns the model. It takes the oldest waiting request, waits up to `batch_wait_ms` for more that can
-share its batch (same sampling settings, and every member's `max_tokens` still fits the context beside the longest
-prompt), pads the batch to a power of two (so it compiles once per size bucket) and streams each row's tokens out as
-text. A request whose client has gone is dropped from the waiting queue at once, stops receiving tokens while its
-batch runs, and the batch ends early once every real row is finished, cancelled or stopped by a stop sequence.
+One engine thread owns the model and a cache of `max_batch` rows (slots). Each decode step feeds every busy slot's
+last token at one shared column `index` (the write position `Llama` takes from a `KVCache`) and samples each slot's
+next token with that request's own temperature / top_p / seed, in one jitted call. Between steps, waiting requests
+take free slots: their prompts are prefilled together in one pass (left-padded to a bucketed length, as `generate`
+does) and their keys/values are copied into their slots so that they end just before `index`. A slot's positions
+count from its first column (`pad`) and columns before it are masked: the math `generate` does for a left-padded row,
+so greedy outputs are the same. A slot frees the moment its request ends (EOS, max_tokens, a stop sequence) or its
+client leaves; while idle, a new request waits up to `batch_wait_ms` for company so that a burst prefills together.
+
+Columns (`Window`): the cache is as wide as the longest request needs (prompt bucket + max_tokens, rounded up to a
+power of two) plus a quarter of that spare, because each decode step reads every column (stories15m on CPU: a
+32-row step over 320 columns took 1.9x as long as over 160). `index` starts at `need`, so any prompt fits before it;
+on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses. A joiner needing
+more columns grows the window on the left; an idle engine starts afresh. Steps run on the first
+`bucket(highest busy slot + 1)` slots only (slots are handed out lowest first; the cache grows by whole rows and
+starts afresh when idle, because slicing rows out of a larger cache each step cost more than stepping all of them),
+so a lone request does not pay for 32 rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from llama_jax.inference.generate import PAD, bucket, generate
+from llama_jax.inference.cache import init_cache
+from llama_jax.inference.generate import MIN_PROMPT_BUCKET, bucket, forward_padded, left_pad, model_mesh
+from llama_jax.inference.sampling import sample_rows
 from llama_jax.inference.stops import StopStream
 from llama_jax.inference.text import TextStream
-from llama_jax.model import Llama
+from llama_jax.model import KVCache, Llama
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -29,7 +48,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """max_batch rows decode together; at most max_queue requests wait; a batch forms within batch_wait_ms."""
+    """max_batch slots decode together; at most max_queue requests wait; an idle engine waits batch_wait_ms for a
+    burst to prefill together."""
 
     max_batch: int = 32
     max_queue: int = 64
@@ -72,17 +92,11 @@ class Job:
     cancelled: bool = False
     finished: bool = False
     tokens: int = 0
-    text: TextStream | None = None  # ids -> text, set by the engine when the job's batch starts
+    text: TextStream | None = None  # ids -> text, set by the engine when the job takes a slot
     _stop: StopStream = field(init=False)
 
     def __post_init__(self) -> None:
         self._stop = StopStream(self.stops)
-        if self.temperature == 0.0:
-            self.top_p = 1.0  # irrelevant when greedy; lets every greedy request share a batch
-
-    @property
-    def sampling_key(self) -> tuple[float, float]:
-        return self.temperature, self.top_p
 
     def piece(self, text: str) -> None:
         if self.finished:
@@ -92,6 +106,18 @@ class Job:
             self._end(released, "stop")
         elif released:
             self.emit(Event(text=released))
+
+    def take(self, token: int, eos: int) -> None:
+        """The next sampled token: end at EOS or max_tokens, else stream its text (a cancelled job just ends)."""
+        if self.cancelled:
+            self.finished = True
+        elif token == eos:
+            self.finish("stop")
+        else:
+            self.tokens += 1
+            self.text.push(token)
+            if self.tokens >= self.max_tokens:
+                self.finish("length")
 
     def finish(self, reason: str) -> None:
         """No more tokens: flush held-back text (which may still complete a stop sequence) and send the end."""
@@ -105,6 +131,98 @@ class Job:
         self.emit(Event(text=text, finish_reason=reason, completion_tokens=self.tokens))
 
 
+@dataclass(frozen=True)
+class Window:
+    """The cache's columns: room for requests needing up to `need` columns (prompt bucket + max_tokens), plus
+    `shift` spare ones; the shared write column `index` stays in [need, width]."""
+
+    need: int
+
+    @classmethod
+    def fitting(cls, need: int) -> Window:
+        return cls(bucket(need, MIN_PROMPT_BUCKET))  # powers of two: few distinct shapes to compile
+
+    @property
+    def shift(self) -> int:
+        return self.need // 4  # columns dropped at once when the window is full: one cache copy per need/4 steps
+
+    @property
+    def width(self) -> int:
+        return self.need + self.shift
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Slots:
+    """The device side of the engine: the shared cache and, per slot, what the next step needs."""
+
+    cache: KVCache  # [layers, slots, window width, kv_heads, head_dim]; index = the shared write column
+    token: jax.Array  # [slots] last sampled token
+    pad: jax.Array  # [slots] first column of the slot's request (earlier columns are masked)
+    temperature: jax.Array  # [slots] float32, 0 = greedy
+    top_p: jax.Array  # [slots] float32
+    key: jax.Array  # [slots] PRNG keys, split every step
+
+
+def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, jax.Array]:
+    """Each row's next token from `[rows, vocab]` logits, and the rows' advanced keys. `sampled` False (every row
+    greedy) skips the sort and random draws over the vocabulary (on CPU they doubled a 32-row stories15m step)."""
+    if not sampled:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), slots.key
+    keys = jax.vmap(jax.random.split)(slots.key)
+    return sample_rows(logits, keys[:, 1], slots.temperature, slots.top_p), keys[:, 0]
+
+
+def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> tuple[Slots, jax.Array]:
+    """One decode step for every slot: feed the last tokens at `index`, sample the next ones."""
+    model: Llama = nnx.merge(graphdef, params)
+    logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache)
+    token, key = _sample(slots, logits[:, 0], sampled)
+    return Slots(cache, token, slots.pad, slots.temperature, slots.top_p, key), token
+
+
+def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, pad: jax.Array, row: jax.Array,
+           temperature: jax.Array, top_p: jax.Array, seed: jax.Array, sampled: bool) -> tuple[Slots, jax.Array]:
+    """Prefill one left-padded prompt `[1, P]` and place it in slot `row`, ending at column `index - 1`; return the
+    slots and the prompt's first sampled token."""
+    model: Llama = nnx.merge(graphdef, params)
+    length = tokens.shape[1]
+    logits, fresh = forward_padded(model, tokens, pad, init_cache(model.cfg, 1, length, model.execution.dtype))
+    new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
+    token, key = _sample(new, logits[:, -1], sampled)
+    index = slots.cache.index
+    start = (0, row, index - length, 0, 0)
+    cache = KVCache(jax.lax.dynamic_update_slice(slots.cache.k, fresh.k, start),
+                    jax.lax.dynamic_update_slice(slots.cache.v, fresh.v, start), index)
+    return Slots(cache, *(old.at[row].set(value[0]) for old, value in
+                          ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, new.temperature),
+                           (slots.top_p, new.top_p), (slots.key, key)))), token[0]
+
+
+def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
+    """The first `rows` slots (new ones empty) and columns [start, start + width) of each, zeros where that leaves
+    the old window (start < 0 grows it on the left); positions are unchanged: `pad` and `index` move along."""
+    old_rows, old_width = slots.token.shape[0], slots.cache.k.shape[2]
+    add = max(0, rows - old_rows)
+    fill = ((0, 0), (0, add), (max(0, -start), max(0, start + width - old_width)), (0, 0), (0, 0))
+    k, v = (jnp.pad(x, fill)[:, :rows, max(0, start):max(0, start) + width] for x in (slots.cache.k, slots.cache.v))
+    index = slots.cache.index - start
+
+    def rows_of(x: jax.Array, empty: jax.Array) -> jax.Array:
+        return jnp.concatenate([x, empty])[:rows]
+
+    return Slots(KVCache(k, v, index), rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
+                 rows_of(slots.pad - start, jnp.full((add,), index, jnp.int32)),
+                 rows_of(slots.temperature, jnp.zeros((add,), jnp.float32)),
+                 rows_of(slots.top_p, jnp.ones((add,), jnp.float32)),
+                 rows_of(slots.key, jax.vmap(jax.random.key)(jnp.arange(add))))
+
+
+step_jit = jax.jit(_step, static_argnames=("sampled",), donate_argnames=("slots",))
+admit_jit = jax.jit(_admit, static_argnames=("sampled",), donate_argnames=("slots",))
+resize_jit = jax.jit(_resize, static_argnames=("rows", "start", "width"))
+
+
 class Engine:
     """Owns the model and the decode thread; `submit` is safe to call from any thread."""
 
@@ -113,8 +231,8 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self.running = 0  # rows of the batch now decoding
-        self.batches = 0  # batches decoded so far, and the requests they held (their ratio = mean batch size)
+        self._busy: list[Job | None] = [None] * config.max_batch  # the request in each slot
+        self.batches = 0  # prefill passes so far, and the requests they admitted (their ratio = mean group size)
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
 
@@ -132,6 +250,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Requests decoding now."""
+        return sum(job is not None and not job.finished for job in self._busy)
+
     def submit(self, job: Job) -> None:
         with self._cv:
             if len(self._waiting) >= self.config.max_queue:
@@ -141,84 +264,117 @@ class Engine:
             self._cv.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client left: free its waiting slot now, or stop its row at the next decode step."""
+        """The client left: free its waiting place now, or its slot at the next step boundary."""
         job.cancelled = True
         with self._cv:
             if job in self._waiting:
                 self._waiting.remove(job)
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self.running = len(batch)
-            self.batches += 1
-            self.batched_requests += len(batch)
-            try:
-                self._decode(batch)
-            except Exception as err:  # one bad batch must not take the server down
-                log.exception("decode failed")
-                for job in batch:
-                    if not job.finished:
-                        job.finished = True
-                        job.emit(Event(error=f"generation failed: {err}"))
-            self.running = 0
+        graphdef, params = nnx.split(self.model)
+        mesh = model_mesh(params)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            slots, window, index = None, Window(0), 0
+            while True:
+                joining = self._admissions()
+                if joining is None:
+                    return
+                try:
+                    if joining or self.running:
+                        slots, window, index = self._fit(slots, window, index, joining)
+                    if joining:
+                        slots = self._prefill(graphdef, params, slots, joining)
+                    if self.running:
+                        if index == window.width:
+                            slots = resize_jit(slots, rows=slots.token.shape[0], start=window.shift,
+                                               width=window.width)
+                            index -= window.shift
+                        slots = self._decode(graphdef, params, slots)
+                        index += 1
+                except Exception as err:  # one failed step must not take the server down
+                    log.exception("decode failed")
+                    self._fail_all(f"generation failed: {err}")
+                    slots, window, index = None, Window(0), 0
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job plus compatible ones that arrive within the wait window; None once closed."""
+    def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
+             ) -> tuple[Slots, Window, int]:
+        """Slots for the busy requests and the joining ones: `bucket(highest busy slot + 1)` rows and a window as
+        wide as the longest one needs; fresh when idle, else grown (rows at the end, columns on the left), never
+        shrunk while busy."""
+        max_seq_len = self.model.cfg.max_seq_len
+        for _, job in joining:
+            job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
+        need = max((min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), max_seq_len) + job.max_tokens
+                    for _, job in joining), default=0)
+        busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
+        rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
+        idle = not set(busy) - {slot for slot, _ in joining}
+        if slots is None or idle and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
+            window = Window.fitting(need)
+            return self._empty_slots(window, rows), window, window.need
+        rows = max(rows, slots.token.shape[0])  # no shrinking while busy: fewer shapes to compile
+        grown = Window.fitting(need) if need > window.need else window
+        extra = grown.width - window.width
+        if rows != slots.token.shape[0] or extra:
+            slots, index = resize_jit(slots, rows=rows, start=-extra, width=grown.width), index + extra
+        return slots, grown, index
+
+    def _admissions(self) -> list[tuple[int, Job]] | None:
+        """Waiting jobs paired with the free slots they take (lowest first); blocks while idle; None once closed."""
         with self._cv:
-            while not self._waiting and not self._closed:
+            for slot, job in enumerate(self._busy):
+                if job is not None and (job.finished or job.cancelled):
+                    job.finished = True
+                    self._busy[slot] = None
+            idle = not self.running
+            while idle and not self._waiting and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
-            batch = [self._waiting.popleft()]
-            while True:
-                self._take_compatible(batch)
-                remaining = deadline - time.monotonic()
-                if len(batch) >= self.config.max_batch or remaining <= 0:
-                    return batch
-                self._cv.wait(remaining)
+            if idle:  # a burst that is arriving now prefills together
+                deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+                while len(self._waiting) < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(left)
+            free = [slot for slot, job in enumerate(self._busy) if job is None]
+            joining = [(slot, self._waiting.popleft()) for slot in free[:len(self._waiting)]]
+            for slot, job in joining:
+                self._busy[slot] = job
+            return joining
 
-    def _take_compatible(self, batch: list[Job]) -> None:
-        """Move waiting jobs that fit `batch` into it (the caller holds the lock)."""
-        for job in list(self._waiting):
-            if len(batch) >= self.config.max_batch:
-                break
-            if job.sampling_key == batch[0].sampling_key and self._fits(batch + [job]):
-                self._waiting.remove(job)
-                batch.append(job)
-
-    def _fits(self, jobs: Sequence[Job]) -> bool:
-        """generate() caps new tokens at context - longest prompt; no member may lose tokens to a longer one."""
-        room = self.model.cfg.max_seq_len - max(len(j.prompt) for j in jobs)
-        return all(j.max_tokens <= room for j in jobs)
-
-    def _decode(self, batch: list[Job]) -> None:
-        eos = self.tokenizer.eos_id
-        for job in batch:
+    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[tuple[int, Job]]) -> Slots:
+        """Prefill each joining prompt into its slot and stream its first token. One prompt per call: a burst's
+        grouping varies with arrival times, and every group size would be another compile (tens of seconds under
+        load, which dominated a 32-client benchmark round when prompts were prefilled in groups)."""
+        length_cap = self.model.cfg.max_seq_len
+        for slot, job in joining:
+            tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
+            slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), np.float32(job.temperature),
+                                     np.float32(job.top_p), np.uint32(job.seed or 0), sampled=job.temperature > 0)
             job.text = TextStream(self.tokenizer, job.piece, job.context)
-        rows = bucket(len(batch), 1)
-        prompts = [job.prompt for job in batch] + [[self.tokenizer.bos_id]] * (rows - len(batch))
+            job.take(int(first), self.tokenizer.eos_id)
+        self.batches += 1
+        self.batched_requests += len(joining)
+        return slots
 
-        def on_step(tokens: np.ndarray) -> bool:
-            for job, token in zip(batch, tokens.tolist()):
-                if job.finished or token == PAD:
-                    continue
-                if job.cancelled:
+    def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots) -> Slots:
+        """One step for every busy slot; a slot whose job ends is freed at the next boundary."""
+        busy = [job for job in self._busy if job is not None and not job.finished]
+        slots, tokens = step_jit(graphdef, params, slots, sampled=any(job.temperature > 0 for job in busy))
+        for job, token in zip(self._busy, np.asarray(tokens).tolist()):
+            if job is not None and not job.finished:
+                job.take(token, self.tokenizer.eos_id)
+        return slots
+
+    def _empty_slots(self, window: Window, n: int) -> Slots:
+        cache = init_cache(self.model.cfg, n, window.width, self.model.execution.dtype)
+        return Slots(KVCache(cache.k, cache.v, jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
+                     jnp.full((n,), window.need, jnp.int32), jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32),
+                     jax.vmap(jax.random.key)(jnp.arange(n)))
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            for slot, job in enumerate(self._busy):
+                if job is not None and not job.finished:
                     job.finished = True
-                elif token == eos:
-                    job.finish("stop")
-                else:
-                    job.tokens += 1
-                    job.text.push(token)
-                    if not job.finished and job.tokens >= job.max_tokens:
-                        job.finish("length")
-            return all(job.finished for job in batch)
-
-        generate(self.model, prompts, max_new_tokens=max(job.max_tokens for job in batch),
-                 temperature=batch[0].temperature, top_p=batch[0].top_p, eos_id=eos, seed=batch[0].seed,
-                 stream=on_step)
-        for job in batch:
-            job.finish("length")
+                    job.emit(Event(error=message))
+                self._busy[slot] = None

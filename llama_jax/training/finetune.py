@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-import jax
 from jax.sharding import Mesh
 
 from llama_jax.checkpoints.io import FORMATS, detect_format
@@ -81,6 +80,7 @@ def _finetune(cfg: Config, mesh: Mesh, tokenizer: Tokenizer) -> TrainResult:
 
 
 def export_adapter(cfg: Config, trainer: Trainer, result: TrainResult) -> None:
-    """Under LoRA, write the finished adapter in PEFT format to `<run>/adapter` (process 0)."""
-    if trainer.lora and result.state is not None and jax.process_index() == 0:
+    """Under LoRA, write the finished adapter in PEFT format to `<run>/adapter` (every process joins the gather of the
+    sharded adapters, process 0 writes)."""
+    if trainer.lora and result.state is not None:
         save_peft(trainer.model(result.state.params), cfg.lora, as_path(cfg.checkpoint.dir) / ADAPTER_DIR)

@@ -2,8 +2,8 @@
 
 A run lives in `checkpoint.dir`: tokenizer, checkpoints, TensorBoard events and the loss curve. Starting a run whose
 directory already holds checkpoints resumes from the newest readable one (parameters, optimizer, step and data
-position), so a killed or preempted job continues where it stopped. SIGTERM saves a checkpoint at the next step
-boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
+position), so a killed or preempted job continues where it stopped. SIGTERM or Ctrl-C saves a checkpoint at the next
+step boundary (with several processes, at the next multiple of `train.stop_check_every`) and returns normally. The host
 blocks on a step result at least every 16 steps: on CPU devices more than ~50 queued collective programs deadlock,
 and it bounds how far the progress bar runs ahead.
 """
@@ -39,7 +39,9 @@ from llama_jax.training.step import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16
-STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite")  # the rest come from the objective
+LOSS_SCALE_METRICS = ("loss_scale", "overflow_skips")  # logged as of the last step when optim.loss_scale is on
+STEP_METRICS = ("loss", "grad_norm", "lr", "tokens", "finite", "overflow", *LOSS_SCALE_METRICS)  # the rest come
+# from the objective
 
 
 @dataclass
@@ -65,17 +67,26 @@ class TrainResult:
 
 
 @contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-    """An event set by SIGTERM (TPU preemption) while the block runs; the previous handler is restored after."""
+def stop_signal_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (TPU preemption) or Ctrl-C (SIGINT) while the block runs, so the run saves and stops
+    at the next step; the previous handlers are restored after. A second Ctrl-C ends the process at once (a
+    KeyboardInterrupt raised mid-step left the process hanging with Orbax's and grain's threads alive)."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+
+    def stop(signum: int, _frame: object) -> None:
+        event.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stop_reason(step: int, every: int, sigterm: threading.Event, deadline: float | None) -> str | None:
@@ -207,7 +218,7 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
         logger.log(at, result.scalars(), prefix="eval")
         return result
 
-    with sigterm_flag() as sigterm:
+    with stop_signal_flag() as sigterm:
         while step < t.steps:
             state, metrics = trainer.train_step(state, next(data))
             step += 1
@@ -228,7 +239,8 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
                     objective = {k: finite_mean(fetched, k) for k in last if k not in STEP_METRICS}
                     logger.log(step, {"loss": train_loss, "lr": float(last["lr"]),
                                       "grad_norm": float(last["grad_norm"]), "tokens_per_s": rate, "mfu": mfu,
-                                      "nonfinite_skips": guard.skipped, **objective})
+                                      "nonfinite_skips": guard.skipped, **objective,
+                                      **{k: float(last[k]) for k in LOSS_SCALE_METRICS if k in last}})
                     logger.log(step, data.metrics(), prefix="data")
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step, t.eval_batches)

@@ -19,31 +19,36 @@ LOSS_CHUNK = 1024  # sequence positions per chunk
 def chunked_token_losses(project: Callable[[jax.Array], jax.Array], features: jax.Array, targets: jax.Array,
                          chunk: int = LOSS_CHUNK) -> jax.Array:
     """Per-token cross-entropy `[batch, seq]` (float32) of `project(features)` logits against integer `targets`."""
-    return chunked_per_token(lambda f, y: optax.softmax_cross_entropy_with_integer_labels(project(f), y), features,
-                             targets, chunk)
+    return chunked_map(lambda f, y: optax.softmax_cross_entropy_with_integer_labels(project(f), y),
+                       (features, targets), chunk)
 
 
 def chunked_token_entropy(project: Callable[[jax.Array], jax.Array], features: jax.Array,
                           chunk: int = LOSS_CHUNK) -> jax.Array:
     """Per-position entropy `[batch, seq]` (float32) of the `project(features)` next-token distribution."""
 
-    def entropy(f: jax.Array, _: jax.Array) -> jax.Array:
+    def entropy(f: jax.Array) -> jax.Array:
         logp = jax.nn.log_softmax(project(f).astype(jnp.float32), axis=-1)
         return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
-    return chunked_per_token(entropy, features, jnp.zeros(features.shape[:2], jnp.int32), chunk)
+    return chunked_map(entropy, (features,), chunk)
 
 
-def chunked_per_token(per_chunk: Callable[[jax.Array, jax.Array], jax.Array], features: jax.Array,
-                      targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
-    """`per_chunk(features, targets) -> [batch, c]` over sequence chunks of `chunk` positions, concatenated; each
-    chunk's intermediates (the logits) are recomputed in the backward pass instead of being kept."""
-    b, t, d = features.shape
+def chunked_map(per_chunk: Callable[..., jax.Array], arrays: tuple[jax.Array, ...], chunk: int = LOSS_CHUNK
+                ) -> jax.Array:
+    """`per_chunk(*slices) -> [batch, chunk]` over `[batch, seq, ...]` arrays, one sequence chunk at a time (each
+    chunk recomputed in the backward pass), concatenated to `[batch, seq]`."""
+    b, t = arrays[0].shape[:2]
     if t <= chunk:
-        return per_chunk(features, targets)
+        return per_chunk(*arrays)
     n = -(-t // chunk)
-    pad = n * chunk - t
-    f = jnp.pad(features, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    one = jax.checkpoint(lambda pair: per_chunk(pair[0], pair[1]))
-    return jax.lax.map(one, (f, y)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(slices: tuple[jax.Array, ...]) -> jax.Array:
+        return per_chunk(*slices)
+
+    return jax.lax.map(one, tuple(split(x) for x in arrays)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]

@@ -110,7 +110,10 @@ class MetricsLogger:
         if self.enabled:
             self._bar.write(f"{prefix} step {step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
             if prefix == "train":
-                self._bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.3f}")
+                shown = {"loss": f"{scalars.get('loss', math.nan):.3f}"}
+                if "loss_scale" in scalars:
+                    shown["scale"] = _fmt(scalars["loss_scale"])
+                self._bar.set_postfix(shown)
 
     def plot(self, path: PathLike | None = None) -> AnyPath | None:
         """Write the train (and validation) loss curves as a PNG; returns its path."""

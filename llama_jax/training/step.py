@@ -8,12 +8,14 @@ Pretraining batches are `{"tokens": int32[batch, seq_len + 1]}` (as `llama_jax.d
 (`[batch, seq_len]`) with a `loss_mask` and packed examples' `segment_ids` and `positions`.
 
 With LoRA (`cfg.lora.rank > 0`) the model carries adapters and only they are trained: the state's `params` and the
-optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated.
-With a `prune` mask (magnitude or N:M), the optimizer chain starts with `compression.masks.keep_pruned`: the mask
+optimizer hold just the `LoRAParam`s, and the frozen base travels beside them (`Trainer.frozen`), never updated;
+with `execution.quant` that base is int8/int4 (QLoRA). With a `prune` mask (magnitude or N:M), the optimizer chain starts with `compression.masks.keep_pruned`: the mask
 is computed from the initial weights, stored in the optimizer state, and the masked weights stay exactly zero.
+With `optim.loss_scale` (float16 compute) the loss is scaled before differentiating (`training.loss_scale`).
 
 What the step minimises is an `Objective`: next-token cross-entropy by default; post-training stages (reward models,
-DPO) pass their own loss over their own batch fields, and may attach weights of their own (a reward head).
+DPO) pass their own loss over their own batch fields, and may attach weights of their own (a reward head);
+distillation passes a frozen teacher's parameters as the objective's `inputs`, an argument of every step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
 from llama_jax.training.loss import chunked_token_losses
+from llama_jax.training.loss_scale import LossScaling
 from llama_jax.training.optim import accumulate_gradients, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -74,10 +77,13 @@ class Objective:
     """What a train step minimises. `loss(model, batch)` returns the loss summed over the batch's units (target
     tokens, preference pairs), how many units there are, and sums of further per-unit metrics (each is reported
     divided by the count, e.g. a pair accuracy); `attach(model)` adds the stage's own weights to a fresh or loaded
-    `Llama` in place (before LoRA adapters) and returns it."""
+    `Llama` in place (before LoRA adapters) and returns it. `inputs`, when set, are arrays the loss needs besides
+    the model (a frozen teacher's parameters, placed on the mesh): every step takes them as an argument, sharded as
+    they are, and calls `loss(model, batch, inputs)`."""
 
     loss: LossFn
     attach: Callable[[Llama], Llama] | None = None
+    inputs: Any = None
 
 
 def next_token_loss(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -109,11 +115,16 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh, objective: Objective = NEXT_TOKEN):
         self.cfg, self.mesh, self.objective = cfg, mesh, objective
         self.lora = cfg.lora.rank > 0
+        if cfg.execution.quant != "none" and not self.lora:
+            raise ConfigError(f"execution.quant={cfg.execution.quant} keeps the weights quantized and frozen; train "
+                              "LoRA adapters over them (QLoRA: lora.rank > 0) or set execution.quant=none")
         self.trainable = LoRAParam if self.lora else nnx.Param
-        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.pruned = check_prune(cfg)
         if self.pruned:
-            self.tx = optax.chain(keep_pruned(cfg.prune), self.tx)
+            tx = optax.chain(keep_pruned(cfg.prune), tx)
+        self.loss_scaling = LossScaling.from_config(cfg.optim, cfg.execution)
+        self.tx = self.loss_scaling.wrap(tx) if self.loss_scaling else tx
         self.graphdef, abstract_frozen = self._split(nnx.eval_shape(self._ctor))[::2]
         self.frozen_sharding = state_shardings(abstract_frozen, mesh)
         # Under LoRA the base weights, set by init_state / set_base; otherwise nothing (a State without leaves).
@@ -187,26 +198,38 @@ class Trainer:
     def model(self, params: Any) -> Llama:
         return nnx.merge(self.graphdef, params, self.frozen)
 
-    def _train_step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def _train_step(self, state: TrainState, frozen: Any, inputs: Any, batch: Batch
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        scaling = self.loss_scaling
+        # The scale multiplies the loss per token (what torch's GradScaler sees as a mean loss), so one setting fits
+        # every batch size: the summed loss is scaled by scale / (elements of the batch's largest field).
+        scale = state.opt_state.scale / max(v.size for v in batch.values()) if scaling else jnp.float32(1.0)
+        extra = () if inputs is None else (inputs,)
+
         def loss(params: Any, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
             model = nnx.merge(self.graphdef, params, frozen)
             with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
-                loss_sum, count, sums = self.objective.loss(model, micro)
-            return loss_sum, (count, sums)
+                loss_sum, count, sums = self.objective.loss(model, micro, *extra)
+            return loss_sum * scale, (count, sums)
 
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         grads, loss_sum, count, sums = accumulate_gradients(grad_fn, state.params, batch,
                                                             self.cfg.optim.grad_accum_steps)
+        grads, loss_sum = jax.tree.map(lambda g: g / scale, grads), loss_sum / scale
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss, grad_norm = loss_sum / jnp.maximum(count, 1.0), optax.tree.norm(grads)
         # A NaN/Inf loss or gradient drops the whole update, so the state never holds one (the host decides what
-        # to do next: train.nonfinite); selecting costs one elementwise pass over the state.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # to do next: train.nonfinite); selecting costs one elementwise pass over the state. A gradient overflow
+        # that the loss scale absorbs is no such step: the scaler already skipped the update and lowered the scale.
+        overflow = ~jnp.isfinite(grad_norm) & (scaling.absorbs_overflow(state.opt_state) if scaling else False)
+        finite = jnp.isfinite(loss) & (jnp.isfinite(grad_norm) | overflow)
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                          (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state.step), "tokens": count,
                    "finite": finite, **{k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}}
+        if scaling:
+            metrics |= {"loss_scale": state.opt_state.scale, "overflow": overflow, "overflow_skips": opt_state.skipped}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -214,14 +237,15 @@ class Trainer:
         if self.frozen is None:
             raise ValueError("a LoRA trainer needs its base weights: call init_state(model) or set_base first")
         with jax.set_mesh(self.mesh):
-            return self.jitted_train_step(batch)(state, self.frozen, batch)
+            return self.jitted_train_step(batch)(state, self.frozen, self.objective.inputs, batch)
 
     def jitted_train_step(self, batch: Batch) -> Any:
-        """The jitted `(state, frozen, batch)` step for batches shaped like `batch` (arrays or ShapeDtypeStructs);
-        `plan` lowers it AOT."""
+        """The jitted `(state, frozen, inputs, batch)` step for batches shaped like `batch` (arrays or
+        ShapeDtypeStructs); `plan` lowers it AOT."""
         if self._train is None:
             self._train = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_sharding, self.frozen_sharding,
+                                                jax.tree.map(lambda a: a.sharding, self.objective.inputs),
                                                 self._batch_shardings(batch)),
                                   out_shardings=(self.state_sharding, NamedSharding(self.mesh, PartitionSpec())))
         return self._train
