@@ -32,7 +32,7 @@ from llama_jax.alignment.preferences import (
 from llama_jax.alignment.sequences import completion_logps, logps_of_rows, per_sequence
 from llama_jax.checkpoints import load_pretrained
 from llama_jax.config import Config, DpoConfig
-from llama_jax.data.pipeline import _fingerprint
+from llama_jax.data.pipeline import fingerprint_of
 from llama_jax.model import Llama
 from llama_jax.paths import AnyPath, as_path
 from llama_jax.tokenizer import Tokenizer
@@ -127,7 +127,8 @@ def train_dpo(cfg: Config) -> DpoResult:
 def _train_dpo(cfg: Config, mesh: Mesh, tokenizer: Tokenizer) -> DpoResult:
     pairs, issues = read_pairs(cfg.finetune.train, tokenizer, cfg.data.seq_len, cfg.finetune.bad_records)
     rows = pair_rows(pairs, cfg.data.seq_len)
-    fingerprint = _fingerprint("reference", cfg.finetune.init_from, preference_fingerprint(cfg, tokenizer), len(pairs))
+    fingerprint = fingerprint_of("reference", cfg.finetune.init_from, preference_fingerprint(cfg, tokenizer),
+                                 len(pairs))
     rows |= cached_reference(cfg, rows, mesh, fingerprint)
     data = build_preference_data(cfg, tokenizer, mesh, rows, issues, fingerprint)
     epochs_to_steps(cfg, data.steps_per_epoch)

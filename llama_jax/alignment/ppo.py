@@ -349,7 +349,8 @@ def _run(cfg: Config, trainer: PpoTrainer, tokenizer: Tokenizer, prompts: list, 
                     with (run_dir / METRICS_FILE).open("a") as f:
                         f.write(json.dumps({"iteration": it, **metrics}) + "\n")
                 if ckpt.due(it) or it == p.iterations or sigterm.is_set():
-                    ckpt.save(it, state.params, state.opt_state, {"optimizer_steps": int(state.step), "kl_coef": kl_coef}, cfg)
+                    ckpt.save(it, state.params, state.opt_state,
+                              {"optimizer_steps": int(state.step), "kl_coef": kl_coef}, cfg)
                 if sigterm.is_set():
                     stopped = "signal"
                     break

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from llama_jax.chat import Message, encode_turns
 from llama_jax.config import Config
-from llama_jax.data.pipeline import DataIterator, _fingerprint, _processes
+from llama_jax.data.pipeline import DataIterator, fingerprint_of, process_slot
 from llama_jax.data.records import RecordIssues, read_records
 from llama_jax.data.sft import row_iterator
 from llama_jax.data.tokenized import tokenizer_hash
@@ -168,7 +168,7 @@ class PreferenceData:
 
 def preference_fingerprint(cfg: Config, tokenizer: Tokenizer, *extra: Any) -> str:
     ft = cfg.finetune
-    return _fingerprint("preferences", ft.train, ft.bad_records, cfg.data.seq_len, cfg.data.shuffle_seed,
+    return fingerprint_of("preferences", ft.train, ft.bad_records, cfg.data.seq_len, cfg.data.shuffle_seed,
                         cfg.train.batch_size, tokenizer_hash(tokenizer), *extra)
 
 
@@ -176,7 +176,7 @@ def build_preference_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None, 
                           issues: RecordIssues, *fingerprint_extra: Any) -> PreferenceData:
     """Endless, checkpointable batches of pair rows (`rows` from `pair_rows`, plus any per-pair fields a stage
     adds, such as cached reference log-probabilities), shuffled afresh each epoch."""
-    index, count = _processes(None, None)
+    index, count = process_slot(None, None)
     n = len(rows["level"])
     train = row_iterator(rows, cfg, mesh, preference_fingerprint(cfg, tokenizer, *fingerprint_extra), "pairs",
                          index, count)

@@ -64,7 +64,7 @@ def _local_batch(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
@@ -103,7 +103,7 @@ class DataIterator:
         put = functools.partial(_put, mesh)  # not a bound method: the iterator must not keep `self` alive
         self._iter = iter(grain.experimental.ThreadPrefetchIterDataset(dataset.map(put), prefetch_buffer_size=2))
         weakref.finalize(self, self._iter.close)  # threads still running C++ code abort the interpreter at exit
-        self._fingerprint = fingerprint
+        self.fingerprint_of = fingerprint
         self._labels = labels
         self._seq_len = seq_len
         self._tokens = np.zeros(len(labels), np.int64)
@@ -127,10 +127,10 @@ class DataIterator:
 
     def state(self) -> dict[str, Any]:
         """A small JSON-able dict: the data configuration's fingerprint, the position and the tokens seen."""
-        return {"fingerprint": self._fingerprint, "position": self._iter.get_state(), "tokens": self._tokens.tolist()}
+        return {"fingerprint": self.fingerprint_of, "position": self._iter.get_state(), "tokens": self._tokens.tolist()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self._fingerprint:
+        if state.get("fingerprint") != self.fingerprint_of:
             raise ValueError("data state was saved with different data settings (sources, weights, seq_len, seed, "
                              "batch size or tokenizer); restore with the original settings")
         self._iter.set_state(state["position"])
@@ -193,13 +193,13 @@ class ValidationData:
     def __init__(self, dataset: grain.MapDataset, mesh: Mesh | None, fingerprint: str):
         self._dataset = dataset
         self._mesh = mesh
-        self._fingerprint = fingerprint
+        self.fingerprint_of = fingerprint
 
     def __len__(self) -> int:
         return len(self._dataset)
 
     def __iter__(self) -> DataIterator:
-        return DataIterator(self._dataset.to_iter_dataset(READ_OPTIONS), self._mesh, self._fingerprint,
+        return DataIterator(self._dataset.to_iter_dataset(READ_OPTIONS), self._mesh, self.fingerprint_of,
                             ["validation"], 0)
 
 
@@ -232,7 +232,7 @@ def _check(cfg: Config, tokenizer: Tokenizer) -> None:
                           f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
 
 
-def _fingerprint(*parts: Any) -> str:
+def fingerprint_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -257,7 +257,7 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None =
     _check(cfg, tokenizer)
     data = cfg.data
     batch_size = batch_size or cfg.train.batch_size
-    index, count = _processes(process_index, process_count)
+    index, count = process_slot(process_index, process_count)
     local = _local_batch(batch_size, count)
     labels = [source_label(i, s) for i, s in enumerate(data.sources)]
     sources = [(s.name, s.split, s.text_feature, s.weight) for s in data.sources]
@@ -266,7 +266,7 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None =
             raise ConfigError("data.validation_fraction needs the whole first source; with data.streaming set "
                               "data.validation to a (small) source instead")
         dataset = host_dataset(data, tokenizer, index, count, epochs).batch(local)
-        fingerprint = _fingerprint("streaming", sources, data.streams, data.shuffle_buffer, data.seq_len,
+        fingerprint = fingerprint_of("streaming", sources, data.streams, data.shuffle_buffer, data.seq_len,
                                    data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
         return StreamingDataIterator(dataset, mesh, fingerprint, labels, data.seq_len, data, batch_size, index, count)
     holdout = _holdout(data)
@@ -280,7 +280,7 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None =
         parts.append(windows(stream, data.seq_len, order, source=i))
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in data.sources])
     dataset = mixed[index::count].batch(local).to_iter_dataset(READ_OPTIONS)
-    fingerprint = _fingerprint(sources, holdout, data.seq_len, data.shuffle_seed, batch_size,
+    fingerprint = fingerprint_of(sources, holdout, data.seq_len, data.shuffle_seed, batch_size,
                                tokenizer_hash(tokenizer))
     return DataIterator(dataset, mesh, fingerprint, labels, data.seq_len)
 
@@ -300,7 +300,7 @@ def build_validation_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | N
         return None
     source = data.validation or data.sources[0]
     batch_size = batch_size or cfg.train.batch_size
-    index, count = _processes(process_index, process_count)
+    index, count = process_slot(process_index, process_count)
     stream = _stream(data, source, tokenizer, holdout, tail=True)
     n = window_count(len(stream), data.seq_len) // batch_size * batch_size
     if n == 0:
@@ -308,7 +308,8 @@ def build_validation_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | N
                          f"{batch_size} x {data.seq_len + 1}; use a smaller batch or seq_len or more validation text")
     dataset = windows(stream, data.seq_len, grain.MapDataset.range(n), with_bytes=True)
     dataset = dataset[index::count].batch(_local_batch(batch_size, count))
-    fingerprint = _fingerprint(source.name, source.split, holdout, data.seq_len, batch_size, tokenizer_hash(tokenizer))
+    fingerprint = fingerprint_of(source.name, source.split, holdout, data.seq_len, batch_size,
+                                 tokenizer_hash(tokenizer))
     return ValidationData(dataset, mesh, fingerprint)
 
 

@@ -30,9 +30,9 @@ from llama_jax.data.pipeline import (
     READ_OPTIONS,
     DataIterator,
     ValidationData,
-    _fingerprint,
+    fingerprint_of,
     _local_batch,
-    _processes,
+    process_slot,
     _seed,
 )
 from llama_jax.data.records import RecordIssues, read_records
@@ -162,15 +162,15 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
     ft, seq_len, batch_size = cfg.finetune, cfg.data.seq_len, cfg.train.batch_size
     if not 0 < seq_len <= cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len {seq_len} must be in 1..model.max_seq_len ({cfg.model.max_seq_len})")
-    index, count = _processes(process_index, process_count)
+    index, count = process_slot(process_index, process_count)
     local = _local_batch(batch_size, count)
     examples = read_examples(ft.train, tokenizer, seq_len, ft.bad_records, ft.last_turn_only, ft.train_split,
                              cfg.data, ft.fields)
     order = np.random.default_rng(_seed(cfg.data.shuffle_seed, 0)).permutation(len(examples.ids))
     rows = pack(examples, seq_len, ft.packing, order)
     n_rows = len(rows["tokens"])
-    fingerprint = _fingerprint("sft", ft.train, ft.train_split, ft.fields, ft.packing, ft.last_turn_only, ft.bad_records, seq_len,
-                               cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
+    fingerprint = fingerprint_of("sft", ft.train, ft.train_split, ft.fields, ft.packing, ft.last_turn_only,
+                                 ft.bad_records, seq_len, cfg.data.shuffle_seed, batch_size, tokenizer_hash(tokenizer))
     train = row_iterator(rows, cfg, mesh, fingerprint, "finetune", index, count)
     validation = None
     if ft.validation:
@@ -180,5 +180,5 @@ def build_sft_data(cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, 
         pad = -len(val_rows["tokens"]) % batch_size
         val_rows = {k: np.concatenate([v, np.zeros((pad, seq_len), v.dtype)]) for k, v in val_rows.items()}
         validation = ValidationData(_row_dataset(val_rows)[index::count].batch(local), mesh,
-                                    _fingerprint(fingerprint, ft.validation, ft.validation_split))
+                                    fingerprint_of(fingerprint, ft.validation, ft.validation_split))
     return SFTData(train, validation, n_rows, len(examples.ids), math.ceil(n_rows / batch_size))
