@@ -108,12 +108,13 @@ def build_policy(out: Path, scale: float, kl_bound: float = KL_BOUND) -> Context
     """Stage 1: tokenizer, random init and the SFT policy fine-tuned from it (`out/sft`)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    records = rlhf_task.sft_records(rng, max(400, int(2000 * scale)))
+    records = rlhf_task.sft_records(rng, max(600, int(2000 * scale)))
     tokenizer = random_base(out, MODEL, chat_corpus(records))
     data = write_jsonl(out / "sft.jsonl", records)
     finetune_run(out, "sft", str(out / "random"), data, None, max(2.0, 6 * scale), "train.eval_every=0",
                  config=CONFIGS / "sft_reverse.yaml")
-    return Context(out, scale, tokenizer, out / "sft", rlhf_task.prompts(np.random.default_rng(1), 128), kl_bound)
+    eval_prompts = rlhf_task.prompts(np.random.default_rng(1), max(64, int(128 * scale)))
+    return Context(out, scale, tokenizer, out / "sft", eval_prompts, kl_bound)
 
 
 def make_pairs(ctx: Context) -> None:
@@ -159,7 +160,7 @@ def train_dpo_stage(ctx: Context) -> None:
 
 def online_prompts(ctx: Context) -> str:
     """The prompts rejection sampling and PPO sample from: chat prompts of the task, as JSONL."""
-    texts = rlhf_task.prompts(np.random.default_rng(3), max(128, int(512 * ctx.scale)))
+    texts = rlhf_task.prompts(np.random.default_rng(3), max(96, int(512 * ctx.scale)))
     return write_jsonl(ctx.out / "online_prompts.jsonl", [{"messages": [{"role": "user", "content": t}]}
                                                           for t in texts])
 
@@ -190,7 +191,7 @@ def rejection_stage(ctx: Context) -> None:
 def ppo_stage(ctx: Context) -> None:
     """Stage 6: PPO against the reward model, its KL coefficient adapted towards half the KL bound and its updates
     stopped at the bound; rollout and training throughput of its last iteration, and its final KL coefficient."""
-    iterations = max(20, int(60 * ctx.scale))
+    iterations = max(16, int(60 * ctx.scale))
     seconds, result = online_stage(ctx, "ppo", ppo, f"ppo.iterations={iterations}", f"ppo.max_kl={ctx.kl_bound}",
                                    f"ppo.kl_target={ctx.kl_bound / 2}")
     ctx.results |= {f"ppo/{k}": result.metrics[k] for k in ("rollout_tokens_per_s", "train_tokens_per_s", "kl_coef")}

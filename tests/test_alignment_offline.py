@@ -283,7 +283,8 @@ def test_worked_example_shortened_rm_accuracy_dpo_rejection_and_ppo_gains(tmp_pa
         import rlhf_example
     finally:
         sys.path.remove(str(REPO / "experiments"))
-    results = rlhf_example.run(tmp_path, scale=0.3, stages=("rm", "dpo", "rejection", "ppo"))
+    # scale 0.2: 600 SFT replies, 512 pairs, 64 evaluation prompts, 102 online prompts, 16 PPO iterations
+    results = rlhf_example.run(tmp_path, scale=0.2, stages=("rm", "dpo", "rejection", "ppo"))
     report = rlhf_example.report(results)
     bound = results["kl_bound"]  # nats per reply
     assert results["rm/accuracy_separated"] >= 0.9, report
