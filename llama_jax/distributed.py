@@ -13,6 +13,8 @@ std::bad_cast). So `PeerWatch` keeps a heartbeat of its own in the service's key
 time: a survivor prints one line naming the silent process and how to resume, and exits with status 3 before JAX's
 fatal path (and before the run dir's lock or an interrupted save could matter: checkpoints commit atomically). A
 collective that fails because a peer's connection dropped (CPU collectives raise at once) waits for that verdict.
+Process 0 of an explicitly configured cluster runs the coordination service as a process of its own
+(`coordination_service`), so that process 0's own death is reported the same way instead of aborting the others.
 """
 
 from __future__ import annotations
