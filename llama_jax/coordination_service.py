@@ -51,13 +51,16 @@ def wait_for_port(port: int, within_s: float) -> None:
                 sock.bind(("::", port))
                 return
             except OSError as err:
-                if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                if err.errno != errno.EADDRINUSE:  # e.g. no IPv6 here: the service's own bind will tell
+                    return
+                if time.monotonic() > deadline:
                     raise RuntimeError(f"port {port} of the coordinator address is in use ({err.strerror}); "
                                        "stop what listens there or choose another port") from None
         time.sleep(0.5)
 
 
 def serve(port: int, num_processes: int, heartbeat_timeout_s: int, linger_s: float) -> None:
+    """The service process: bind, say READY (or the one-line reason it cannot), serve until process 0 has ended."""
     try:
         wait_for_port(port, within_s=linger_s + 5)
         # The module jax.distributed.initialize calls in process 0 (as jax._src.lib._jax); importing jax would
