@@ -13,6 +13,8 @@ std::bad_cast). So `PeerWatch` keeps a heartbeat of its own in the service's key
 time: a survivor prints one line naming the silent process and how to resume, and exits with status 3 before JAX's
 fatal path (and before the run dir's lock or an interrupted save could matter: checkpoints commit atomically). A
 collective that fails because a peer's connection dropped (CPU collectives raise at once) waits for that verdict.
+Process 0 of an explicitly configured cluster runs the coordination service as a process of its own
+(`coordination_service`), so that process 0's own death is reported the same way instead of aborting the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Mapping
 
 import jax
 
+from llama_jax import coordination_service
 from llama_jax.config import ConfigError, TrainConfig
 
 PEER_LOST_STATUS = 3
@@ -68,7 +71,8 @@ def initialize(train: TrainConfig) -> None:
         return
     args = cluster_args(train)
     try:
-        jax.distributed.initialize(**args, heartbeat_timeout_seconds=train.heartbeat_timeout_s)
+        jax.distributed.initialize(**args, **own_service_args(args, train.heartbeat_timeout_s),
+                                   heartbeat_timeout_seconds=train.heartbeat_timeout_s)
     except (RuntimeError, ValueError) as err:
         how = ("JAX found no cluster to join here; set train.coordinator_address, train.num_processes and "
                "train.process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)" if not args else
@@ -78,6 +82,19 @@ def initialize(train: TrainConfig) -> None:
                           f"({str(err).splitlines()[0]}); {how}") from err
     if jax.process_count() > 1:
         PeerWatch.start_for(train.heartbeat_timeout_s / 2)
+
+
+def own_service_args(args: Mapping[str, str | int], heartbeat_timeout_s: int) -> dict[str, str]:
+    """In process 0 of an explicitly configured cluster, start the coordination service as a process of its own
+    (`coordination_service`) on the coordinator address and move the one `jax.distributed.initialize` starts to a
+    spare port nobody connects to; {} elsewhere (auto-detected clusters keep JAX's service inside process 0)."""
+    if not args or args["process_id"] != 0 or int(args["num_processes"]) < 2:
+        return {}
+    port = int(str(args["coordinator_address"]).rsplit(":", 1)[1])
+    service = coordination_service.spawn(port, int(args["num_processes"]), heartbeat_timeout_s,
+                                         linger_s=heartbeat_timeout_s / 2 + 5)
+    atexit.register(lambda: (service.stdin.write(coordination_service.DONE + "\n"), service.stdin.flush()))
+    return {"coordinator_bind_address": "127.0.0.1:0"}
 
 
 class PeerWatch(threading.Thread):

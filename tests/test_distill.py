@@ -42,6 +42,7 @@ def test_loss_equals_numpy_reference(alpha, temperature):
     np.testing.assert_allclose(same, 0.0, atol=1e-5)  # a student equal to its teacher has no KL
 
 
+@pytest.mark.e2e
 def test_distillation_lowers_its_loss_and_learns_the_projection():
     teacher_cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
                               max_seq_len=32)

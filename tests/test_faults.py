@@ -140,10 +140,12 @@ def test_damaged_token_cache_is_detected_and_rebuilt(files, tmp_path, capfd):  #
 
 
 @pytest.mark.e2e
-def test_a_killed_process_ends_the_other_with_one_line_instead_of_a_hang(files, tmp_path):  # noqa: F811
-    """2 processes x 2 devices; SIGKILL process 1 mid-training: process 0, left waiting in a collective, sees process
-    1's heartbeat stop (train.heartbeat_timeout_s=10: after 5 s) and exits with status 3 and one line naming it and
-    saying how to resume — before JAX's own fatal error and C++ stack trace (10 s)."""
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_peer_process_ends_the_other_with_one_line_instead_of_a_hang(files, tmp_path, killed):  # noqa: F811
+    """2 processes x 2 devices; SIGKILL one mid-training: the other, left waiting in a collective, sees the killed
+    one's heartbeat stop (train.heartbeat_timeout_s=10: after 5 s) and exits with status 3 and one line naming it and
+    saying how to resume — before JAX's own fatal error and C++ stack trace (10 s). Killing process 0 also kills the
+    coordination service only where it runs inside process 0 (then the survivor's JAX client aborts at once)."""
     sys.path.insert(0, str(REPO / "experiments"))
     from launch_local import free_port, process_env
 
@@ -158,23 +160,24 @@ def test_a_killed_process_ends_the_other_with_one_line_instead_of_a_hang(files, 
                "train.steps=100000", "train.heartbeat_timeout_s=10", f"checkpoint.dir={tmp_path / 'run'}"]
     procs = [subprocess.Popen(command, env=process_env(base, 2, address, 2, i), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    survivor = procs[1 - killed]
     try:
         output = []
         for line in procs[0].stdout:
             output.append(line)
             if "train step 3:" in line:
                 break
-        procs[1].kill()
+        procs[killed].kill()
         start = time.monotonic()
-        rest, _ = procs[0].communicate(timeout=240)
+        rest, _ = survivor.communicate(timeout=240)
         waited = time.monotonic() - start
     finally:
         for p in procs:
             p.kill()
     log = "".join(output) + rest
     assert any("train step 3:" in line for line in output), log[-3000:]
-    assert procs[0].returncode == PEER_LOST_STATUS and waited < 60, (waited, log[-3000:])
+    assert survivor.returncode == PEER_LOST_STATUS and waited < 60, (waited, log[-3000:])
     last = [line for line in rest.splitlines() if line.strip()][-1]
-    assert last.startswith("error: process 1 of this 2-process run stopped responding"), log[-3000:]
-    assert "process 0 stops too" in last and "resumes from the last checkpoint" in last, last
+    assert last.startswith(f"error: process {killed} of this 2-process run stopped responding"), log[-3000:]
+    assert f"process {1 - killed} stops too" in last and "resumes from the last checkpoint" in last, last
     assert "Traceback" not in rest and "stack trace" not in rest and "Terminating process" not in rest, rest[-3000:]

@@ -2,6 +2,7 @@
 to one of them, and leave a checkpoint that a single process resumes at the next step — with in-memory and with
 streamed data (whose per-process positions are gathered into the checkpoint and regrouped for one process)."""
 
+import io
 import os
 import re
 import signal
@@ -10,12 +11,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import pytest
 import yaml
 from tensorboardX.proto.event_pb2 import Event
 
+from llama_jax import coordination_service
 from llama_jax.config import ConfigError, TrainConfig, load_config
 from llama_jax.data import build_train_data
 from llama_jax.distributed import cluster_args, initialize
@@ -47,7 +50,21 @@ def test_cluster_args_errors(train, env, message):
         cluster_args(train, env)
 
 
-def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch):
+@pytest.fixture
+def services(monkeypatch) -> list[tuple]:
+    """Records the coordination service processes `initialize` would start (the e2e tests in test_faults.py run
+    real ones)."""
+    started = []
+
+    def spawn(*args, **kwargs):
+        started.append((*args, kwargs))
+        return SimpleNamespace(stdin=io.StringIO())  # what the atexit hook writes "done" to
+
+    monkeypatch.setattr(coordination_service, "spawn", spawn)
+    return started
+
+
+def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch, services):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
@@ -57,6 +74,12 @@ def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch):
     initialize(TrainConfig(distributed=True, heartbeat_timeout_s=30, **cluster))
     initialize(TrainConfig(distributed=True))  # TPU VM: JAX detects the cluster
     assert calls == [{**cluster, "heartbeat_timeout_seconds": 30}, {"heartbeat_timeout_seconds": 100}]
+    assert services == []
+    initialize(TrainConfig(distributed=True, heartbeat_timeout_s=30, **{**cluster, "process_id": 0}))
+    # process 0 moves JAX's in-process service to a spare port; its own service process takes the address
+    assert calls[-1] == {**cluster, "process_id": 0, "heartbeat_timeout_seconds": 30,
+                         "coordinator_bind_address": "127.0.0.1:0"}
+    assert services == [(1234, 2, 30, {"linger_s": 20.0})]
 
 
 @pytest.mark.parametrize("train, hint", [
@@ -64,7 +87,7 @@ def test_initialize_joins_the_cluster_only_when_distributed(monkeypatch):
     (TrainConfig(distributed=True, coordinator_address="h:1", num_processes=2, process_id=0),
      "start every process with the same coordinator address"),
 ])
-def test_initialize_failure_is_one_line_with_the_fix(monkeypatch, train, hint):
+def test_initialize_failure_is_one_line_with_the_fix(monkeypatch, services, train, hint):
     def refuse(**kwargs):
         raise RuntimeError("connection refused\n(grpc details)")
 
@@ -168,3 +191,23 @@ def test_two_processes_match_one_stop_together_and_resume(run_config, tmp_path):
     assert result.step == stop + 2 and result.stopped == "steps"
     resumed = logged(run_dir, event_files(run_dir) - before)
     assert resumed == pytest.approx({s: reference[s] for s in (stop + 1, stop + 2)}, rel=1e-5)
+
+
+def test_coordination_service_stops_at_once_after_a_normal_exit_and_lingers_after_a_crash():
+    """A real service process: 'done' then end of input (process 0 passed JAX's shutdown) ends it at once; end of
+    input alone (process 0 was killed) keeps it serving the survivors for `linger_s`."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from launch_local import free_port
+
+    normal = coordination_service.spawn(free_port(), 2, 10, linger_s=60)
+    normal.stdin.write(coordination_service.DONE + "\n")
+    normal.stdin.close()
+    assert normal.wait(timeout=10) == 0
+    killed = coordination_service.spawn(free_port(), 2, 10, linger_s=60)
+    killed.stdin.close()
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            killed.wait(timeout=2)
+    finally:
+        killed.kill()
+        killed.wait()

@@ -93,6 +93,7 @@ def test_bad_prune_settings_are_one_line_errors():
         Trainer(cfg, make_mesh(cfg.mesh))
 
 
+@pytest.mark.e2e
 def test_masked_weights_stay_zero_through_steps_and_resume(model, tmp_path):
     cfg = Config(model=CFG, optim=OptimConfig(lr=1e-2, warmup_steps=1), prune=PruneConfig(method="magnitude"))
     cfg.train.steps = 3

@@ -135,6 +135,7 @@ def _qlora_trainer(mode: str) -> tuple[Trainer, Config]:
     return Trainer(cfg, make_mesh(cfg.mesh)), cfg
 
 
+@pytest.mark.e2e
 def test_qlora_trains_adapters_only_over_a_frozen_int8_base():
     trainer, cfg = _qlora_trainer("int8")
     state = trainer.abstract_state()

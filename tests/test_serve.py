@@ -55,6 +55,7 @@ def _expected(live, prompt_ids, max_tokens, context) -> str:
     return continuation(live.tok, context, new)
 
 
+@pytest.mark.e2e
 def test_completion_and_chat_equal_generate(live):
     ids = live.tok.encode("The cat sat", bos=True)
     got = live.client.completions.create(model="tiny", prompt="The cat sat", max_tokens=12, temperature=0)
@@ -68,6 +69,7 @@ def test_completion_and_chat_equal_generate(live):
     assert [m.id for m in live.client.models.list().data] == ["tiny"]
 
 
+@pytest.mark.e2e
 def test_streaming_equals_generate_and_stop_sequences_cut(live):
     ids = live.tok.encode("Once upon a time", bos=True)
     want = _expected(live, ids, 16, ids[-1:])
@@ -119,6 +121,7 @@ def test_32_concurrent_streaming_clients_get_generates_outputs(live):
         assert reason in ("stop", "length")
 
 
+@pytest.mark.e2e
 def test_bad_requests_get_4xx_with_a_message_and_serving_continues(live):
     url = live.url + "/v1/completions"
     cases = [
@@ -138,6 +141,7 @@ def test_bad_requests_get_4xx_with_a_message_and_serving_continues(live):
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.e2e
 def test_full_queue_is_503_and_a_disconnect_frees_its_slot(live):
     engine = Engine(live.model, live.tok, BatchingConfig(max_batch=1, max_queue=1))  # never started: jobs wait
     server, thread, url = _start(create_app(engine, "tiny"))
@@ -167,6 +171,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_its_slot(live):
         thread.join(timeout=10)
 
 
+@pytest.mark.e2e
 def test_a_client_leaving_mid_stream_ends_its_row(live, monkeypatch):
     ids = live.tok.encode("Water boils", bos=True)
     max_tokens = MAX_SEQ_LEN - len(ids)
@@ -215,6 +220,7 @@ def test_benchmark_script_runs_the_cli_server(tmp_path):
         assert requests_per_s > 0 and 0 < tokens_per_s <= 4 * (requests_per_s + 0.005) + 0.5 and p99 >= p50 > 0
 
 
+@pytest.mark.e2e
 def test_requests_join_a_running_batch_and_match_generate(live):
     """Continuous batching: requests submitted while another decodes join it at the next step (the short one
     finishes first, not after it), one of them needing a wider cache window, past window shifts; every greedy
