@@ -28,7 +28,7 @@ from llama_jax.distributed import initialize
 from llama_jax.model import Llama, Normal
 from llama_jax.paths import as_path
 from llama_jax.sharding import check_model_fits, make_mesh, state_shardings
-from llama_jax.training.finetune import _tokenizer
+from llama_jax.training.finetune import stage_tokenizer
 from llama_jax.training.loop import TrainResult, check_train, lock_run_dir, run_training
 from llama_jax.training.loss import chunked_map
 from llama_jax.training.step import Batch, Objective, Trainer
@@ -120,7 +120,8 @@ def _distill(cfg: Config) -> TrainResult:
     if teacher.cfg.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"the teacher has {teacher.cfg.vocab_size} tokens but the student {cfg.model.vocab_size}; "
                           "set model.vocab_size to the teacher's")
-    tokenizer = _tokenizer(dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=d.teacher)))
+    tokenizer = stage_tokenizer(
+        dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, init_from=d.teacher)))
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the teacher's tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{cfg.model.vocab_size}; use the teacher's tokenizer and vocabulary")
