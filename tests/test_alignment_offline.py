@@ -192,6 +192,7 @@ def _separated_pairs(rng, n, vocab):
     return pairs
 
 
+@pytest.mark.e2e
 def test_reward_model_reaches_90_percent_on_separated_pairs():
     model_cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
     cfg = Config(model=model_cfg, mesh=MeshConfig(), train=TrainConfig(steps=20, batch_size=16),

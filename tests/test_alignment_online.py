@@ -129,6 +129,7 @@ def tiny(tokenizer_1k):
     return Llama(cfg, rngs=nnx.Rngs(0)), tok
 
 
+@pytest.mark.e2e
 def test_lora_ppo_trains_adapters_and_value_head_against_the_base_with_adapters_off():
     """Under LoRA the reference is the frozen base (KL exactly 0 before any update); a step moves the adapters and
     the value head and leaves the base weights as they were."""
