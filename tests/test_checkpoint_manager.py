@@ -60,6 +60,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.e2e
 def test_restore_onto_a_different_mesh(trained):
     cfg, run_dir, saved = trained
     trainer, restored = restore(cfg, run_dir, (1, 4, 2))

@@ -47,6 +47,7 @@ def test_loss_scale_setting_resolves():
         load_config(None, ["optim.loss_scale=dynamc"])
 
 
+@pytest.mark.e2e
 def test_injected_overflow_skips_the_update_lowers_the_scale_and_training_goes_on(fp16, init_params):  # noqa: F811
     state = with_scale(fp16.init_state(init_params), 2.0**26)  # far past fp16's 65504: the gradients overflow
     losses, overflows = [], 0

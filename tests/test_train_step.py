@@ -58,6 +58,7 @@ def test_same_losses_on_every_mesh(init_params):
         np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=str(shape))
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_equals_big_batch(init_params):
     data = batches(2, batch=8)
     big_losses, big_params = run(tiny_config(), (2, 1, 1), data, init_params)
@@ -130,6 +131,7 @@ def test_twenty_adamw_steps_match_torch(tmp_path):
     np.testing.assert_allclose(jax_losses, torch_losses, atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_lr_and_grad_norm_metrics(init_params):
     cfg = tiny_config(lr=1e-2, warmup_steps=2)
     trainer = Trainer(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
