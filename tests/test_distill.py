@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_errors import fails_cleanly, files  # noqa: F401 - the shared tokenizer/corpus/config fixture
+from test_errors import fails_cleanly, files  # noqa: F401 - the tokenizer/corpus/config fixture, built in tmp
 from test_train_step import batches
 
 from llama_jax import Llama

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_errors import files  # noqa: F401 - the shared tokenizer/corpus/config fixture
+from test_errors import files  # noqa: F401 - the tokenizer/corpus/config fixture, built in tmp
 
 from llama_jax.checkpoints.manager import Checkpointer
 from llama_jax.config import CheckpointConfig, Config, LlamaConfig, MeshConfig

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_errors import files  # noqa: F401 - the shared tokenizer/corpus/config fixture
-from test_train_step import batches, init_params, tiny_config  # noqa: F401 - shared fixture
+from test_errors import files  # noqa: F401 - the tokenizer/corpus/config fixture, built in tmp
+from test_train_step import batches, init_params, tiny_config  # noqa: F401 - fixtures reused from test_train_step
 
 from llama_jax.config import ConfigError, ExecutionConfig, MeshConfig, OptimConfig, load_config
 from llama_jax.sharding import make_mesh
@@ -26,7 +26,7 @@ def trainer_for(execution: ExecutionConfig, **optim) -> Trainer:
 
 @pytest.fixture(scope="module")
 def fp16():
-    """One compiled fp16 trainer (dynamic scale doubling every PERIOD clean steps) shared by the tests."""
+    """One compiled fp16 trainer (dynamic scale doubling every PERIOD clean steps) used by every test here."""
     return trainer_for(FP16, loss_scale_period=PERIOD)
 
 

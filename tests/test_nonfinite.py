@@ -5,7 +5,7 @@ cross-entropy is NaN): the step never lets NaN into the state; `halt` stops at t
 import jax
 import numpy as np
 import pytest
-from test_errors import files  # noqa: F401 - the shared tokenizer/corpus/config fixture
+from test_errors import files  # noqa: F401 - the tokenizer/corpus/config fixture, built in tmp
 
 import llama_jax.training.loop as loop
 from llama_jax.config import Config, LlamaConfig, MeshConfig, OptimConfig, load_config
