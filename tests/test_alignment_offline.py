@@ -5,7 +5,6 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ from llama_jax.config import load_config
 from llama_jax.model import Llama
 from llama_jax.sharding import make_mesh
 from llama_jax.training.step import Trainer
+from sigkill import killed_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 CHOSEN = np.array([1.5, -0.2, 0.3, 2.0, -1.0, 0.0], np.float32)
@@ -218,20 +218,9 @@ def test_accuracy_by_level_counts_each_rating():
     assert out["accuracy/unrated"] == 1.0 and out["accuracy/slightly better"] == 0.0
 
 
-KILLED = textwrap.dedent("""
-    import os, signal, sys
-    from llama_jax.config import load_config
-    from llama_jax.training import step as step_module
-    from llama_jax.alignment.dpo import train_dpo
-    from llama_jax.alignment.reward import train_reward_model
-    original = step_module.Trainer.train_step
-    def killing(self, state, batch):
-        if int(state.step) == 5:  # steps 4-5 ran after checkpoint 3: they must be redone identically
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, state, batch)
-    step_module.Trainer.train_step = killing
-    {"reward": train_reward_model, "dpo": train_dpo}[sys.argv[1]](load_config(sys.argv[2], sys.argv[3:]))
-""")
+# steps 4-5 run after checkpoint 3: after the kill they must be redone identically
+KILLED = {"reward": killed_at_step(5, "llama_jax.alignment.reward:train_reward_model"),
+          "dpo": killed_at_step(5, "llama_jax.alignment.dpo:train_dpo")}
 
 
 @pytest.mark.e2e
@@ -250,7 +239,7 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
     straight = run(load_config(config, [*common, f"checkpoint.dir={tmp_path / 'straight'}"]))
     assert straight.training.step == 6 and jax.device_count() == 8
     resumed = [*common, f"checkpoint.dir={tmp_path / 'resumed'}"]
-    killed = subprocess.run([sys.executable, "-c", KILLED, stage, str(config), *resumed], cwd=REPO,
+    killed = subprocess.run([sys.executable, "-c", KILLED[stage], str(config), *resumed], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     if stage == "dpo":

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
 from test_multiprocess import CHILD_XLA_FLAGS
+from sigkill import killed_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "sft_reverse.yaml"
@@ -52,19 +52,8 @@ def overrides(root: Path, run: str, *extra: str) -> list[str]:
             "train.log_every=1", *extra]
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, signal, sys
-    from llama_jax.config import load_config
-    from llama_jax.training import step as step_module
-    from llama_jax.training.finetune import finetune
-    original = step_module.Trainer.train_step
-    def killing(self, state, batch):
-        if int(state.step) == 5:  # steps 4-5 ran after checkpoint 3: they must be redone identically
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, state, batch)
-    step_module.Trainer.train_step = killing
-    finetune(load_config(sys.argv[1], sys.argv[2:]))
-""")
+# steps 4-5 run after checkpoint 3: after the kill they must be redone identically
+KILLED_RUN = killed_at_step(5, "llama_jax.training.finetune:finetune")
 
 
 @pytest.mark.e2e

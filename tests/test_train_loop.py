@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from llama_jax.config import load_config
 from llama_jax.training import step as step_module
 from llama_jax.training.evaluate import evaluate_checkpoint
 from llama_jax.training.loop import train
+from sigkill import killed_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "configs" / "tiny_ci.yaml"
@@ -70,19 +70,8 @@ def test_cli_train_logs_metrics_and_sigterm_saves_then_exits_cleanly(overrides, 
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, signal, sys
-    from llama_jax.config import load_config
-    from llama_jax.training import step as step_module
-    from llama_jax.training.loop import train
-    original = step_module.Trainer.train_step
-    def killing(self, state, batch):
-        if int(state.step) == 6:  # steps 5-6 were run after checkpoint 4: they must be redone identically
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, state, batch)
-    step_module.Trainer.train_step = killing
-    train(load_config(sys.argv[1], sys.argv[2:]))
-""")
+# steps 5-6 run after checkpoint 4: after the kill they must be redone identically
+KILLED_RUN = killed_at_step(6, "llama_jax.training.loop:train")
 
 
 def kill_at_step_6_then_resume(config: Path, resumed: list[str], seen: list, straight_batches: dict, straight_dir: Path,

@@ -47,7 +47,7 @@ def hf_name(meta_name: str) -> str:
     return f"{_TOP_NAMES[stem]}.weight"
 
 
-def _rope_permute(w: Any, n_heads: int, inverse: bool) -> Any:
+def rope_permute(w: Any, n_heads: int, inverse: bool) -> Any:
     rows, dim = w.shape
     half = rows // n_heads // 2
     shape = (n_heads, 2, half, dim) if inverse else (n_heads, half, 2, dim)
@@ -127,7 +127,7 @@ class HFReader:
         with _reading(file), safe_open(file, framework="flax") as f:
             tensor = f.get_tensor(name)
         heads = _head_count(meta_name, self.cfg)
-        return _rope_permute(tensor, heads, inverse=True) if heads else tensor
+        return rope_permute(tensor, heads, inverse=True) if heads else tensor
 
 
 def hf_config_dict(cfg: LlamaConfig, dtype: str) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def save_hf(cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], path: P
     size = 0
     for meta_name, tensor in tensors:
         heads = _head_count(meta_name, cfg)
-        array = jnp.asarray(_rope_permute(tensor, heads, inverse=False) if heads else tensor, dtype)
+        array = jnp.asarray(rope_permute(tensor, heads, inverse=False) if heads else tensor, dtype)
         if shard and size + array.nbytes > SHARD_BYTES:
             written.append(_write_part(shard, path, len(written)))
             shard, size = {}, 0

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
 from llama_jax import lora
-from llama_jax.checkpoints.hf import _rope_permute, hf_name
+from llama_jax.checkpoints.hf import rope_permute, hf_name
 from llama_jax.checkpoints.io import FORMATS, detect_format, load_pretrained, save_pretrained
 from llama_jax.config import LlamaConfig, LoraConfig
 from llama_jax.model import Llama
@@ -66,7 +66,7 @@ def save_peft(model: Llama, cfg: LoraConfig, path: PathLike) -> AnyPath:
         lora_b = b.reshape(rank, -1).T
         heads = _heads(short, model.cfg)
         if heads:
-            lora_b = _rope_permute(lora_b, heads, inverse=False)
+            lora_b = rope_permute(lora_b, heads, inverse=False)
         name = _module_name(layer, short)
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
@@ -118,7 +118,7 @@ def _from_peft(tensors: dict[str, np.ndarray], layer: int, short: str, adapter: 
     lora_a, lora_b = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
     heads = _heads(short, cfg)
     if heads:
-        lora_b = _rope_permute(lora_b, heads, inverse=True)
+        lora_b = rope_permute(lora_b, heads, inverse=True)
     stacked = lora.is_stacked(adapter)
     a_shape = adapter.a.shape[1:] if stacked else adapter.a.shape
     b_shape = adapter.b.shape[1:] if stacked else adapter.b.shape

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from llama_jax.config import ConfigError, DataConfig, DataSource
-from llama_jax.data.shards import _hf_locator, _hf_stream, _is_saved_dataset, _random_access, is_hf
+from llama_jax.data.shards import hf_locator, hf_stream, is_saved_dataset, random_access, is_hf
 from llama_jax.paths import as_path, is_remote
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ def _plain(value: Any, top: bool = False) -> Any:
 
 def _dataset_rows(spec: str, split: str, data: DataConfig) -> Iterator[Any]:
     if is_hf(spec):
-        name, config, split = _hf_locator(DataSource(spec, split))
-        yield from _random_access("hf_disk", (name, split)) if _is_saved_dataset(name) else \
-            _hf_stream((name, config, split))
+        name, config, split = hf_locator(DataSource(spec, split))
+        yield from random_access("hf_disk", (name, split)) if is_saved_dataset(name) else \
+            hf_stream((name, config, split))
         return
     import tensorflow_datasets as tfds
 

@@ -46,7 +46,7 @@ class RangeShard:
         if self.kind == "tfds_records":
             yield from self._tfds_records(max(position, self.start))
             return
-        source = _random_access(self.kind, self.locator)
+        source = random_access(self.kind, self.locator)
         for first in range(max(position, self.start), self.stop, READ_BATCH):
             last = min(first + READ_BATCH, self.stop)
             if self.kind == "tfds":
@@ -74,7 +74,7 @@ class HFStreamShard:
     count: int
 
     def pieces(self, position: int) -> Iterator[Piece]:
-        stream = _hf_stream(self.locator).shard(num_shards=self.count, index=self.index)
+        stream = hf_stream(self.locator).shard(num_shards=self.count, index=self.index)
         for n, example in enumerate(stream.skip(position) if position else stream, position + 1):
             if not isinstance(example.get(self.text_field), str):
                 raise ValueError(f"hf:{self.locator[0]} has no string field '{self.text_field}' (it has "
@@ -89,7 +89,7 @@ def is_hf(name: str) -> bool:
     return name.startswith(HF_PREFIX)
 
 
-def _hf_locator(source: DataSource) -> tuple[str, str | None, str]:
+def hf_locator(source: DataSource) -> tuple[str, str | None, str]:
     """(path or ORG/NAME, config, split) of an `hf:` source name."""
     spec = source.name[len(HF_PREFIX):]
     if Path(spec).expanduser().exists():
@@ -101,7 +101,7 @@ def _hf_locator(source: DataSource) -> tuple[str, str | None, str]:
     return name, config or None, source.split
 
 
-def _is_saved_dataset(path: str) -> bool:
+def is_saved_dataset(path: str) -> bool:
     return any((Path(path) / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
@@ -113,7 +113,7 @@ def _tfds_builder(name: str, data_dir: str | None) -> Any:
 
 
 @functools.cache
-def _random_access(kind: str, locator: tuple[str | None, ...]) -> Any:
+def random_access(kind: str, locator: tuple[str | None, ...]) -> Any:
     if kind == "tfds":
         import tensorflow_datasets as tfds
 
@@ -131,7 +131,7 @@ def _random_access(kind: str, locator: tuple[str | None, ...]) -> Any:
 
 
 @functools.cache
-def _hf_stream(locator: tuple[str | None, ...]) -> Any:
+def hf_stream(locator: tuple[str | None, ...]) -> Any:
     import datasets
 
     name, config, split = locator
@@ -156,7 +156,7 @@ def _tfds_shards(source: DataSource, data_dir: str | None, streams: int) -> list
     locator = (source.name, source.split, data_dir)
     file_format = getattr(info.file_format, "value", "tfrecord")
     if file_format == "array_record":
-        length, kind = len(_random_access("tfds", locator)), "tfds"
+        length, kind = len(random_access("tfds", locator)), "tfds"
     elif "[" in source.split:
         raise ValueError(f"TFDS dataset '{source.name}' is stored as {file_format}: stream a whole split "
                          "(not a slice), or prepare it with file_format=array_record")
@@ -172,16 +172,16 @@ def source_shards(source: DataSource, data_dir: str | None, streams: int) -> lis
 
     field = source.text_feature
     if is_hf(source.name):
-        name, config, split = _hf_locator(source)
-        if _is_saved_dataset(name):
-            dataset = _random_access("hf_disk", (name, split))
+        name, config, split = hf_locator(source)
+        if is_saved_dataset(name):
+            dataset = random_access("hf_disk", (name, split))
             if field not in dataset.column_names:
                 raise ValueError(f"{source.name} has no column '{field}' (it has {dataset.column_names}); "
                                  "set the source's text_feature")
             count = max(len(dataset.cache_files), streams)
             shards: list[Shard] = _ranges("hf_disk", (name, split), field, len(dataset), count)
         else:
-            stream = _hf_stream((name, config, split))
+            stream = hf_stream((name, config, split))
             shards = [HFStreamShard((name, config, split), field, i, stream.n_shards) for i in range(stream.n_shards)]
     elif is_local(source.name):
         shards = [FileShard(str(path), field) for path in local_files(source.name)]
