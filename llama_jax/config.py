@@ -172,7 +172,7 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_s
 class ExecutionConfig:
     """How a model runs: dtypes, rematerialisation, layer scan, attention implementation (`llama_jax.attention`:
     auto | xla | cudnn | splash), weight-only quantization (`llama_jax.quant`: none | int8 per channel | int4 in
-    groups of `quant_group_size` input features). Never stored as part of a checkpoint's architecture
+    groups of `quant_group_size` input features), and the residual `dropout` rate that train steps apply. Never stored as part of a checkpoint's architecture
     and free to change at load time (a run trained with one setting resumes or loads under another)."""
 
     param_dtype: str = "float32"
@@ -182,6 +182,7 @@ class ExecutionConfig:
     attention: str = "auto"
     quant: str = "none"
     quant_group_size: int = 128
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name, choices in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
@@ -191,6 +192,8 @@ class ExecutionConfig:
                 raise ConfigError(f"execution.{name} '{value}' is not one of {choices}{nearest(str(value), choices)}")
         if self.quant_group_size < 1:
             raise ConfigError(f"execution.quant_group_size must be positive, got {self.quant_group_size}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"execution.dropout must be in [0, 1), got {self.dropout}")
 
 
 _LLAMA2 = dict(multiple_of=256, norm_eps=1e-5, vocab_size=32000, max_seq_len=4096)

@@ -14,8 +14,6 @@ weights are lost) and q, k, v, o live in one module (so they cannot be targeted 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import re
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.config import ConfigError, LoraConfig
+from llama_jax.dropout import dropout
 from llama_jax.model import Llama
 from llama_jax.quant import QuantizedWeight, dequantize_model
 
@@ -37,22 +36,6 @@ TARGETS = {
 PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                 "down": "down_proj"}
 INPUT_DIMS = {"wo": 2}  # wo contracts (heads, head_dim); every other projection one input dim
-
-# The key for adapter dropout while a train step traces the model; None (evaluation, inference) means no dropout.
-# A context variable rather than nnx RNG state: the blocks run as merged copies inside remat/scan, where nnx
-# refuses to advance RNG counters ("Cannot mutate RngKey from a different trace level").
-_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
-
-
-@contextlib.contextmanager
-def dropout_key(key: jax.Array) -> Iterator[None]:
-    """Apply adapter dropout, drawn from `key`, to the model calls made inside this block."""
-    token = _DROPOUT_KEY.set(key)
-    try:
-        yield
-    finally:
-        _DROPOUT_KEY.reset(token)
-
 
 class LoRAParam(nnx.Param):
     """An adapter weight: trainable while the rest of the model stays frozen."""
@@ -79,12 +62,7 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
-        key = _DROPOUT_KEY.get()
-        h = x
-        if self.dropout > 0 and key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.tag), 1.0 - self.dropout, x.shape)
-            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        low = jnp.tensordot(h, a, axes=a.ndim - 1)
+        low = jnp.tensordot(dropout(x, self.dropout, self.tag), a, axes=a.ndim - 1)
         return jnp.tensordot(low, b, axes=1) * jnp.asarray(self.scale, x.dtype)
 
     def delta(self) -> jax.Array:

@@ -20,16 +20,19 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import Visibility, attention
 from llama_jax.config import ExecutionConfig, LlamaConfig
+from llama_jax.dropout import dropout
 from llama_jax.quant import QuantizedWeight, quantize_model
 from llama_jax.sharding import constrain
 
-# What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: the attention
-# projections and attention's output ("context"), so saving them skips recomputing attention itself.
+# What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: every projection's
+# output ("projection": `linear` has its own gradient rule, which hides its dot from JAX's dot-based policies), the
+# attention projections and attention's output ("context"), so saving them skips recomputing attention itself.
+PROJECTION_NAME = "projection"
 ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
 _policies = jax.checkpoint_policies
 REMAT = {
     "full": _policies.nothing_saveable,
-    "save_dots": _policies.dots_with_no_batch_dims_saveable,
+    "save_dots": _policies.save_only_these_names(PROJECTION_NAME),
     "save_qkv": _policies.save_only_these_names(*ATTENTION_NAMES[:3]),
     "save_attention": _policies.save_only_these_names(*ATTENTION_NAMES),
     "offload_attention": _policies.save_and_offload_only_these_names(
@@ -111,7 +114,7 @@ def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array
     (see `llama_jax.lora`); the model itself never creates adapters."""
     y = linear(spec, x, weight(module, name, x.dtype))
     adapter = getattr(module, f"lora_{name}", None)
-    return y if adapter is None else y + adapter(x)
+    return checkpoint_name(y if adapter is None else y + adapter(x), PROJECTION_NAME)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -238,6 +241,7 @@ class FeedForward(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs):
+        self.dropout = execution.dropout
         self.attention_norm = RMSNorm(cfg, execution)
         self.attention = Attention(cfg, execution, rngs)
         self.ffn_norm = RMSNorm(cfg, execution)
@@ -246,8 +250,9 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         attn, cache = self.attention(self.attention_norm(x), positions, visibility, cache, layer)
-        h = constrain(x + attn, ("batch", "seq", "act_embed"))
-        out = constrain(h + self.feed_forward(self.ffn_norm(h)), ("batch", "seq", "act_embed"))
+        h = constrain(x + dropout(attn, self.dropout, layer, 0), ("batch", "seq", "act_embed"))
+        ffn = dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, layer, 1)
+        out = constrain(h + ffn, ("batch", "seq", "act_embed"))
         return out, cache
 
 

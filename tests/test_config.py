@@ -30,6 +30,7 @@ def test_inconsistent_config_raises(kwargs, message):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(remat="ful"), "execution.remat 'ful' is not one of .* \\(did you mean 'full'\\?\\)"),
     (dict(dtype="fp8"), "execution.dtype 'fp8' is not one of"),
+    (dict(dropout=1.0), "execution.dropout must be in \\[0, 1\\), got 1.0"),
 ])
 def test_bad_execution_settings_raise(kwargs, message):
     with pytest.raises(ConfigError, match=message):

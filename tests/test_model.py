@@ -78,3 +78,33 @@ def test_prefill_then_decode_equals_full_forward(model, reference):
 def test_output_is_float32_logits_of_vocab_size(model):
     out = forward(model, TOKENS)
     assert out.shape == (2, 24, CFG.vocab_size) and out.dtype == jnp.float32
+
+
+def test_residual_dropout_only_under_a_training_key(model, reference):
+    """execution.dropout: no effect without a training key (evaluation, inference); under one, each layer and branch
+    draws its own mask, the same with scanned layers and with remat, and zeroes about `rate` of the branch."""
+    from llama_jax.dropout import dropout, training_key
+
+    logits, _ = reference
+    dropped = _variant(model, dropout=0.3)
+    np.testing.assert_array_equal(np.asarray(forward(dropped, TOKENS)), logits)
+
+    @nnx.jit
+    def train_forward(m: Llama, key: jax.Array) -> jax.Array:  # the key is set inside the trace, as a train step does
+        with training_key(key):
+            return m(TOKENS)
+
+    key = jax.random.key(7)
+    outputs = [np.asarray(train_forward(_variant(model, dropout=0.3, **changes), key))
+               for changes in ({}, {"scan_layers": True}, {"scan_layers": True, "remat": "full"})]
+    assert np.abs(outputs[0] - logits).max() > 0.1
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], atol=1e-5, rtol=0)
+
+    ones = jnp.ones((64, 64, 64))
+    with training_key(key):
+        masks = [np.asarray(dropout(ones, 0.3, layer, branch)) for layer in (0, 1) for branch in (0, 1)]
+    for mask in masks:  # 77 of 256 byte values drop: rate 0.3 to 1/256, survivors scaled by 256 / 179
+        assert set(np.unique(mask)) == {0.0, np.float32(256 / 179)}
+        assert abs((mask == 0).mean() - 0.3) < 0.01 and abs(mask.mean() - 1) < 0.01
+    assert len({m.tobytes() for m in masks}) == 4

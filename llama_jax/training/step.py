@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import lora
 from llama_jax.compression.masks import apply_masks, keep_pruned, masks_of
 from llama_jax.config import Config, ConfigError, ExecutionConfig
+from llama_jax.dropout import training_key
 from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
 from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
@@ -208,7 +209,7 @@ class Trainer:
 
         def loss(params: Any, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
             model = nnx.merge(self.graphdef, params, frozen)
-            with lora.dropout_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
+            with training_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
                 loss_sum, count, sums = self.objective.loss(model, micro, *extra)
             return loss_sum * scale, (count, sums)
 
