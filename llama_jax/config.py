@@ -246,6 +246,10 @@ class DataConfig:
     `streams` independent shard streams, each packing its own documents and shuffling them through a buffer of
     `shuffle_buffer` windows. The batch order depends on `streams`, never on the process count, which must divide
     `streams` (times `workers`, grain worker processes per host; 0 reads in background threads).
+
+    `shift_windows` (in-memory training data only) cuts each epoch's windows at a new offset of 0 .. seq_len - 1
+    tokens, so a token is predicted from different contexts in each epoch (nanoGPT samples random windows every
+    batch for the same reason): it matters when a small corpus is read many times over.
     """
 
     sources: list[DataSource] = field(default_factory=lambda: [DataSource()])
@@ -262,6 +266,7 @@ class DataConfig:
     streams: int = 8
     shuffle_buffer: int = 256
     workers: int = 0
+    shift_windows: bool = False
 
 
 @dataclass

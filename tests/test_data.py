@@ -126,6 +126,33 @@ def test_epoch_covers_every_window_once_and_processes_split_it(corpus, tok1k):
         assert rows0 | rows1 == set(map(bytes, global_rows))
 
 
+def test_shifted_windows_move_each_epoch_and_resume_exactly(corpus, tok1k):
+    """data.shift_windows: every window is a contiguous piece of the stream, each epoch cuts the stream at its own
+    offset (one window fewer leaves room for it), and a resumed iterator continues bit-identically."""
+    cfg = _cfg(corpus, [DataSource(name=str(corpus / "b.txt"))], shift_windows=True)
+    stream = np.concatenate(_all_windows(corpus, tok1k, "b.txt")[:, :-1])  # the packed stream, tail dropped
+    n = window_count(len(stream) + 1 - (SEQ - 1), SEQ)
+    rows = np.concatenate(_take(build_train_data(cfg, tok1k, 2), -(-3 * n // 2)))
+    offsets = []
+    for epoch in range(3):
+        epoch_rows = rows[epoch * n:(epoch + 1) * n]
+        cuts = {o for o in range(SEQ)
+                if sorted(map(bytes, epoch_rows)) == sorted(bytes(stream[o + SEQ * i:o + SEQ * (i + 1) + 1])
+                                                             for i in range(n))}
+        assert len(cuts) == 1  # the epoch is a permutation of the windows cut at one offset
+        offsets.append(cuts.pop())
+    assert len(set(offsets)) > 1
+
+    it = build_train_data(cfg, tok1k, 2)
+    _take(it, n // 2 + 2)
+    resumed = build_train_data(cfg, tok1k, 2)
+    resumed.restore(json.loads(json.dumps(it.state())))
+    start = 2 * (n // 2 + 2)
+    np.testing.assert_array_equal(np.concatenate(_take(resumed, 5)), rows[start:start + 10])
+    with pytest.raises(ValueError, match="different data settings"):
+        build_train_data(_cfg(corpus, cfg.data.sources), tok1k, 2).restore(it.state())
+
+
 def test_mixture_follows_weights(corpus, tok1k):
     sources = [DataSource(name=str(corpus / "a.txt"), weight=3.0), DataSource(name=str(corpus / "b.txt"), weight=1.0)]
     a_rows = set(map(bytes, _all_windows(corpus, tok1k, "a.txt")))

@@ -42,16 +42,18 @@ TOKENIZER_SAMPLE_DOCS = 200_000
 
 
 def windows(stream: TokenStream, seq_len: int, order: grain.MapDataset, with_bytes: bool = False,
-            source: int = 0) -> grain.MapDataset:
+            source: int = 0, shifts: tuple[int, int] | None = None) -> grain.MapDataset:
     """Map window indices (`order`) to `{"tokens": int32[seq_len + 1], "source": int32}`, plus the target tokens'
-    text bytes."""
-    def read(i: int) -> Batch:
-        out = {"tokens": window(stream.tokens, int(i), seq_len), "source": np.int32(source)}
+    text bytes. With `shifts = (seed, windows per epoch)`, epoch e's windows start `_seed(seed, e) % seq_len`
+    tokens later (`order` must leave room for that last shift)."""
+    def read(position: int, i: int) -> Batch:
+        offset = 0 if shifts is None else _seed(shifts[0], position // shifts[1]) % seq_len
+        out = {"tokens": window(stream.tokens, int(i), seq_len, offset), "source": np.int32(source)}
         if with_bytes:
-            start = int(i) * seq_len
+            start = offset + int(i) * seq_len
             out["target_bytes"] = np.int32(stream.nbytes[start + 1:start + seq_len + 1].sum())
         return out
-    return order.map(read)
+    return order.map_with_index(read)
 
 
 def _seed(seed: int, index: int) -> int:
@@ -273,15 +275,18 @@ def build_train_data(cfg: Config, tokenizer: Tokenizer, batch_size: int | None =
     parts = []
     for i, source in enumerate(data.sources):
         stream = _stream(data, source, tokenizer, holdout if i == 0 else 0.0, tail=False)
-        n = window_count(len(stream), data.seq_len)
+        room = data.seq_len - 1 if data.shift_windows else 0  # the largest shift
+        n = window_count(len(stream) - room, data.seq_len)
         if n == 0:
-            raise ValueError(f"data source {source.name} has {len(stream)} tokens, fewer than seq_len + 1")
+            raise ValueError(f"data source {source.name} has {len(stream)} tokens, fewer than seq_len + 1"
+                             + (" + seq_len - 1 (data.shift_windows)" if room else ""))
         order = grain.MapDataset.range(n).shuffle(seed=_seed(data.shuffle_seed, i)).repeat()
-        parts.append(windows(stream, data.seq_len, order, source=i))
+        shifts = (_seed(_seed(data.shuffle_seed, i), 0), n) if data.shift_windows else None
+        parts.append(windows(stream, data.seq_len, order, source=i, shifts=shifts))
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in data.sources])
     dataset = mixed[index::count].batch(local).to_iter_dataset(READ_OPTIONS)
     fingerprint = fingerprint_of(sources, holdout, data.seq_len, data.shuffle_seed, batch_size,
-                               tokenizer_hash(tokenizer))
+                               tokenizer_hash(tokenizer), *(["shift_windows"] if data.shift_windows else []))
     return DataIterator(dataset, mesh, fingerprint, labels, data.seq_len)
 
 

@@ -48,10 +48,10 @@ def window_count(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
-def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
-    """Window `index` of a packed stream: tokens [index * seq_len, index * seq_len + seq_len + 1) as int32 (consecutive
-    windows share one token, so every token but the first is a target exactly once)."""
-    start = index * seq_len
+def window(tokens: np.ndarray, index: int, seq_len: int, offset: int = 0) -> np.ndarray:
+    """Window `index` of a packed stream: tokens [start, start + seq_len + 1) as int32, `start = offset + index *
+    seq_len` (consecutive windows share one token, so every token but the first is a target exactly once)."""
+    start = offset + index * seq_len
     return np.asarray(tokens[start:start + seq_len + 1], np.int32)
 
 
