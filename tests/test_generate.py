@@ -143,8 +143,8 @@ def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
     with jax.set_mesh(mesh):
         state = gen.prefill_jit(graphdef, params, tokens, pad, jax.random.key(0), jnp.int32(-1),
                                 sampling=gen.Sampling(), slots=32, n_out=16)
-    spec = state.cache.k.sharding.spec
-    assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
+    spec = state.cache.k[0].sharding.spec  # layer 0's [batch, kv_heads, slots, head_dim]
+    assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"
 
 
 @pytest.mark.e2e

@@ -63,9 +63,11 @@ def test_bf16_compute_within_stated_tolerance(model):
     assert 0 < err < 0.05
 
 
-def test_prefill_then_decode_equals_full_forward(model, reference):
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer arrays", "stacked"])
+def test_prefill_then_decode_equals_full_forward(model, reference, scan):
     full, _ = reference
-    cache = KVCache.create(CFG, batch=2, slots=32)
+    model = _variant(model, scan_layers=True) if scan else model
+    cache = KVCache.create(CFG, batch=2, slots=32, stacked=scan)
     logits, cache = forward_cached(model, TOKENS[:, :10], cache)
     steps = [logits]
     for t in range(10, TOKENS.shape[1]):
@@ -73,6 +75,8 @@ def test_prefill_then_decode_equals_full_forward(model, reference):
         steps.append(logits)
     assert int(cache.index) == TOKENS.shape[1]
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), full, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=f"stacked={scan}"):
+        model(TOKENS[:, :1], cache=KVCache.create(CFG, batch=2, slots=32, stacked=not scan))
 
 
 def test_output_is_float32_logits_of_vocab_size(model):

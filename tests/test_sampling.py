@@ -85,3 +85,13 @@ def test_per_row_settings_follow_each_rows_own_definition():
     np.testing.assert_allclose(freq[1], PROBS ** 0.5 / np.sum(PROBS ** 0.5), atol=0.015)
     nucleus = np.where(PROBS >= 0.15, PROBS, 0) / 0.85  # 0.4 + 0.3 < 0.75: the nucleus needs 0.15 too
     np.testing.assert_allclose(freq[2], nucleus, atol=0.015)
+
+
+def test_greedy_is_argmax_with_first_index_on_ties():
+    from llama_jax.inference.sampling import greedy
+
+    logits = np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32)
+    logits[1, [7, 40]] = 9.0  # a tie: the first index wins, as with argmax
+    logits[2, :] = -np.inf
+    logits[2, 299] = 0.0
+    np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(logits))), np.argmax(logits, axis=-1))

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
-from llama_jax.model import KVCache
+from llama_jax.model import KVCache, Llama
 from llama_jax.sharding import constrain
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def shard_cache(cache: KVCache) -> KVCache:
     """Constrain keys/values to `CACHE_AXES` (batch over data/fsdp, kv heads over tensor); no-op without a mesh."""
-    return KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES), cache.index)
+    return cache.map(lambda x, lead: constrain(x, CACHE_AXES[1 - lead:]))
 
 
-def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype: str) -> KVCache:
+def init_cache(model: Llama, batch: int, slots: int) -> KVCache:
     """A zeroed `dtype` cache of `slots` positions per row, born sharded when called inside jit under
     `jax.set_mesh`."""
-    return shard_cache(KVCache.create(cfg, batch, slots, jnp.dtype(dtype)))
+    execution = model.execution
+    return shard_cache(KVCache.create(model.cfg, batch, slots, jnp.dtype(execution.dtype), execution.scan_layers))

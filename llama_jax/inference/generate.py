@@ -70,7 +70,7 @@ def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCac
     masked out; prefill (T = prompt length, index 0) and decode steps (T = 1) are the same call.
     """
     b, t = tokens.shape
-    slots = cache.k.shape[2]
+    slots = cache.slots
     positions = jnp.maximum(cache.index + jnp.arange(t)[None, :] - pad[:, None], 0)
     mask = jnp.broadcast_to((jnp.arange(slots)[None, :] >= pad[:, None])[:, None, :], (b, t, slots))
     logits, cache = model(tokens, positions=positions, mask=mask, cache=cache)
@@ -82,7 +82,7 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
     b = tokens.shape[0]
-    logits, cache = forward_padded(model, tokens, pad, init_cache(model.cfg, b, slots, model.execution.dtype))
+    logits, cache = forward_padded(model, tokens, pad, init_cache(model, b, slots))
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32),
                         jnp.zeros((b, n_out), jnp.float32))

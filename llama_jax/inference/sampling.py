@@ -56,10 +56,19 @@ def drop_outside_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array
     return jnp.where(drop, -jnp.inf, logits)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """The first index of each row's largest logit, as `jnp.argmax`, in two plain reductions (a max, then the
+    smallest index holding it), which XLA:CPU vectorises; its fused (value, index) argmax took 0.8 ms per
+    stories15m batch-16 step."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == best, index, logits.shape[-1] - 1), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Draw one token id per row of `[batch, vocab]` logits."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
@@ -68,4 +77,4 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     continuously batched server mixes requests): argmax where temperature is 0, as `sample` does."""
     scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     drawn = jax.vmap(jax.random.categorical)(keys, drop_outside_top_p(scaled, top_p[:, None]))
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy(logits)).astype(jnp.int32)

@@ -187,13 +187,12 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
     slots and the prompt's first sampled token."""
     model: Llama = nnx.merge(graphdef, params)
     length = tokens.shape[1]
-    logits, fresh = forward_padded(model, tokens, pad, init_cache(model.cfg, 1, length, model.execution.dtype))
+    logits, fresh = forward_padded(model, tokens, pad, init_cache(model, 1, length))
     new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
     token, key = _sample(new, logits[:, -1], sampled)
     index = slots.cache.index
-    start = (0, row, index - length, 0, 0)
-    cache = KVCache(jax.lax.dynamic_update_slice(slots.cache.k, fresh.k, start),
-                    jax.lax.dynamic_update_slice(slots.cache.v, fresh.v, start), index)
+    placed = slots.cache.place(fresh, row, index - length)
+    cache = KVCache(placed.k, placed.v, index)
     return Slots(cache, *(old.at[row].set(value[0]) for old, value in
                           ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, new.temperature),
                            (slots.top_p, new.top_p), (slots.key, key)))), token[0]
@@ -202,16 +201,21 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
 def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
     """The first `rows` slots (new ones empty) and columns [start, start + width) of each, zeros where that leaves
     the old window (start < 0 grows it on the left); positions are unchanged: `pad` and `index` move along."""
-    old_rows, old_width = slots.token.shape[0], slots.cache.k.shape[2]
+    old_rows, old_width = slots.token.shape[0], slots.cache.slots
     add = max(0, rows - old_rows)
-    fill = ((0, 0), (0, add), (max(0, -start), max(0, start + width - old_width)), (0, 0), (0, 0))
-    k, v = (jnp.pad(x, fill)[:, :rows, max(0, start):max(0, start) + width] for x in (slots.cache.k, slots.cache.v))
+    fill = ((0, add), (0, 0), (max(0, -start), max(0, start + width - old_width)), (0, 0))
+
+    def window(x: jax.Array, lead: int) -> jax.Array:
+        return jnp.pad(x, ((0, 0),) * lead + fill)[(slice(None),) * lead + (slice(rows), slice(None),
+                                                                           slice(max(0, start), max(0, start) + width))]
+
     index = slots.cache.index - start
+    resized = slots.cache.map(window)
 
     def rows_of(x: jax.Array, empty: jax.Array) -> jax.Array:
         return jnp.concatenate([x, empty])[:rows]
 
-    return Slots(KVCache(k, v, index), rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
+    return Slots(KVCache(resized.k, resized.v, index), rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
                  rows_of(slots.pad - start, jnp.full((add,), index, jnp.int32)),
                  rows_of(slots.temperature, jnp.zeros((add,), jnp.float32)),
                  rows_of(slots.top_p, jnp.ones((add,), jnp.float32)),
@@ -366,7 +370,7 @@ class Engine:
         return slots
 
     def _empty_slots(self, window: Window, n: int) -> Slots:
-        cache = init_cache(self.model.cfg, n, window.width, self.model.execution.dtype)
+        cache = init_cache(self.model, n, window.width)
         return Slots(KVCache(cache.k, cache.v, jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
                      jnp.full((n,), window.need, jnp.int32), jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32),
                      jax.vmap(jax.random.key)(jnp.arange(n)))
