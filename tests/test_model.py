@@ -112,3 +112,33 @@ def test_residual_dropout_only_under_a_training_key(model, reference):
         assert set(np.unique(mask)) == {0.0, np.float32(256 / 179)}
         assert abs((mask == 0).mean() - 0.3) < 0.01 and abs(mask.mean() - 1) < 0.01
     assert len({m.tobytes() for m in masks}) == 4
+
+
+def test_hand_written_gradients_equal_autodiff():
+    """`linear`, `swiglu` and XLA attention carry their own backward rules (faster on CPU); each equals JAX's
+    autodiff of the plain formula, with grouped-query heads and a padding mask for attention."""
+    from llama_jax.attention import Visibility, xla_attention
+    from llama_jax.model import linear, swiglu
+
+    rng = np.random.default_rng(0)
+    x, w, gate, up = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 8), (8, 3, 4), (2, 5, 6),
+                                                                                  (2, 5, 6)))
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, n, 4)), jnp.float32) for n in (6, 3, 3))
+    mask = jnp.asarray(rng.random((2, 7, 7)) > 0.2) | jnp.eye(7, dtype=bool)
+    allowed = Visibility(mask=mask).dense(7, 7)
+
+    def plain_attention(q, k, v):
+        grouped = q.reshape(2, 7, 3, 2, 4)
+        scores = jnp.einsum("BTKRH,BSKH->BKRTS", grouped, k) / 2.0
+        probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, -1e30), axis=-1)
+        return jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(q.shape)
+
+    pairs = [(lambda x, w: linear("BTD,DNH->BTNH", x, w), lambda x, w: jnp.einsum("BTD,DNH->BTNH", x, w), (x, w)),
+             (swiglu, lambda g, u: jax.nn.silu(g) * u, (gate, up)),
+             (lambda q, k, v: xla_attention(q, k, v, allowed), plain_attention, (q, k, v))]
+    for fast, plain, args in pairs:
+        probe = jnp.asarray(rng.standard_normal(plain(*args).shape), jnp.float32)
+        grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * probe), argnums=tuple(range(len(args))))(*args)
+                 for f in (fast, plain)]
+        for got, want in zip(*grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
