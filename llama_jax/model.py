@@ -88,10 +88,10 @@ class KVCache:
         """This cache with `other`'s rows written at batch row `row` and slot `slot` (same layer layout)."""
         def put(old: jax.Array, new: jax.Array, lead: int) -> jax.Array:
             return jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0,) * lead + (row, 0, slot, 0))
+        pairs = ((self.k, other.k), (self.v, other.v))
         if self.stacked:
-            return KVCache(put(self.k, other.k, 1), put(self.v, other.v, 1), self.index)
-        return KVCache(tuple(put(a, b, 0) for a, b in zip(self.k, other.k)),
-                       tuple(put(a, b, 0) for a, b in zip(self.v, other.v)), self.index)
+            return KVCache(*(put(old, new, 1) for old, new in pairs), self.index)
+        return KVCache(*(tuple(put(a, b, 0) for a, b in zip(old, new)) for old, new in pairs), self.index)
 
     def write(self, layer: jax.Array | int, k: jax.Array, v: jax.Array) -> "KVCache":
         """Layer `layer`'s `[B, K, T, H]` keys and values written at slots `index .. index+T-1`."""

@@ -16,7 +16,7 @@ def shard_cache(cache: KVCache) -> KVCache:
 
 
 def init_cache(model: Llama, batch: int, slots: int) -> KVCache:
-    """A zeroed `dtype` cache of `slots` positions per row, born sharded when called inside jit under
-    `jax.set_mesh`."""
+    """A zeroed cache of `slots` positions per row in the model's compute dtype and layer layout (stacked for
+    `scan_layers`), born sharded when called inside jit under `jax.set_mesh`."""
     execution = model.execution
     return shard_cache(KVCache.create(model.cfg, batch, slots, jnp.dtype(execution.dtype), execution.scan_layers))

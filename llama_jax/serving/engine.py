@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jax
@@ -156,7 +156,7 @@ class Window:
 class Slots:
     """The device side of the engine: the shared cache and, per slot, what the next step needs."""
 
-    cache: KVCache  # [layers, slots, window width, kv_heads, head_dim]; index = the shared write column
+    cache: KVCache  # per layer [slots, kv_heads, window width, head_dim]; index = the shared write column
     token: jax.Array  # [slots] last sampled token
     pad: jax.Array  # [slots] first column of the slot's request (earlier columns are masked)
     temperature: jax.Array  # [slots] float32, 0 = greedy
@@ -191,8 +191,7 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
     new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
     token, key = _sample(new, logits[:, -1], sampled)
     index = slots.cache.index
-    placed = slots.cache.place(fresh, row, index - length)
-    cache = KVCache(placed.k, placed.v, index)
+    cache = slots.cache.place(fresh, row, index - length)  # keeps the slots' index
     return Slots(cache, *(old.at[row].set(value[0]) for old, value in
                           ((slots.token, token), (slots.pad, index - length + pad), (slots.temperature, new.temperature),
                            (slots.top_p, new.top_p), (slots.key, key)))), token[0]
@@ -210,12 +209,12 @@ def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
                                                                            slice(max(0, start), max(0, start) + width))]
 
     index = slots.cache.index - start
-    resized = slots.cache.map(window)
+    resized = replace(slots.cache.map(window), index=index)
 
     def rows_of(x: jax.Array, empty: jax.Array) -> jax.Array:
         return jnp.concatenate([x, empty])[:rows]
 
-    return Slots(KVCache(resized.k, resized.v, index), rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
+    return Slots(resized, rows_of(slots.token, jnp.zeros((add,), jnp.int32)),
                  rows_of(slots.pad - start, jnp.full((add,), index, jnp.int32)),
                  rows_of(slots.temperature, jnp.zeros((add,), jnp.float32)),
                  rows_of(slots.top_p, jnp.ones((add,), jnp.float32)),
@@ -371,7 +370,7 @@ class Engine:
 
     def _empty_slots(self, window: Window, n: int) -> Slots:
         cache = init_cache(self.model, n, window.width)
-        return Slots(KVCache(cache.k, cache.v, jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
+        return Slots(replace(cache, index=jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
                      jnp.full((n,), window.need, jnp.int32), jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32),
                      jax.vmap(jax.random.key)(jnp.arange(n)))
 
