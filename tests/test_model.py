@@ -114,6 +114,25 @@ def test_residual_dropout_only_under_a_training_key(model, reference):
     assert len({m.tobytes() for m in masks}) == 4
 
 
+def test_random_bytes_are_uniform_independent_and_the_same_however_sharded():
+    """Dropout's bytes, four from each 32-bit draw: each value about equally often, bytes of one word uncorrelated,
+    the same array when the output is sharded across the 8 devices, and one draw per entry for an odd last axis."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from llama_jax.dropout import random_bytes
+
+    key = jax.random.key(3)
+    draw = np.asarray(random_bytes(key, (64, 64, 64)))
+    counts = np.bincount(draw.ravel(), minlength=256)
+    assert draw.dtype == np.uint8 and counts.min() > 0.9 * draw.size / 256 and counts.max() < 1.1 * draw.size / 256
+    assert abs(np.corrcoef(draw[..., 0::4].ravel(), draw[..., 1::4].ravel())[0, 1]) < 0.01
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), PartitionSpec(None, None, "x"))
+    sharded = jax.jit(lambda k: random_bytes(k, (64, 64, 64)), out_shardings=sharding)(key)
+    np.testing.assert_array_equal(np.asarray(sharded), draw)
+    odd = np.asarray(random_bytes(key, (64, 63)))
+    assert odd.shape == (64, 63) and len(np.unique(odd)) > 200
+
+
 def test_hand_written_gradients_equal_autodiff():
     """`linear`, `swiglu` and XLA attention carry their own backward rules (faster on CPU); each equals JAX's
     autodiff of the plain formula, with grouped-query heads and a padding mask for attention."""
