@@ -13,13 +13,15 @@ binary that you built (batch 1 only: it decodes one sequence) on our llama2c exp
 a synthetic byte-level `tokenizer.bin` and a prompt of the same length; llama2.c's own "achieved tok/s" counts every
 position it runs (prompt positions go one token at a time there). `--llama2c-runq PATH` does the same for llama2.c's
 int8 `runq` on our version-2 (Q8_0) export. `--quant int8|int4` times weight-only quantized weights
-(`execution.quant`); the floor then counts their packed bytes. Ratios are this run's, on this machine.
+(`execution.quant`); the floor then counts their packed bytes. `matmuls ms` (float weights) is the same weights'
+matrix products alone, chained in one jitted loop: the part of a step the backend's matrix kernels take by themselves. Ratios are this run's, on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -56,6 +58,34 @@ def step_bytes(model: Llama, batch: int, slots: int) -> int:
     cfg = model.cfg
     cache = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(model.execution.dtype).itemsize
     return parameter_bytes(nnx.state(model, nnx.Param)) + cache
+
+
+def matmul_ms(model: Llama, batch: int, steps: int = 20) -> float:
+    """Milliseconds per step of the step's weight products alone: each projection and the output head as a
+    `[batch, in] x [in, out]` product, one after another (each input waits for the previous product) in one jitted
+    loop; no attention, norms, cache or sampling. What the backend's matrix kernels cost by themselves at this batch."""
+    specs, mats = [], []  # as the model multiplies them (`random_model` keeps the layers unrolled)
+    for module, name, in_dims in model.projections():
+        value = getattr(module, name)[...]
+        specs.append("bi,io->bo")
+        mats.append(value.reshape(math.prod(value.shape[:in_dims]), -1))
+    if model.cfg.tie_embeddings:  # the logits read the table as it is stored, [vocab, dim]
+        specs.append("bi,oi->bo")
+        mats.append(model.tok_embeddings[...])
+    rng = np.random.default_rng(0)
+    inputs = [jnp.asarray(rng.standard_normal((batch, m.shape[0] if spec == "bi,io->bo" else m.shape[1])), m.dtype)
+              for spec, m in zip(specs, mats)]
+
+    @jax.jit
+    def loop(mats: list[jax.Array], inputs: list[jax.Array]) -> jax.Array:
+        def body(_: int, link: jax.Array) -> jax.Array:
+            for spec, m, x in zip(specs, mats, inputs):
+                link = jnp.einsum(spec, x + link, m)[0, 0] * 1e-6
+            return link
+        return jax.lax.fori_loop(0, steps, body, jnp.zeros((), mats[0].dtype))
+
+    loop(mats, inputs).block_until_ready()
+    return 1e3 * min(_timed(lambda: loop(mats, inputs))[0] for _ in range(3)) / steps
 
 
 def random_model(cfg: LlamaConfig, execution: ExecutionConfig) -> Llama:
@@ -163,7 +193,7 @@ def main() -> None:
           f"new {args.new_tokens}, greedy, {args.dtype}, quant {args.quant}; measured memory bandwidth "
           f"{bandwidth / 1e9:,.0f} GB/s")
     header = (f"{'model':<12} {'params':>8} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} "
-              f"{'floor ms':>8}")
+              f"{'floor ms':>8} {'matmuls ms':>10}")
     print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c or args.llama2c_runq else ""))
     print("-" * len(header))
     for preset in args.models.split(","):
@@ -174,8 +204,10 @@ def main() -> None:
             r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats)
             slots = args.prompt_len + bucket(args.new_tokens, 1)
             r["floor_ms"] = 1e3 * step_bytes(model, batch, slots) / bandwidth
+            r["matmul_ms"] = matmul_ms(model, batch) if args.quant == "none" else None
             line = (f"{preset:<12} {r['params_m']:>7.1f}M {batch:>5} {r['prefill_tok_s']:>14,.0f} "
-                    f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f} {r['floor_ms']:>8.2f}")
+                    f"{r['decode_tok_s']:>13,.1f} {r['ms_per_step']:>8.2f} {r['floor_ms']:>8.2f} "
+                    f"{'—' if r['matmul_ms'] is None else format(r['matmul_ms'], '.2f'):>10}")
             peers = {}
             if args.compare_torch:
                 peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats)

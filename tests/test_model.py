@@ -134,8 +134,9 @@ def test_random_bytes_are_uniform_independent_and_the_same_however_sharded():
 
 
 def test_hand_written_gradients_equal_autodiff():
-    """`linear`, `swiglu` and XLA attention carry their own backward rules (faster on CPU); each equals JAX's
-    autodiff of the plain formula, with grouped-query heads and a padding mask for attention."""
+    """`linear` (several contracted axes merged into one), `swiglu` and XLA attention carry their own backward rules
+    (faster on CPU); each equals the plain formula and JAX's autodiff of it, with grouped-query heads and a padding
+    mask for attention."""
     from llama_jax.attention import Visibility, xla_attention
     from llama_jax.model import linear, swiglu
 
@@ -152,10 +153,14 @@ def test_hand_written_gradients_equal_autodiff():
         probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, -1e30), axis=-1)
         return jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(q.shape)
 
+    heads_out = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)  # wo's two contracted axes, merged
     pairs = [(lambda x, w: linear("BTD,DNH->BTNH", x, w), lambda x, w: jnp.einsum("BTD,DNH->BTNH", x, w), (x, w)),
+             (lambda o, w: linear("BTNH,NHD->BTD", o, w), lambda o, w: jnp.einsum("BTNH,NHD->BTD", o, w),
+              (heads_out, jnp.moveaxis(w, 0, -1))),
              (swiglu, lambda g, u: jax.nn.silu(g) * u, (gate, up)),
              (lambda q, k, v: xla_attention(q, k, v, allowed), plain_attention, (q, k, v))]
     for fast, plain, args in pairs:
+        np.testing.assert_allclose(np.asarray(fast(*args)), np.asarray(plain(*args)), atol=1e-5, rtol=1e-5)
         probe = jnp.asarray(rng.standard_normal(plain(*args).shape), jnp.float32)
         grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * probe), argnums=tuple(range(len(args))))(*args)
                  for f in (fast, plain)]
