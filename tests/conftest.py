@@ -3,7 +3,8 @@ and the few files that only ../shared has.
 
 The session builds its own corpus (generated play text), a 1000-piece tokenizer trained on it and a TFDS
 `tiny_shakespeare` prepared from it, so the suite needs nothing outside the repository. Tests marked `shared` check
-the real files in ../shared (or `LLAMA_JAX_SHARED`); without them they skip, or fail when `CI=true`.
+the real files in ../shared (or `LLAMA_JAX_SHARED`); without them they skip, and under `CI=true` the run stops
+before any test.
 """
 
 import importlib.util
@@ -36,20 +37,38 @@ SHARED = Path(os.environ.get("LLAMA_JAX_SHARED", REPO.parent / "shared"))
 CORPUS_CHARS = 600_000  # TFDS's 5% validation split is then 30,000 characters, about 13,000 tokens
 
 
+def in_ci() -> bool:
+    """True under CI: services set CI to true, True, 1 or yes; anything but empty, 0, false, no or off counts."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no", "off"}
+
+
 def unavailable(message: str) -> None:
-    """Skip a test whose input or tool this machine lacks; under CI fail instead (CI must not pass blind). CI services
-    set CI to true, True or 1, so any of those counts."""
-    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
+    """Skip a test whose input or tool this machine lacks; under CI fail instead (CI must not pass blind)."""
+    if in_ci():
         pytest.fail(f"{message}; with CI=true this is a failure, not a skip", pytrace=False)
     pytest.skip(message)
 
 
-def shared_path(*parts: str) -> Path:
-    """A file under ../shared; when it is absent the test skips, or fails under CI=true."""
-    path = SHARED.joinpath(*parts)
+# The ../shared files some tests read, by the fixture that hands each out.
+SHARED_FILES = {"tokenizer_32k": ("tokenizers", "llama_style_32k.model"),
+                "shared_tfds_dir": ("tensorflow_datasets",),
+                "shakespeare_txt": ("data", "tinyshakespeare.txt")}
+SHARED_HINT = "(tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)"
+
+
+def shared_path(fixture: str) -> Path:
+    """The ../shared file behind `fixture`; when it is absent the test skips, or fails under CI=true."""
+    path = SHARED.joinpath(*SHARED_FILES[fixture])
     if not path.exists():
-        unavailable(f"{path} is missing (tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)")
+        unavailable(f"{path} is missing {SHARED_HINT}")
     return path
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI a missing ../shared file ends the run before any test, so no test that reads one can skip there."""
+    missing = [str(SHARED.joinpath(*parts)) for parts in SHARED_FILES.values() if not SHARED.joinpath(*parts).exists()]
+    if in_ci() and missing:
+        pytest.exit(f"CI=true and missing: {', '.join(missing)} {SHARED_HINT}", returncode=1)
 
 
 @pytest.fixture
@@ -89,26 +108,23 @@ def tfds_dir(play_txt, tmp_path_factory) -> Path:
     return data_dir
 
 
-SHARED_FIXTURES = {"tokenizer_32k", "shared_tfds_dir", "shakespeare_txt"}
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses a ../shared file `shared`, so `-m "not shared"` can leave them out explicitly."""
     for item in items:
-        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SHARED_FILES.keys() & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.shared)
 
 
 @pytest.fixture
 def tokenizer_32k() -> Path:
-    return shared_path("tokenizers", "llama_style_32k.model")
+    return shared_path("tokenizer_32k")
 
 
 @pytest.fixture
 def shared_tfds_dir() -> Path:
-    return shared_path("tensorflow_datasets")
+    return shared_path("shared_tfds_dir")
 
 
 @pytest.fixture
 def shakespeare_txt() -> Path:
-    return shared_path("data", "tinyshakespeare.txt")
+    return shared_path("shakespeare_txt")
