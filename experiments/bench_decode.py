@@ -14,7 +14,8 @@ a synthetic byte-level `tokenizer.bin` and a prompt of the same length; llama2.c
 position it runs (prompt positions go one token at a time there). `--llama2c-runq PATH` does the same for llama2.c's
 int8 `runq` on our version-2 (Q8_0) export. `--quant int8|int4` times weight-only quantized weights
 (`execution.quant`); the floor then counts their packed bytes. `matmuls ms` (float weights) is the same weights'
-matrix products alone, chained in one jitted loop: the part of a step the backend's matrix kernels take by themselves. Ratios are this run's, on this machine.
+matrix products alone, chained in one jitted loop: the part of a step the backend's matrix kernels take by
+themselves. Ratios are this run's, on this machine.
 """
 
 from __future__ import annotations
