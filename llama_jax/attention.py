@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ATTENTION as IMPLEMENTATIONS
+from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
@@ -76,7 +77,7 @@ def _xla_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     scores = scores / jnp.sqrt(jnp.float32(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKRTS,BSKH->BTKRH", probs.astype(q.dtype), v).reshape(b, t, n, h)
+    out = einsum("BKRTS,BSKH->BTKRH", probs.astype(q.dtype), v).reshape(b, t, n, h)
     return out, (q, k, v, probs, out)
 
 
@@ -90,9 +91,9 @@ def _xla_attention_bwd(residuals: tuple[jax.Array, ...], d_out: jax.Array) -> tu
     row = jnp.einsum("BTNH,BTNH->BTN", d_out, out, preferred_element_type=jnp.float32)
     row = row.reshape(b, t, kv_heads, n // kv_heads).transpose(0, 2, 3, 1)[..., None]  # [B, K, R, T, 1]
     d_scores = (probs * (d_probs - row) / jnp.sqrt(jnp.float32(h))).astype(q.dtype)
-    d_q = jnp.einsum("BKRTS,BSKH->BTKRH", d_scores, k).reshape(q.shape)
-    d_k = jnp.einsum("BKRTS,BTKRH->BSKH", d_scores, q.reshape(grouped))
-    d_v = jnp.einsum("BKRTS,BTKRH->BSKH", probs.astype(q.dtype), d_out.reshape(grouped))
+    d_q = einsum("BKRTS,BSKH->BTKRH", d_scores, k).reshape(q.shape)
+    d_k = einsum("BKRTS,BTKRH->BSKH", d_scores, q.reshape(grouped))
+    d_v = einsum("BKRTS,BTKRH->BSKH", probs.astype(q.dtype), d_out.reshape(grouped))
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.attention import Visibility, attention
 from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.dropout import dropout
+from llama_jax.einsum import einsum
 from llama_jax.quant import QuantizedWeight, quantize_model
 from llama_jax.sharding import constrain
 
@@ -182,7 +183,7 @@ def linear(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.
         x, w = x.reshape(*x.shape[:-n], -1), w.reshape(-1, *w.shape[n:])
         axis = next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec)
         spec = f"{x_spec[:-n]}{axis},{axis}{w_spec[n:]}->{out}"
-    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    return einsum(spec, x, w, out_dtype)
 
 
 def _linear_fwd(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any
@@ -196,8 +197,8 @@ def _linear_bwd(spec: str, out_dtype: Any, residuals: tuple[jax.Array, jax.Array
     inputs, out = spec.split("->")
     x_spec, w_spec = inputs.split(",")
     grad = grad.astype(x.dtype)
-    return (jnp.einsum(f"{out},{w_spec}->{x_spec}", grad, w).astype(x.dtype),
-            jnp.einsum(f"{x_spec},{out}->{w_spec}", x, grad).astype(w.dtype))
+    return (einsum(f"{out},{w_spec}->{x_spec}", grad, w, x.dtype),
+            einsum(f"{x_spec},{out}->{w_spec}", x, grad, w.dtype))
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)

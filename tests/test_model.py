@@ -1,5 +1,7 @@
 """Model variants: scan and remat equal the plain loop, bf16 compute stays near float32, the KV cache is exact."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +168,20 @@ def test_hand_written_gradients_equal_autodiff():
                  for f in (fast, plain)]
         for got, want in zip(*grads):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_products_run_as_bf16_dots_on_cpu():
+    """`llama_jax.einsum` with bf16 operands: the product of the float32 values rounded once to bf16, computed by a dot
+    that reads the bf16 operands (XLA:CPU upcast both operands of a bf16 -> bf16 dot to float32, 5x slower)."""
+    from llama_jax.einsum import einsum
+
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((4, 64), (64, 32)))
+    got = einsum("TD,DF->TF", x, w)
+    want = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)).astype(np.float32)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=1e-6)
+    hlo = jax.jit(lambda a, b: einsum("TD,DF->TF", a, b)).lower(x, w).compile().as_text()
+    lhs, rhs = re.search(r" dot\(%([\w.]+), %([\w.]+)\)", hlo).groups()
+    operand_types = [re.search(rf"%{re.escape(name)} = (\w+)\[", hlo).group(1) for name in (lhs, rhs)]
+    assert operand_types == ["bf16", "bf16"], hlo

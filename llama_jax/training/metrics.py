@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import tqdm
 
 from llama_jax.chips import chip_for_device_kind
+from llama_jax.einsum import einsum
 from llama_jax.paths import AnyPath, PathLike, as_path, is_remote
 
 
 @functools.cache
 def measured_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
     """FLOP/s of a jitted n x n matmul on the first device (best of `repeats`), on random data: constant inputs can
-    run faster than real ones."""
+    run faster than real ones. It multiplies as the model does (`llama_jax.einsum`)."""
     x = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(lambda a: a @ a)
+    matmul = jax.jit(lambda a: einsum("ij,jk->ik", a, a))
     matmul(x).block_until_ready()
     best = math.inf
     for _ in range(repeats):
