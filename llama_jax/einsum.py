@@ -3,9 +3,9 @@
 XLA:CPU runs a bf16 x bf16 -> float32 dot in YNNPACK's bf16 kernels (1,260 GFLOP/s on this project's 2-core
 Sapphire Rapids, which has AMX), but upcasts both operands of a bf16 x bf16 -> bf16 dot and runs it in float32
 (250 GFLOP/s). Asking for float32 and rounding afterwards gives the same numbers (both accumulate in float32) and
-took the bf16 train step of the 24M-parameter bench config from 1,146 to 2,377-2,687 tokens/s (with attention's backward
-products, `llama_jax.attention`). Other platforms, and float16, keep the 16-bit result, which their kernels write
-directly.
+took the bf16 train step of the 24M-parameter bench config from 1,146 to 2,377-2,687 tokens/s (with attention's
+backward products, `llama_jax.attention`). Other platforms, and float16, keep the 16-bit result, which their kernels
+write directly.
 """
 
 from __future__ import annotations
