@@ -158,15 +158,17 @@ def test_bench_decode_runs_in_short_form():
     assert row[:3] == ["tiny", "1.0M", "2"] and all(float(v.replace(",", "")) > 0 for v in row[3:])
 
 
-def test_bf16_generation_runs_batched_with_a_long_prompt():
+@pytest.mark.parametrize("kv_heads,scan", [(2, False), (1, True)])
+def test_bf16_generation_runs_batched_with_a_long_prompt(kv_heads, scan):
     """bf16 prefill into a KV cache and decoding from it, at shapes where XLA:CPU once had no kernel: with the forward
     `probs x values` asking for a float32 result, a batch-16 prefill of 128 tokens with 48-wide heads stopped with
     "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"."""
     from llama_jax import Llama
     from llama_jax.config import ExecutionConfig
 
-    cfg = LlamaConfig(dim=96, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=160)
-    model = Llama(cfg, ExecutionConfig(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    cfg = LlamaConfig(dim=96, n_layers=2, n_heads=2, n_kv_heads=kv_heads, vocab_size=64, max_seq_len=160)
+    execution = ExecutionConfig(dtype="bfloat16", param_dtype="bfloat16", scan_layers=scan)
+    model = Llama(cfg, execution, rngs=nnx.Rngs(0))
     prompts = np.random.default_rng(0).integers(1, 64, (16, 128)).tolist()
     out = generate(model, prompts, max_new_tokens=4)
     assert len(out) == 16 and all(len(row) == 4 for row in out)
