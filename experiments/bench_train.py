@@ -6,10 +6,10 @@
         --remat full --scan --attention cudnn --compare-torch    # the GPU table's row
 
 MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip's spec (`llama_jax.chips`; a
-timed matmul on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data). `--dtype bfloat16`
-computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With `--compare-torch`
-the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat` is not `none`,
-fused AdamW on CUDA) and hands its memory back before JAX allocates.
+timed matmul in the compute dtype on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data).
+`--dtype bfloat16` computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With
+`--compare-torch` the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat`
+is not `none`, fused AdamW on CUDA) and hands its memory back before JAX allocates.
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ def main() -> None:
     args = parser.parse_args()
 
     devices = jax.devices()
-    spec = peak_flops_per_device(args.peak_flops_per_device) * len(devices)
+    spec = peak_flops_per_device(args.peak_flops_per_device, args.dtype) * len(devices)
     ceiling = matmul_ceiling(args.dtype) * len(devices)
     known = chip_for_device_kind(devices[0].device_kind) is not None
     print(f"devices: {len(devices)} x {devices[0].device_kind}; spec peak {spec:.3e} FLOP/s"
-          f"{'' if known or args.peak_flops_per_device else ' (timed float32 matmul)'}; "
+          f"{'' if known or args.peak_flops_per_device else f' (timed {args.dtype} matmul)'}; "
           f"measured {args.dtype} matmul {ceiling:.3e} FLOP/s", flush=True)
     for name in args.models:
         overrides = {} if args.layers is None else {"n_layers": args.layers}

@@ -138,6 +138,13 @@ def test_mfu_peak_comes_from_the_chip_table(monkeypatch):
     assert metrics.peak_flops_per_device(1e12) == 1e12
 
 
+def test_cpu_mfu_peak_is_a_matmul_timed_in_the_compute_dtype(monkeypatch):
+    timed = []
+    monkeypatch.setattr(metrics, "measured_matmul_flops", lambda dtype: timed.append(dtype) or 8e11)
+    assert metrics.peak_flops_per_device(dtype="bfloat16") == 8e11 / metrics.jax.local_device_count()
+    assert timed == ["bfloat16"]
+
+
 def test_exactly_one_target():
     with pytest.raises(ConfigError, match="exactly one of --topology"):
         plan(None, [], topology="v5p-8", gpus=8)

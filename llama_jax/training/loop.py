@@ -197,7 +197,7 @@ def _run(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: T
     main = jax.process_index() == 0
     logger = MetricsLogger(run_dir, t.steps, step, enabled=main)
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    peak = peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+    peak = peak_flops_per_device(t.peak_flops_per_device, cfg.execution.dtype) * jax.device_count()
     speed = Throughput(cfg.model.flops_per_token(cfg.data.seq_len), peak)
     deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
     pending: list[dict[str, jax.Array]] = []

@@ -2,7 +2,7 @@
 
 MFU = achieved model FLOPs/s (`LlamaConfig.flops_per_token` x tokens/s) over the devices' peak. The peak per device
 comes from the chip table in `llama_jax.chips` (override with `train.peak_flops_per_device`); on CPU, where no table
-applies, a float32 matmul is timed once.
+applies, a matmul in the compute dtype is timed once (bf16 runs 5x faster than float32 there with AMX).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32
     return 2 * n**3 / best
 
 
-def peak_flops_per_device(override: float | None = None) -> float:
-    """Peak FLOP/s of one device: the override, the table entry for its kind, or a measured matmul on CPU."""
+def peak_flops_per_device(override: float | None = None, dtype: str = "float32") -> float:
+    """Peak FLOP/s of one device: the override, the table entry for its kind, or a measured `dtype` matmul on CPU."""
     if override:
         return float(override)
     device = jax.devices()[0]
@@ -48,7 +48,7 @@ def peak_flops_per_device(override: float | None = None) -> float:
     if chip is not None:
         return chip.peak_flops
     if device.platform == "cpu":
-        return measured_matmul_flops() / jax.local_device_count()
+        return measured_matmul_flops(dtype=dtype) / jax.local_device_count()
     raise ValueError(f"no peak FLOP/s known for device kind '{device.device_kind}'; "
                      "set train.peak_flops_per_device")
 
