@@ -3,8 +3,8 @@ and the few files that only ../shared has.
 
 The session builds its own corpus (generated play text), a 1000-piece tokenizer trained on it and a TFDS
 `tiny_shakespeare` prepared from it, so the suite needs nothing outside the repository. Tests marked `shared` check
-the real files in ../shared (or `LLAMA_JAX_SHARED`); without them they skip, and under `CI=true` the run stops
-before any test.
+the real files in ../shared (or `LLAMA_JAX_SHARED`). Without them they never skip: under `CI=true` they run and fail;
+elsewhere they are deselected and the summary names the missing files.
 """
 
 import importlib.util
@@ -56,21 +56,18 @@ SHARED_FILES = {"tokenizer_32k": ("tokenizers", "llama_style_32k.model"),
 SHARED_HINT = "(tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)"
 
 
+def missing_shared() -> dict[str, Path]:
+    """The ../shared files that are absent, by the fixture that hands each out."""
+    paths = {fixture: SHARED.joinpath(*parts) for fixture, parts in SHARED_FILES.items()}
+    return {fixture: path for fixture, path in paths.items() if not path.exists()}
+
+
 def shared_path(fixture: str) -> Path:
-    """The ../shared file behind `fixture`; when it is absent the test skips, or fails under CI=true."""
+    """The ../shared file behind `fixture`; a test that reaches it without the file fails (CI=true runs them)."""
     path = SHARED.joinpath(*SHARED_FILES[fixture])
     if not path.exists():
-        unavailable(f"{path} is missing {SHARED_HINT}")
+        pytest.fail(f"{path} is missing {SHARED_HINT}", pytrace=False)
     return path
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Under CI a missing ../shared file ends the run before any test, so no test that reads one can skip there."""
-    if not in_ci():
-        return
-    missing = [str(SHARED.joinpath(*parts)) for parts in SHARED_FILES.values() if not SHARED.joinpath(*parts).exists()]
-    if missing:
-        pytest.exit(f"CI=true and missing: {', '.join(missing)} {SHARED_HINT}", returncode=1)
 
 
 @pytest.fixture
@@ -110,11 +107,31 @@ def tfds_dir(play_txt, tmp_path_factory) -> Path:
     return data_dir
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses a ../shared file `shared`, so `-m "not shared"` can leave them out explicitly."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses a ../shared file `shared` (`-m "not shared"` leaves them out explicitly); a test that
+    asks for the fixture by name names it in its marker: `pytest.mark.shared("tokenizer_32k")`. Outside CI, tests
+    whose file is missing are deselected, and the summary names the files; under CI=true they run, and fail."""
+    missing = {} if in_ci() else missing_shared()
+    kept, left_out = [], []
     for item in items:
-        if SHARED_FILES.keys() & set(getattr(item, "fixturenames", ())):
+        named = [arg for marker in item.iter_markers("shared") for arg in marker.args]
+        needs = SHARED_FILES.keys() & {*getattr(item, "fixturenames", ()), *named}
+        if needs:
             item.add_marker(pytest.mark.shared)
+        (left_out if needs & missing.keys() else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the missing ../shared files whose tests were deselected (computed here too: under pytest-xdist the
+    workers collect, not the process that prints)."""
+    missing = {} if in_ci() else missing_shared()
+    if missing:
+        paths = ", ".join(map(str, missing.values()))
+        terminalreporter.write_line(f"missing {paths}, so their tests were deselected {SHARED_HINT}; with CI=true "
+                                    "they run and fail", yellow=True)
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_train_refuses_to_overwrite_and_bad_input(play_100k: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("base_model, lowest_merge_score", [
-    ("tokenizer_1k", -740), pytest.param("tokenizer_32k", -31740, marks=pytest.mark.shared)])
+    ("tokenizer_1k", -740), pytest.param("tokenizer_32k", -31740, marks=pytest.mark.shared("tokenizer_32k"))])
 def test_extend_with_chinese(base_model: str, lowest_merge_score: float, play_100k: Path, tmp_path: Path, request):
     base_path = request.getfixturevalue(base_model)
     corpus = tmp_path / "zh.txt"
