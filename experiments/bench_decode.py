@@ -39,6 +39,7 @@ from peers import hf_model, measured_bandwidth, record, releasing_torch, timed, 
 from llama_jax.checkpoints.io import save_pretrained
 from llama_jax.checkpoints.llama2c import TOKENIZER, write_tokenizer_bin
 from llama_jax.config import ATTENTION, QUANT, ExecutionConfig, LlamaConfig
+from llama_jax.einsum import einsum
 from llama_jax.inference.generate import PAD, bucket, decode_loop_jit, prefill_jit
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import Llama
@@ -81,7 +82,7 @@ def matmul_ms(model: Llama, batch: int, steps: int = 20) -> float:
     def loop(mats: list[jax.Array], inputs: list[jax.Array]) -> jax.Array:
         def body(_: int, link: jax.Array) -> jax.Array:
             for spec, m, x in zip(specs, mats, inputs):
-                link = jnp.einsum(spec, x + link, m)[0, 0] * 1e-6
+                link = einsum(spec, x + link, m)[0, 0] * 1e-6
             return link
         return jax.lax.fori_loop(0, steps, body, jnp.zeros((), mats[0].dtype))
 

@@ -77,6 +77,8 @@ def _xla_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     scores = scores / jnp.sqrt(jnp.float32(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
+    # A plain einsum, not `llama_jax.einsum`: reading a KV cache written in the same step, XLA:CPU rearranged a
+    # float32-result product after choosing its bf16 kernel, and its fallback cannot multiply bf16 into float32.
     out = jnp.einsum("BKRTS,BSKH->BTKRH", probs.astype(q.dtype), v).reshape(b, t, n, h)
     return out, (q, k, v, probs, out)
 
@@ -86,9 +88,7 @@ def _xla_attention_bwd(residuals: tuple[jax.Array, ...], d_out: jax.Array) -> tu
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     grouped = (b, t, kv_heads, n // kv_heads, h)
-    # The backward pass runs only in training (no KV cache), where XLA:CPU hands every product below to its bf16
-    # kernels; the forward pass's `out` stays a plain einsum: reading a cache being written in the same step, XLA:CPU
-    # rearranged that product after choosing the bf16 kernel for it, and its fallback cannot multiply bf16 into float32.
+    # Only training runs this (no KV cache), so every product below can go to XLA:CPU's bf16 kernels (`einsum`).
     d_out = d_out.astype(q.dtype)
     d_probs = jnp.einsum("BTKRH,BSKH->BKRTS", d_out.reshape(grouped), v, preferred_element_type=jnp.float32)
     row = jnp.einsum("BTNH,BTNH->BTN", d_out, out, preferred_element_type=jnp.float32)

@@ -50,8 +50,8 @@ def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
     `jax.random.bits(key, shape, uint8)` runs one threefry hash per entry (partitionable threefry keeps 8 of its
     64 bits); drawing uint32 for a quarter of the entries and splitting each into bytes does a quarter of the hashing.
-    On the 2-core CPU that took dropout 0.1 from 11% of the demo's train step to 2%. Each word's position in the array is
-    its counter, so the mask is the same however the array is sharded.
+    On the 2-core CPU that took dropout 0.1 from 11% of the demo's train step to 2%. Each word's position in the array
+    is its counter, so the mask is the same however the array is sharded.
     """
     if not shape or shape[-1] % 4:
         return jax.random.bits(key, shape, jnp.uint8)

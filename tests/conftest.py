@@ -56,8 +56,10 @@ SHARED_FILES = {"tokenizer_32k": ("tokenizers", "llama_style_32k.model"),
 SHARED_HINT = "(tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)"
 
 
-def missing_shared() -> dict[str, Path]:
-    """The ../shared files that are absent, by the fixture that hands each out."""
+def shared_left_out() -> dict[str, Path]:
+    """The absent ../shared files whose tests are deselected, by fixture: none under CI=true, where they run and fail."""
+    if in_ci():
+        return {}
     paths = {fixture: SHARED.joinpath(*parts) for fixture, parts in SHARED_FILES.items()}
     return {fixture: path for fixture, path in paths.items() if not path.exists()}
 
@@ -111,7 +113,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test that uses a ../shared file `shared` (`-m "not shared"` leaves them out explicitly); a test that
     asks for the fixture by name names it in its marker: `pytest.mark.shared("tokenizer_32k")`. Outside CI, tests
     whose file is missing are deselected, and the summary names the files; under CI=true they run, and fail."""
-    missing = {} if in_ci() else missing_shared()
+    missing = shared_left_out()
     kept, left_out = [], []
     for item in items:
         named = [arg for marker in item.iter_markers("shared") for arg in marker.args]
@@ -127,7 +129,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the missing ../shared files whose tests were deselected (computed here too: under pytest-xdist the
     workers collect, not the process that prints)."""
-    missing = {} if in_ci() else missing_shared()
+    missing = shared_left_out()
     if missing:
         paths = ", ".join(map(str, missing.values()))
         terminalreporter.write_line(f"missing {paths}, so their tests were deselected {SHARED_HINT}; with CI=true "
