@@ -74,7 +74,7 @@ class KVCache:
 
     On CPU a bf16 cache is stored as its bit patterns (`uint16`), which XLA:CPU writes in place: jax 0.10.2's widens
     a bf16 dynamic-update-slice to float32, so writing one slot converted the whole layer's cache there and back.
-    A stories110m batch-16 decode step went from 56 to 46 ms (jax 0.10.2) and from 72 to 41 ms (jax 0.12). `read`
+    A stories110m batch-16 decode step went from 58 to 49 ms (jax 0.10.2) and from 72 to 41 ms (jax 0.12). `read`
     gives bf16 back, bit for bit.
     """
 
