@@ -3,8 +3,8 @@ and the few files that only ../shared has.
 
 The session builds its own corpus (generated play text), a 1000-piece tokenizer trained on it and a TFDS
 `tiny_shakespeare` prepared from it, so the suite needs nothing outside the repository. Tests marked `shared` check
-the real files in ../shared (or `LLAMA_JAX_SHARED`). Without them they never skip: under `CI=true` they run and fail;
-elsewhere they are deselected and the summary names the missing files.
+the real files in ../shared (or `LLAMA_JAX_SHARED`). Without them they never skip: they run and fail, naming the
+missing path, with or without `CI=true` (`-m "not shared"` leaves them out explicitly).
 """
 
 import importlib.util
@@ -56,20 +56,15 @@ SHARED_FILES = {"tokenizer_32k": ("tokenizers", "llama_style_32k.model"),
 SHARED_HINT = "(tests marked 'shared' read ../shared, or the folder LLAMA_JAX_SHARED names)"
 
 
-def shared_left_out() -> dict[str, Path]:
-    """The absent ../shared files whose tests are deselected, by fixture: none under CI=true, where they run and fail."""
-    if in_ci():
-        return {}
-    paths = {fixture: SHARED.joinpath(*parts) for fixture, parts in SHARED_FILES.items()}
-    return {fixture: path for fixture, path in paths.items() if not path.exists()}
+def shared_needs(item: pytest.Item) -> set[str]:
+    """The ../shared fixtures a test uses: by its fixtures, or by name in its marker (`pytest.mark.shared("...")`)."""
+    named = [arg for marker in item.iter_markers("shared") for arg in marker.args]
+    return SHARED_FILES.keys() & {*getattr(item, "fixturenames", ()), *named}
 
 
 def shared_path(fixture: str) -> Path:
-    """The ../shared file behind `fixture`; a test that reaches it without the file fails (CI=true runs them)."""
-    path = SHARED.joinpath(*SHARED_FILES[fixture])
-    if not path.exists():
-        pytest.fail(f"{path} is missing {SHARED_HINT}", pytrace=False)
-    return path
+    """The ../shared file behind `fixture` (its absence fails the test: `pytest_runtest_call`)."""
+    return SHARED.joinpath(*SHARED_FILES[fixture])
 
 
 @pytest.fixture
@@ -110,30 +105,18 @@ def tfds_dir(play_txt, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that uses a ../shared file `shared` (`-m "not shared"` leaves them out explicitly); a test that
-    asks for the fixture by name names it in its marker: `pytest.mark.shared("tokenizer_32k")`. Outside CI, tests
-    whose file is missing are deselected, and the summary names the files; under CI=true they run, and fail."""
-    missing = shared_left_out()
-    kept, left_out = [], []
+    """Mark every test that uses a ../shared file `shared`, so `-m "not shared"` can leave them out explicitly."""
     for item in items:
-        named = [arg for marker in item.iter_markers("shared") for arg in marker.args]
-        needs = SHARED_FILES.keys() & {*getattr(item, "fixturenames", ()), *named}
-        if needs:
+        if shared_needs(item):
             item.add_marker(pytest.mark.shared)
-        (left_out if needs & missing.keys() else kept).append(item)
-    if left_out:
-        config.hook.pytest_deselected(items=left_out)
-        items[:] = kept
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Name the missing ../shared files whose tests were deselected (computed here too: under pytest-xdist the
-    workers collect, not the process that prints)."""
-    missing = shared_left_out()
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """A test whose ../shared file is missing fails before it runs (a failure, never a skip or a setup error)."""
+    missing = [str(path) for path in map(shared_path, sorted(shared_needs(item))) if not path.exists()]
     if missing:
-        paths = ", ".join(map(str, missing.values()))
-        terminalreporter.write_line(f"missing {paths}, so their tests were deselected {SHARED_HINT}; with CI=true "
-                                    "they run and fail", yellow=True)
+        pytest.fail(f"missing {', '.join(missing)} {SHARED_HINT}", pytrace=False)
 
 
 @pytest.fixture
