@@ -23,6 +23,7 @@ from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.dropout import dropout
 from llama_jax.einsum import einsum
 from llama_jax.quant import QuantizedWeight, quantize_model
+from llama_jax.rope import Rotation, computed_rotation, rope, table_rotation
 from llama_jax.sharding import constrain, current_platform
 
 # What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: every projection's
@@ -234,27 +235,6 @@ def _linear_bwd(spec: str, out_dtype: Any, residuals: tuple[jax.Array, jax.Array
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
-    """RoPE frequencies theta^(-2i/head_dim), i < head_dim/2, in float32 as Meta and HF compute them."""
-    return 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate adjacent pairs (2i, 2i+1) of each head by position * theta^(-2i/head_dim), as Meta does.
-
-    Written as `x * cos + swap_pairs(x) * (-sin, sin)`, all elementwise: the same products and sums as splitting the
-    pairs and stacking them back, without the stack's copy (and its pad in the backward pass), which took 7% of a
-    CPU train step.
-    """
-    head_dim = x.shape[-1]
-    angles = positions.astype(jnp.float32)[..., None, None] * rope_inv_freq(head_dim, theta)  # [B, T, 1, H/2]
-    cos = jnp.repeat(jnp.cos(angles), 2, axis=-1)
-    sin = jnp.repeat(jnp.sin(angles), 2, axis=-1) * jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), head_dim // 2)
-    xf = x.astype(jnp.float32)
-    swapped = xf.reshape(*x.shape[:-1], head_dim // 2, 2)[..., ::-1].reshape(x.shape)
-    return (xf * cos + swapped * sin).astype(x.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, execution: ExecutionConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -265,7 +245,7 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt, d)
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dt, n * h)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
+    def __call__(self, x: jax.Array, rotation: Rotation, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
         of the layer's slots (`visibility` hides the unused ones)."""
@@ -273,8 +253,8 @@ class Attention(nnx.Module):
         q = checkpoint_name(project(self, "wq", "BTD,DNH->BTNH", x), "query_proj")
         k = checkpoint_name(project(self, "wk", "BTD,DKH->BTKH", x), "key_proj")
         v = checkpoint_name(project(self, "wv", "BTD,DKH->BTKH", x), "value_proj")
-        q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        q = constrain(rope(q, rotation), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(rope(k, rotation), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is not None:
             heads_first = (0, 2, 1, 3)  # [B, T, K, H] <-> the cache's [B, K, T, H]
@@ -332,9 +312,9 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg, execution)
         self.feed_forward = FeedForward(cfg, execution, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None = None,
+    def __call__(self, x: jax.Array, rotation: Rotation, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-        attn, cache = self.attention(self.attention_norm(x), positions, visibility, cache, layer)
+        attn, cache = self.attention(self.attention_norm(x), rotation, visibility, cache, layer)
         h = constrain(x + dropout(attn, self.dropout, layer, 0), ("batch", "seq", "act_embed"))
         ffn = dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, layer, 1)
         out = constrain(h + ffn, ("batch", "seq", "act_embed"))
@@ -392,8 +372,11 @@ class Llama(nnx.Module):
             raise ValueError(f"this model runs {'scanned' if self.execution.scan_layers else 'unrolled'} layers; "
                              f"create its KV cache with KVCache.create(..., stacked={self.execution.scan_layers})")
         start = cache.index if cache is not None else 0
+        cfg = self.cfg
         if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            rotation = table_rotation(start, t, t if cache is None else cache.slots, cfg.head_dim, cfg.rope_theta)
+        else:
+            rotation = computed_rotation(positions, cfg.head_dim, cfg.rope_theta)
         visibility = Visibility(start, segment_ids, mask)
 
         # Gather from a table whole along vocab (an all-gather over `tensor` only); XLA cannot split a gather on it.
@@ -401,7 +384,7 @@ class Llama(nnx.Module):
         table = constrain(self.tok_embeddings[...], (None, "embed"))
         x = table[tokens].astype(jnp.dtype(self.execution.dtype))
         x = constrain(x, ("batch", "seq", "act_embed"))
-        x, cache = self._run_layers(x, positions, visibility, cache)
+        x, cache = self._run_layers(x, rotation, visibility, cache)
         if cache is not None:
             cache = KVCache(cache.k, cache.v, start + t)
         return self.norm(x), cache
@@ -423,7 +406,7 @@ class Llama(nnx.Module):
         if not self.cfg.tie_embeddings:
             yield self, "output", 1
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, visibility: Visibility, cache: KVCache | None
+    def _run_layers(self, x: jax.Array, rotation: Rotation, visibility: Visibility, cache: KVCache | None
                     ) -> tuple[jax.Array, KVCache | None]:
         """Apply the blocks (a Python loop or one `lax.scan` over stacked weights), with the remat policy.
 
@@ -433,7 +416,7 @@ class Llama(nnx.Module):
 
         def block_fn(graphdef: Any) -> Any:
             def apply(state: Any, h: jax.Array, kv: KVCache | None, layer: Any) -> tuple[jax.Array, Any]:
-                return nnx.merge(graphdef, state)(h, positions, visibility, kv, layer)
+                return nnx.merge(graphdef, state)(h, rotation, visibility, kv, layer)
             return apply if policy == "none" else jax.checkpoint(apply, policy=REMAT[policy])
 
         if self.execution.scan_layers:

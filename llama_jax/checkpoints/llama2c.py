@@ -27,8 +27,8 @@ import sentencepiece as spm
 
 from llama_jax.checkpoints.layout import meta_shape
 from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.model import rope_inv_freq
 from llama_jax.quant import quantize_array
+from llama_jax.rope import rope_inv_freq
 
 MODEL = "model.bin"
 TOKENIZER = "tokenizer.bin"
