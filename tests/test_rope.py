@@ -13,7 +13,7 @@ CFG = LlamaConfig.preset("tiny")
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 24)), jnp.int32)
 
 
-def test_table_rows_match_computed_angles_within_an_ulp():
+def test_table_rows_match_computed_angles_within_two_ulps():
     """LLaMA 2 7B's heads (128) and theta over its whole context: every cos/sin within 2 float32 ulps of 1."""
     positions = jnp.broadcast_to(jnp.arange(4096), (2, 4096))
     computed = jax.jit(computed_rotation, static_argnums=(1, 2))(positions, 128, 10000.0)
