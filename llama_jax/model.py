@@ -23,7 +23,7 @@ from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.dropout import dropout
 from llama_jax.einsum import einsum
 from llama_jax.quant import QuantizedWeight, quantize_model
-from llama_jax.rope import Rotation, computed_rotation, rope, table_rotation
+from llama_jax.rope import Rotation, computed_rotation, gathered_rotation, rope, table_rotation
 from llama_jax.sharding import constrain, current_platform
 
 # What the backward pass keeps of each layer's forward (the rest is recomputed). Named values: every projection's
@@ -351,19 +351,21 @@ class Llama(nnx.Module):
             quantize_model(self, execution.quant, execution.quant_group_size)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        features, new_cache = self.features(tokens, positions, mask, cache, segment_ids)
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None,
+                 positions_below: int | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        features, new_cache = self.features(tokens, positions, mask, cache, segment_ids, positions_below)
         logits = self.logits(features)
         return logits if cache is None else (logits, new_cache)
 
     def features(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None,
+                 positions_below: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final-norm hidden states `[batch, seq, dim]` (what `logits` projects), and the updated cache.
 
         `segment_ids` (`[batch, seq]` int32, cache-less only) keep packed sequences from attending across segments;
-        pass their `positions` too (each segment's own 0, 1, ...).
+        pass their `positions` too (each segment's own 0, 1, ...). A caller whose `positions` all lie in
+        `[0, positions_below)` (a static bound: the row length of packed rows, a KV cache's slots) may say so: their
+        RoPE rows are then read from a table instead of computed (`llama_jax.rope`); a position past it gives NaN.
         """
         b, t = tokens.shape
         if segment_ids is not None and cache is not None:
@@ -375,6 +377,8 @@ class Llama(nnx.Module):
         cfg = self.cfg
         if positions is None:
             rotation = table_rotation(start, t, t if cache is None else cache.slots, cfg.head_dim, cfg.rope_theta)
+        elif positions_below is not None:
+            rotation = gathered_rotation(positions, positions_below, cfg.head_dim, cfg.rope_theta)
         else:
             rotation = computed_rotation(positions, cfg.head_dim, cfg.rope_theta)
         visibility = Visibility(start, segment_ids, mask)

@@ -48,7 +48,7 @@ from llama_jax.training.loop import lock_run_dir, stop_signal_flag
 from llama_jax.training.loss import chunked_token_entropy, chunked_token_losses
 from llama_jax.training.metrics import MetricsLogger
 from llama_jax.training.optim import make_optimizer
-from llama_jax.training.step import TrainState
+from llama_jax.training.step import TrainState, packed_features
 
 log = logging.getLogger(__name__)
 POLICY_DIR = "policy"
@@ -151,20 +151,17 @@ class ActorCritic(nnx.Module):
 
     def values(self, batch: dict[str, jax.Array]) -> jax.Array:
         trunk = self.policy if self.critic is None else self.critic
-        features, _ = trunk.features(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
-        return self.value_head(features)
+        return self.value_head(packed_features(trunk, batch))
 
 
 def logprobs(model: Llama, batch: dict[str, jax.Array]) -> jax.Array:
     """`[B, T]` log-probabilities of the targets (chunked: the `[B, T, vocab]` logits never exist whole)."""
-    features, _ = model.features(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
-    return -chunked_token_losses(model.logits, features, batch["targets"])
+    return -chunked_token_losses(model.logits, packed_features(model, batch), batch["targets"])
 
 
 def entropy(model: Llama, batch: dict[str, jax.Array]) -> jax.Array:
     """`[B, T]` entropies of the next-token distributions, chunked as `logprobs` is."""
-    features, _ = model.features(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
-    return chunked_token_entropy(model.logits, features)
+    return chunked_token_entropy(model.logits, packed_features(model, batch))
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------------

@@ -63,17 +63,19 @@ def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax
     return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out, logp)
 
 
-def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache,
+                   positions_below: int | None = None) -> tuple[jax.Array, KVCache]:
     """Logits for `[B, T]` tokens written at `cache.index`, for rows left-padded by `pad` slots.
 
     Row b's real tokens start at slot `pad[b]`, so its positions are `slot - pad[b]` and its padding slots are
-    masked out; prefill (T = prompt length, index 0) and decode steps (T = 1) are the same call.
+    masked out; prefill (T = prompt length, index 0) and decode steps (T = 1) are the same call. A caller that
+    knows every row's positions lie below a static bound passes it (`Llama.features`: RoPE then reads its table).
     """
     b, t = tokens.shape
     slots = cache.slots
     positions = jnp.maximum(cache.index + jnp.arange(t)[None, :] - pad[:, None], 0)
     mask = jnp.broadcast_to((jnp.arange(slots)[None, :] >= pad[:, None])[:, None, :], (b, t, slots))
-    logits, cache = model(tokens, positions=positions, mask=mask, cache=cache)
+    logits, cache = model(tokens, positions=positions, mask=mask, cache=cache, positions_below=positions_below)
     return logits, shard_cache(cache)
 
 
@@ -82,7 +84,7 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
     b = tokens.shape[0]
-    logits, cache = forward_padded(model, tokens, pad, init_cache(model, b, slots))
+    logits, cache = forward_padded(model, tokens, pad, init_cache(model, b, slots), model.cfg.max_seq_len)
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32),
                         jnp.zeros((b, n_out), jnp.float32))
@@ -91,9 +93,11 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
 
 def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array,
           sampling: Sampling) -> DecodeState:
-    """Feed each row's last token at the next cache slot and sample the following one."""
+    """Feed each row's last token at the next cache slot and sample the following one. Positions stay below the
+    context: `decode` caps the longest prompt plus `max_new` at `max_seq_len`, and rows that stopped stop with it."""
     model: Llama = nnx.merge(graphdef, params)
-    logits, cache = forward_padded(model, jnp.maximum(state.token, 0)[:, None], state.pad, state.cache)
+    logits, cache = forward_padded(model, jnp.maximum(state.token, 0)[:, None], state.pad, state.cache,
+                                   model.cfg.max_seq_len)
     state = DecodeState(cache, state.token, state.pad, state.done, state.step, state.key, state.out, state.logp)
     return _emit(state, logits[:, 0], sampling, eos_id)
 

@@ -174,7 +174,9 @@ def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, 
 
 
 def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> tuple[Slots, jax.Array]:
-    """One decode step for every slot: feed the last tokens at `index`, sample the next ones."""
+    """One decode step for every slot: feed the last tokens at `index`, sample the next ones. Idle slots step too,
+    their positions growing without bound, so RoPE computes these rather than reading its table (whose bound they
+    would pass: NaN keys, which a later request in the slot would read as masked zeros times NaN)."""
     model: Llama = nnx.merge(graphdef, params)
     logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache)
     token, key = _sample(slots, logits[:, 0], sampled)
@@ -187,7 +189,7 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
     slots and the prompt's first sampled token."""
     model: Llama = nnx.merge(graphdef, params)
     length = tokens.shape[1]
-    logits, fresh = forward_padded(model, tokens, pad, init_cache(model, 1, length))
+    logits, fresh = forward_padded(model, tokens, pad, init_cache(model, 1, length), model.cfg.max_seq_len)
     new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
     token, key = _sample(new, logits[:, -1], sampled)
     index = slots.cache.index

@@ -52,6 +52,15 @@ class TrainState:
     opt_state: Any
 
 
+def packed_features(model: Llama, batch: Batch) -> jax.Array:
+    """Final-norm features of `batch["tokens"]` with its packed examples' `positions` and `segment_ids` (when
+    given). Each example's positions count from 0, so they lie below the row length: RoPE reads them from its table."""
+    tokens = batch["tokens"]
+    features, _ = model.features(tokens, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                                 positions_below=tokens.shape[1])
+    return features
+
+
 def model_losses(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy (nats, float32) over the learned targets, and how many there are; the logits
     are computed in sequence chunks (`chunked_token_losses`).
@@ -63,8 +72,7 @@ def model_losses(model: Llama, batch: Batch) -> tuple[jax.Array, jax.Array]:
         features, _ = model.features(tokens[:, :-1])
         losses = chunked_token_losses(model.logits, features, tokens[:, 1:])
         return jnp.sum(losses), jnp.float32(losses.size)
-    features, _ = model.features(batch["tokens"], positions=batch.get("positions"),
-                                 segment_ids=batch.get("segment_ids"))
+    features = packed_features(model, batch)
     weights = batch["loss_mask"].astype(jnp.float32)
     losses = chunked_token_losses(model.logits, features, batch["targets"])
     return jnp.sum(losses * weights), jnp.sum(weights)
