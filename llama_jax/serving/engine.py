@@ -175,8 +175,7 @@ def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, 
 
 def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> tuple[Slots, jax.Array]:
     """One decode step for every slot: feed the last tokens at `index`, sample the next ones. Idle slots step too,
-    their positions growing without bound, so RoPE computes these rather than reading its table (whose bound they
-    would pass: NaN keys, which a later request in the slot would read as masked zeros times NaN)."""
+    their positions growing past `max_seq_len`, so RoPE computes these rather than reading its bounded table."""
     model: Llama = nnx.merge(graphdef, params)
     logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache)
     token, key = _sample(slots, logits[:, 0], sampled)
