@@ -364,8 +364,9 @@ class Llama(nnx.Module):
 
         `segment_ids` (`[batch, seq]` int32, cache-less only) keep packed sequences from attending across segments;
         pass their `positions` too (each segment's own 0, 1, ...). A caller whose `positions` all lie in
-        `[0, positions_below)` (a static bound: the row length of packed rows, a KV cache's slots) may say so: their
-        RoPE rows are then read from a table instead of computed (`llama_jax.rope`); a position past it gives NaN.
+        `[0, positions_below)` (a static bound: the row length of packed rows, `max_seq_len` where generation caps
+        lengths) may say so: their RoPE rows are then read from a table instead of computed (`llama_jax.rope`); a
+        position past it gives NaN.
         """
         b, t = tokens.shape
         if segment_ids is not None and cache is not None:
