@@ -129,7 +129,7 @@ def main() -> None:
                      + f"; llama_jax/torch = {rate / torch_rate:.2f}")
         print(line, flush=True)
         record(args.json, kind="train", model=name, layers=model.n_layers, batch=args.batch, seq=args.seq,
-               dtype=args.dtype, attention=args.attention, remat=args.remat, tok_s=rate,
+               dtype=args.dtype, param_dtype=args.param_dtype, attention=args.attention, remat=args.remat, tok_s=rate,
                mfu_spec=rate * flops / spec, mfu_measured=rate * flops / ceiling, peak_gib=peak,
                torch_tok_s=torch_rate, torch_mfu_spec=torch_rate * flops / spec if torch_rate else None,
                torch_peak_gib=torch_peak, device=devices[0].device_kind)

@@ -3,7 +3,9 @@
 #   attention kernel check, train step (llama2-7b shapes, 8 layers, batch 4 x 4096, bf16 compute, fp32 params,
 #   full remat, AdamW) against HF torch, decode of the full llama2-7b in bf16 at batch 1 (prompt 128) against HF
 #   generate with a static cache, the same at batch 16 on its own (in one 150 s section with its HF peer it did not
-#   finish on an H200), random init of llama2-7b, and the train step with the XLA attention baseline.
+#   finish on an H200), random init of llama2-7b, the train step saving every projection's output (`--remat
+#   save_dots`: no matmul recomputed; the table compares it with the HF row of the same shape), and the train step
+#   with the XLA attention baseline.
 # Each section is its own python process under `timeout`, so one failure or hang costs only that row; a section
 # that would start after the time budget (GPU_CHECK_BUDGET_S, default 340 s) is skipped. The table comes last.
 #   experiments/gpu_check.sh            # on the GPU machine (jax+CUDA, flax, optax, torch, transformers installed)
@@ -51,6 +53,7 @@ if [ "$SMOKE" = 1 ]; then
   section decode 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 1 --prompt-len 8 --new-tokens 3 --repeats 1 --compare-torch
   section decode-b16 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 4 --prompt-len 8 --new-tokens 3 --repeats 1
   section init 300 experiments/bench_init.py --preset tiny --layers 2
+  section train-save-dots 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat save_dots --scan
   section train-xla 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
 else
   MODEL=(--models llama2-7b --layers 8)
@@ -59,6 +62,7 @@ else
   section decode 120 experiments/bench_decode.py --models llama2-7b --batch-sizes 1 --prompt-len 128 --new-tokens 128 --repeats 2 --dtype bfloat16 --compare-torch
   section decode-b16 80 experiments/bench_decode.py --models llama2-7b --batch-sizes 16 --prompt-len 128 --new-tokens 128 --repeats 2 --dtype bfloat16
   section init 60 experiments/bench_init.py --preset llama2-7b
+  section train-save-dots 75 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 5 --warmup 2 --dtype bfloat16 --remat save_dots --scan
   section train-xla 90 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 3 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
 fi
 

@@ -52,8 +52,13 @@ def test_gpu_check_smoke_fills_every_row_of_its_table():
     assert "FAILED" not in table and "SKIPPED" not in table, run.stdout[-3000:]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "| work |" not in line]
     kinds = [line.split()[1] for line in rows]
-    assert kinds == ["attention", "attention", "train", "decode", "decode", "random", "random", "train"], table
+    assert kinds == ["attention", "attention", "train", "decode", "decode", "random", "random", "train", "train"], table
     assert rows[0].count("PASS") == 1 and rows[1].count("PASS") == 1
-    assert "HF torch" in rows[2] and "hf_static" in rows[3] and "batch 4" in rows[4] and "attention xla" in rows[7]
-    rates = [float(line.split("|")[2].split()[0].replace(",", "")) for line in (rows[2], rows[3], rows[4], rows[7])]
+    assert "HF torch" in rows[2] and "hf_static" in rows[3] and "batch 4" in rows[4] and "attention xla" in rows[8]
+    # The save_dots row is timed without HF and compared with the full-remat row's HF run of the same shape.
+    assert "remat save_dots" in rows[7] and "HF torch (the remat full row's)" in rows[7]
+    hf_rate = float(rows[2].split("HF torch ")[1].split()[0].replace(",", ""))
+    rates = [float(line.split("|")[2].split()[0].replace(",", "")) for line in rows[2:5] + rows[7:]]
     assert all(np.isfinite(rates)) and min(rates) > 0
+    ratio = float(rows[7].split("|")[4].strip().rstrip("x"))
+    assert ratio == pytest.approx(rates[3] / hf_rate, abs=0.006)  # both rates are printed rounded
