@@ -188,6 +188,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from prefill)")
+    configs = {}
+    for preset in args.models.split(","):
+        try:
+            configs[preset] = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+        except ValueError as err:
+            parser.error(str(err))
+        if args.prompt_len + args.new_tokens > configs[preset].max_seq_len:
+            parser.error(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds {preset}'s context "
+                         f"of {configs[preset].max_seq_len} tokens; lower them")
 
     devices = jax.devices()
     bandwidth = measured_bandwidth(0.25 if jax.default_backend() == "cpu" else 1.0)
@@ -198,8 +207,7 @@ def main() -> None:
               f"{'floor ms':>8} {'matmuls ms':>10}")
     print(header + ("  peer tok/s  ratio" if args.compare_torch or args.llama2c or args.llama2c_runq else ""))
     print("-" * len(header))
-    for preset in args.models.split(","):
-        cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+    for preset, cfg in configs.items():
         execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention,
                                     quant=args.quant, quant_group_size=args.quant_group_size)
         for batch in (int(b) for b in args.batch_sizes.split(",")):

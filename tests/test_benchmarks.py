@@ -62,3 +62,14 @@ def test_gpu_check_smoke_fills_every_row_of_its_table():
     assert all(np.isfinite(rates)) and min(rates) > 0
     ratio = float(rows[7].split("|")[4].strip().rstrip("x"))
     assert ratio == pytest.approx(rates[3] / hf_rate, abs=0.006)  # both rates are printed rounded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "stories15m", "--prompt-len", "128", "--new-tokens", "256"], "exceeds stories15m's context of 256"),
+    (["--models", "stories15m,nope"], "unknown model preset 'nope'"),
+])
+def test_bench_decode_rejects_bad_arguments_in_one_line(args, message):
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_decode.py"), *args], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
