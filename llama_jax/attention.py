@@ -15,7 +15,8 @@ by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding o
 The kernels serve cache-less self-attention (training, evaluation, scoring: `q_start == 0`, `T == S`, no `mask`);
 anything else (prefill into and decoding from a KV cache) runs the XLA path, as do shapes a kernel cannot take
 (float32 for cuDNN; sequences that are not a multiple of 128 for splash) under `auto`. Decoding reads the whole cache
-either way, so a flash kernel buys nothing there.
+either way, so a flash kernel buys nothing there. `cached_attention` is the XLA path's form for attending to a cache
+before this step's keys/values are written into it (the model uses it for one-token float32 steps on CPU).
 """
 
 from __future__ import annotations
@@ -101,6 +102,29 @@ def _xla_attention_bwd(residuals: tuple[jax.Array, ...], d_out: jax.Array) -> tu
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     visibility: Visibility, index: jax.Array | int) -> jax.Array:
+    """`T` new queries `[B, T, N, H]` attending to a KV cache's slots before `index` (`[B, K, S, H]`, read before
+    this step writes it) and to the `T` new keys/values `[B, T, K, H]` that the caller writes at `index ..
+    index+T-1`: the same attention as over the updated cache, without reading the write."""
+    b, t, n, h = q.shape
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+    grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    allowed = visibility.dense(t, s)
+    cached_ok = allowed & (jnp.arange(s) < index)
+    new_ok = jax.lax.dynamic_slice_in_dim(allowed, index, t, axis=2)
+    scale = 1 / jnp.sqrt(jnp.float32(h))
+    hidden = jnp.finfo(jnp.float32).min
+    cached = jnp.einsum("BTKRH,BKSH->BKRTS", grouped, k_cache, preferred_element_type=jnp.float32) * scale
+    fresh = jnp.einsum("BTKRH,BUKH->BKRTU", grouped, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.concatenate([jnp.where(cached_ok[:, None, None], cached, hidden),
+                              jnp.where(new_ok[:, None, None], fresh, hidden)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = (jnp.einsum("BKRTS,BKSH->BTKRH", probs[..., :s], v_cache)
+           + jnp.einsum("BKRTU,BUKH->BTKRH", probs[..., s:], v))
+    return out.reshape(b, t, n, h)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

@@ -172,3 +172,50 @@ def test_bf16_generation_runs_batched_with_a_long_prompt(kv_heads, scan):
     prompts = np.random.default_rng(0).integers(1, 64, (16, 128)).tolist()
     out = generate(model, prompts, max_new_tokens=4)
     assert len(out) == 16 and all(len(row) == 4 for row in out)
+
+
+def test_float32_decode_step_writes_its_cache_without_copying_it():
+    """Attending to the cache as it was plus the new token, and writing the slot after attention, leaves XLA:CPU no
+    reason to copy a layer's cache: attending to the slot just written, it copied each layer's keys and values several
+    times per step (3.4 ms of a 24.8 ms stories110m step at batch 1)."""
+    import re
+
+    from llama_jax import Llama
+    from llama_jax.config import ExecutionConfig
+    from llama_jax.inference.sampling import Sampling
+
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
+    model = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens, pad = gen.left_pad([[1, 2, 3, 4]], 8)  # batch 1: where XLA:CPU made the copies
+    eos = jnp.int32(gen.PAD)
+    state = gen.prefill_jit(graphdef, params, tokens, pad, jax.random.key(0), eos, sampling=Sampling(), slots=24,
+                            n_out=16)
+    program = gen.decode_loop_jit.lower(graphdef, params, state, eos, jnp.int32(16), sampling=Sampling())
+    cache_shape = ",".join(map(str, state.cache.k[0].shape))
+    copies = re.findall(rf"f32\[{cache_shape}\]\{{[\d,]+\}} copy\(", program.compile().as_text())
+    assert copies == []  # 8 before: two copies of each layer's keys and values
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_one_token_steps_give_the_full_forward_logits(kv_heads):
+    """Decoding one token at a time (attention to the cache as it was plus the new token) against one forward pass
+    over each whole row, with left padding; no torch needed, so the Python 3.12 pass checks it too."""
+    from llama_jax import Llama
+
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=128, max_seq_len=32)
+    model = Llama(cfg, rngs=nnx.Rngs(1))
+    rows = [[1, 5, 9], [1, 7, 3, 8, 2, 6]]
+    steps = 5
+    continuation = np.random.default_rng(0).integers(0, 128, (len(rows), steps))
+    tokens, pad = gen.left_pad(rows, 6)
+    forward = nnx.jit(gen.forward_padded)
+    logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(pad), KVCache.create(cfg, 2, 6 + steps))
+    got = [logits[:, -1]]
+    for i in range(steps - 1):
+        logits, cache = forward(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
+        got.append(logits[:, 0])
+    got = np.stack(got, axis=1)
+    for b, row in enumerate(rows):
+        full = nnx.jit(lambda m, t: m(t))(model, jnp.asarray([row + list(continuation[b, :steps - 1])]))[0]
+        np.testing.assert_allclose(got[b], np.asarray(full[len(row) - 1:]), atol=1e-5, rtol=0)
