@@ -4,7 +4,7 @@
 #   full remat, AdamW) against HF torch, decode of the full llama2-7b in bf16 at batch 1 (prompt 128) against HF
 #   generate with a static cache, the same at batch 16 on its own (in one 150 s section with its HF peer it did not
 #   finish on an H200), random init of llama2-7b, the train step saving every projection's output (`--remat
-#   save_dots`: no matmul recomputed; the table compares it with the HF row of the same shape), and the train step
+#   save_dots`: no projection recomputed; the table compares it with the HF row of the same shape), and the train step
 #   with the XLA attention baseline.
 # Each section is its own python process under `timeout`, so one failure or hang costs only that row; a section
 # that would start after the time budget (GPU_CHECK_BUDGET_S, default 340 s) is skipped. The table comes last.
