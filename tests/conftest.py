@@ -4,7 +4,7 @@ and the few files that only ../shared has.
 The session builds its own corpus (generated play text), a 1000-piece tokenizer trained on it and a TFDS
 `tiny_shakespeare` prepared from it, so the suite needs nothing outside the repository. Tests marked `shared` check
 the real files in ../shared (or `LLAMA_JAX_SHARED`). Without them they never skip: they run and fail, naming the
-missing path, with or without `CI=true` (`-m "not shared"` leaves them out explicitly).
+missing path, with or without `CI=true`. No test skips for a missing tool either (`missing_tool`).
 """
 
 import importlib.util
@@ -37,16 +37,10 @@ SHARED = Path(os.environ.get("LLAMA_JAX_SHARED", REPO.parent / "shared"))
 CORPUS_CHARS = 600_000  # TFDS's 5% validation split is then 30,000 characters, about 13,000 tokens
 
 
-def in_ci() -> bool:
-    """True under CI: services set CI to true, True, 1 or yes; anything but empty, 0, false, no or off counts."""
-    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no", "off"}
-
-
-def unavailable(message: str) -> None:
-    """Skip a test whose input or tool this machine lacks; under CI fail instead (CI must not pass blind)."""
-    if in_ci():
-        pytest.fail(f"{message}; with CI=true this is a failure, not a skip", pytrace=False)
-    pytest.skip(message)
+def missing_tool(message: str) -> None:
+    """Fail a test whose tool this machine lacks, naming the install command: the README's test command installs
+    every tool the suite uses (requirements-dev.txt), so no test skips, under CI=true or not."""
+    pytest.fail(message, pytrace=False)
 
 
 # The ../shared files some tests read, by the fixture that hands each out.
@@ -69,9 +63,9 @@ def shared_path(fixture: str) -> Path:
 
 @pytest.fixture
 def libtpu() -> None:
-    """For tests that need libtpu (the test extras): skips without it, or fails under CI=true."""
+    """For tests that need libtpu (requirements-dev.txt installs it): they fail without it."""
     if importlib.util.find_spec("libtpu") is None:
-        unavailable("libtpu not installed (pip install -r requirements-tpu-plan.txt)")
+        missing_tool("libtpu not installed (pip install -r requirements-tpu-plan.txt)")
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +99,7 @@ def tfds_dir(play_txt, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that uses a ../shared file `shared`, so `-m "not shared"` can leave them out explicitly."""
+    """Mark every test that uses a ../shared file `shared` (`-m shared` runs just those)."""
     for item in items:
         if shared_needs(item):
             item.add_marker(pytest.mark.shared)

@@ -78,7 +78,7 @@ def test_train_llama_style(play_100k: Path, play_txt: Path, tmp_path: Path):
 
 def test_train_from_text_iterator_matches_file(play_100k: Path, tmp_path: Path):
     from_file = Tokenizer.train(play_100k, 400, tmp_path / "file")
-    # One 100 KB document: it is split into lines, else sentencepiece would skip it as too long.
+    # One 100 KB document: it is split into lines, else sentencepiece would drop it as too long.
     from_text = Tokenizer.train(iter([play_100k.read_text(encoding="utf-8")]), 400, tmp_path / "text")
     pieces = [from_file.id_to_piece(i) for i in range(400)]
     assert pieces == [from_text.id_to_piece(i) for i in range(400)]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import unavailable
+from conftest import missing_tool
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_the_example_env_file_is_complete(tmp_path):
 def test_shellcheck_passes():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
-        unavailable("shellcheck not installed (pip install -r requirements-dev.txt)")
+        missing_tool("shellcheck not installed (pip install -r requirements-dev.txt)")
     result = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=TPU)
     assert result.returncode == 0, result.stdout
 
