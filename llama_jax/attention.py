@@ -57,6 +57,14 @@ class Visibility:
         return isinstance(self.q_start, int) and self.q_start == 0 and t == s and self.mask is None
 
 
+def _scores(spec: str, grouped: jax.Array, keys: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Float32 scores `[B, K, R, T, S]` of grouped queries `[B, T, K, R, H]` against `keys` (laid out as `spec`
+    says), scaled by 1/sqrt(H); where `allowed` (`[B or 1, T, S]`) is False, the float32 minimum."""
+    scores = jnp.einsum(spec, grouped, keys, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(grouped.shape[-1]))
+    return jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
 @jax.custom_vjp
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
     """The reference: exact softmax over float32 scores of every (query, key) pair.
@@ -74,10 +82,7 @@ def _xla_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Ar
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKRH,BSKH->BKRTS", grouped, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(h))
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jax.nn.softmax(_scores("BTKRH,BSKH->BKRTS", grouped, k, allowed), axis=-1)
     # A plain einsum, not `llama_jax.einsum`: reading a KV cache written in the same step, XLA:CPU rearranged a
     # float32-result product after choosing its bf16 kernel, and its fallback cannot multiply bf16 into float32.
     out = jnp.einsum("BKRTS,BSKH->BTKRH", probs.astype(q.dtype), v).reshape(b, t, n, h)
@@ -113,14 +118,9 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     grouped = q.reshape(b, t, kv_heads, n // kv_heads, h)
     allowed = visibility.dense(t, s)
-    cached_ok = allowed & (jnp.arange(s) < index)
-    new_ok = jax.lax.dynamic_slice_in_dim(allowed, index, t, axis=2)
-    scale = 1 / jnp.sqrt(jnp.float32(h))
-    hidden = jnp.finfo(jnp.float32).min
-    cached = jnp.einsum("BTKRH,BKSH->BKRTS", grouped, k_cache, preferred_element_type=jnp.float32) * scale
-    fresh = jnp.einsum("BTKRH,BUKH->BKRTU", grouped, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.concatenate([jnp.where(cached_ok[:, None, None], cached, hidden),
-                              jnp.where(new_ok[:, None, None], fresh, hidden)], axis=-1)
+    scores = jnp.concatenate([
+        _scores("BTKRH,BKSH->BKRTS", grouped, k_cache, allowed & (jnp.arange(s) < index)),
+        _scores("BTKRH,BUKH->BKRTU", grouped, k, jax.lax.dynamic_slice_in_dim(allowed, index, t, axis=2))], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = (jnp.einsum("BKRTS,BKSH->BTKRH", probs[..., :s], v_cache)
            + jnp.einsum("BKRTU,BUKH->BTKRH", probs[..., s:], v))

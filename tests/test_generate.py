@@ -1,6 +1,7 @@
 """Generation: token-for-token parity with transformers, cache-vs-full-forward logits, EOS, context, compilation."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,8 +179,6 @@ def test_float32_decode_step_writes_its_cache_without_copying_it():
     """Attending to the cache as it was plus the new token, and writing the slot after attention, leaves XLA:CPU no
     reason to copy a layer's cache: attending to the slot just written, it copied each layer's keys and values several
     times per step (3.4 ms of a 24.8 ms stories110m step at batch 1)."""
-    import re
-
     from llama_jax import Llama
     from llama_jax.config import ExecutionConfig
     from llama_jax.inference.sampling import Sampling
