@@ -43,6 +43,9 @@ CHIPS = (
     Chip("v3", ("v3",), 123e12, 16),
     # GPUs (dense bf16 tensor-core peaks from NVIDIA's data sheets).
     Chip("h200", ("h200",), 989e12, 141),
+    # The PCIe and NVL cards run slower clocks than the SXM part JAX calls "NVIDIA H100 80GB HBM3": before it.
+    Chip("h100-pcie", ("h100 pcie",), 756e12, 80),
+    Chip("h100-nvl", ("h100 nvl",), 835e12, 94),
     Chip("h100", ("h100",), 989e12, 80),
     Chip("a100", ("a100",), 312e12, 80),
     Chip("l4", ("l4",), 121e12, 24),

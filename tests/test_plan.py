@@ -117,7 +117,8 @@ def test_headroom_must_be_a_fraction():
 
 @pytest.mark.parametrize("kind, name", [
     ("TPU v4", "v4"), ("TPU v5", "v5p"), ("TPU v5p", "v5p"), ("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"),
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", None),
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"),
+    ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", None),
 ])
 def test_one_chip_table_for_device_kinds(kind, name):
     """JAX's device kinds (libtpu names a v5p chip "TPU v5") map to one table entry each."""
