@@ -6,6 +6,10 @@ Sapphire Rapids, which has AMX), but upcasts both operands of a bf16 x bf16 -> b
 took the bf16 train step of the 24M-parameter bench config from 1,146 to 2,377-2,687 tokens/s (with attention's
 backward products, `llama_jax.attention`). Other platforms, and float16, keep the 16-bit result, which their kernels
 write directly.
+
+A single row (a decode step at batch 1) is padded to two: XLA:CPU multiplies one bf16 row in float32, on float32
+copies of the weight that it makes on every call (a per-token step: the server, streaming) or once per decode loop,
+held beside the weights throughout. Two rows take the bf16 kernel and make no copy.
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ from llama_jax.sharding import current_platform
 
 def einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: Any = None) -> jax.Array:
     """`jnp.einsum(spec, x, y)` in `out_dtype` (default: the operands' common dtype)."""
-    out_dtype = jnp.dtype(jnp.result_type(x, y) if out_dtype is None else out_dtype)
-    if out_dtype == jnp.bfloat16 and current_platform() == "cpu":
+    operands = jnp.dtype(jnp.result_type(x, y))
+    out_dtype = operands if out_dtype is None else jnp.dtype(out_dtype)
+    if current_platform() != "cpu" or jnp.bfloat16 not in (operands, out_dtype):
+        return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
+    inputs, out = spec.split("->")
+    x_spec, y_spec = inputs.split(",")
+    row_axes = [axis for axis, letter in enumerate(x_spec) if letter in out and letter not in y_spec]
+    if operands != jnp.bfloat16 or not row_axes or any(x.shape[axis] != 1 for axis in row_axes):
         return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
-    return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
+    axis = row_axes[0]
+    padded = jnp.pad(x, [(0, int(i == axis)) for i in range(x.ndim)])
+    product = jnp.einsum(spec, padded, y, preferred_element_type=jnp.float32)
+    return jax.lax.slice_in_dim(product, 0, 1, axis=out.index(x_spec[axis])).astype(out_dtype)

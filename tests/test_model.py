@@ -208,18 +208,24 @@ def test_hand_written_gradients_equal_autodiff():
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_products_run_as_bf16_dots_on_cpu():
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("TD,DF->TF", (4, 64), (64, 32)),
+    ("TD,DF->TF", (1, 64), (64, 32)),  # one row: XLA:CPU upcast the weight to float32 on every call
+    ("BTD,VD->BTV", (1, 1, 64), (32, 64)),  # a decode step's output head over the table as stored
+])
+def test_bf16_products_run_as_bf16_dots_on_cpu(spec, x_shape, w_shape):
     """`llama_jax.einsum` with bf16 operands: the product of the float32 values rounded once to bf16, computed by a dot
-    that reads the bf16 operands (XLA:CPU upcast both operands of a bf16 -> bf16 dot to float32, 5x slower)."""
+    that reads the bf16 operands (XLA:CPU upcast both operands of a bf16 -> bf16 dot to float32, 5x slower, and of
+    any bf16 dot with one row)."""
     from llama_jax.einsum import einsum
 
     rng = np.random.default_rng(0)
-    x, w = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((4, 64), (64, 32)))
-    got = einsum("TD,DF->TF", x, w)
-    want = (np.asarray(x, np.float64) @ np.asarray(w, np.float64)).astype(np.float32)
-    assert got.dtype == jnp.bfloat16
+    x, w = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16), jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    got = einsum(spec, x, w)
+    want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64)).astype(np.float32)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2 ** -8, atol=1e-6)
-    hlo = jax.jit(lambda a, b: einsum("TD,DF->TF", a, b)).lower(x, w).compile().as_text()
+    hlo = jax.jit(lambda a, b: einsum(spec, a, b)).lower(x, w).compile().as_text()
     lhs, rhs = re.search(r" dot\(%([\w.]+), %([\w.]+)\)", hlo).groups()
     operand_types = [re.search(rf"%{re.escape(name)} = (\w+)\[", hlo).group(1) for name in (lhs, rhs)]
     assert operand_types == ["bf16", "bf16"], hlo
