@@ -220,7 +220,7 @@ def test_bf16_products_run_as_bf16_dots_on_cpu(spec, x_shape, w_shape):
     from llama_jax.einsum import einsum
 
     rng = np.random.default_rng(0)
-    x, w = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16), jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    x, w = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in (x_shape, w_shape))
     got = einsum(spec, x, w)
     want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64)).astype(np.float32)
     assert got.dtype == jnp.bfloat16 and got.shape == want.shape
