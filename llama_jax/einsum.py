@@ -28,12 +28,24 @@ def einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: Any = None) -> jax.
     out_dtype = operands if out_dtype is None else jnp.dtype(out_dtype)
     if current_platform() != "cpu" or jnp.bfloat16 not in (operands, out_dtype):
         return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
-    inputs, out = spec.split("->")
-    x_spec, y_spec = inputs.split(",")
-    row_axes = [axis for axis, letter in enumerate(x_spec) if letter in out and letter not in y_spec]
-    if operands != jnp.bfloat16 or not row_axes or any(x.shape[axis] != 1 for axis in row_axes):
+    axis = _single_row_axis(spec, x) if operands == jnp.bfloat16 else None
+    if axis is None:
         return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
-    axis = row_axes[0]
     padded = jnp.pad(x, [(0, int(i == axis)) for i in range(x.ndim)])
     product = jnp.einsum(spec, padded, y, preferred_element_type=jnp.float32)
+    x_spec, _, out = operand_specs(spec)
     return jax.lax.slice_in_dim(product, 0, 1, axis=out.index(x_spec[axis])).astype(out_dtype)
+
+
+def operand_specs(spec: str) -> tuple[str, str, str]:
+    """`"BTD,DF->BTF"` -> `("BTD", "DF", "BTF")`."""
+    inputs, out = spec.split("->")
+    x_spec, y_spec = inputs.split(",")
+    return x_spec, y_spec, out
+
+
+def _single_row_axis(spec: str, x: jax.Array) -> int | None:
+    """The first of `x`'s row axes (kept in the output, not contracted) when there is just one row, else None."""
+    x_spec, y_spec, out = operand_specs(spec)
+    row_axes = [axis for axis, letter in enumerate(x_spec) if letter in out and letter not in y_spec]
+    return row_axes[0] if row_axes and all(x.shape[axis] == 1 for axis in row_axes) else None

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.attention import Visibility, attention, cached_attention
 from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.dropout import dropout
-from llama_jax.einsum import einsum
+from llama_jax.einsum import einsum, operand_specs
 from llama_jax.quant import QuantizedWeight, quantize_model
 from llama_jax.rope import Rotation, computed_rotation, gathered_rotation, rope, table_rotation
 from llama_jax.sharding import constrain, current_platform
@@ -204,7 +204,7 @@ def linear(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.
     transposing copies fused into the producer of `grad`; those fusions are not vectorised, and writing the two
     gradient einsums out took a 24M-parameter CPU train step from 2.02 to 1.65 s.
     """
-    x_spec, w_spec, out = _operand_specs(spec)
+    x_spec, w_spec, out = operand_specs(spec)
     merged = len(x_spec) + len(w_spec) - len(out)  # letters of the contracted axes, twice
     if merged >= 4 and x_spec.endswith(w_spec[:merged // 2]):
         # Several contracted axes (wo's heads x head_dim) as one: with two, XLA:CPU transposed wo on every decode
@@ -216,13 +216,6 @@ def linear(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.
     return einsum(spec, x, w, out_dtype)
 
 
-def _operand_specs(spec: str) -> tuple[str, str, str]:
-    """`"BTD,DF->BTF"` -> `("BTD", "DF", "BTF")`."""
-    inputs, out = spec.split("->")
-    x_spec, w_spec = inputs.split(",")
-    return x_spec, w_spec, out
-
-
 def _linear_fwd(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any
                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return linear(spec, x, w, out_dtype), (x, w)
@@ -231,7 +224,7 @@ def _linear_fwd(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any
 def _linear_bwd(spec: str, out_dtype: Any, residuals: tuple[jax.Array, jax.Array], grad: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
     x, w = residuals
-    x_spec, w_spec, out = _operand_specs(spec)
+    x_spec, w_spec, out = operand_specs(spec)
     grad = grad.astype(x.dtype)
     return (einsum(f"{out},{w_spec}->{x_spec}", grad, w, x.dtype),
             einsum(f"{x_spec},{out}->{w_spec}", x, grad, w.dtype))
