@@ -229,3 +229,26 @@ def test_bf16_products_run_as_bf16_dots_on_cpu(spec, x_shape, w_shape):
     lhs, rhs = re.search(r" dot\(%([\w.]+), %([\w.]+)\)", hlo).groups()
     operand_types = [re.search(rf"%{re.escape(name)} = (\w+)\[", hlo).group(1) for name in (lhs, rhs)]
     assert operand_types == ["bf16", "bf16"], hlo
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape, batched", [
+    ("BTD,DNH->BTNH", (1, 1, 64), (64, 4, 8), True),  # a projection: two products over halves of D
+    ("BTa,aD->BTD", (1, 1, 32), (32, 64), True),  # wo with its contracted axes merged
+    ("BTD,VD->BTV", (1, 1, 64), (32, 64), False),  # the tied head: D is not the table's leading axis
+    ("BTD,DF->BTF", (1, 2, 64), (64, 32), False),  # two rows: XLA:CPU already uses both cores
+    ("BTD,DF->BTF", (1, 1, 63), (63, 32), False),  # an odd input axis has no halves
+])
+def test_one_float32_row_is_multiplied_by_halves_of_the_weight_on_cpu(spec, x_shape, w_shape, batched):
+    """At batch 1 a float32 projection is one batched product over the two halves of the weight's input axis (XLA:CPU
+    ran a matrix-vector product on one core; the halves run on both), with the plain product's values."""
+    from llama_jax.einsum import einsum
+
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in (x_shape, w_shape))
+    got = einsum(spec, x, w)
+    want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(lambda a, b: einsum(spec, a, b)).lower(x, w).compile().as_text()
+    dots = re.findall(r" dot\(.*", hlo)
+    assert len(dots) == 1 and ("lhs_batch_dims" in dots[0]) == batched, hlo
