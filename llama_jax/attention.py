@@ -122,9 +122,12 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         _scores("BTKRH,BKSH->BKRTS", grouped, k_cache, allowed & (jnp.arange(s) < index)),
         _scores("BTKRH,BUKH->BKRTU", grouped, k, jax.lax.dynamic_slice_in_dim(allowed, index, t, axis=2))], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = (jnp.einsum("BKRTS,BKSH->BTKRH", probs[..., :s], v_cache)
-           + jnp.einsum("BKRTU,BUKH->BTKRH", probs[..., s:], v))
-    return out.reshape(b, t, n, h)
+    # Heads first, as the products give them, and the small result transposed after: asked for `[B, T, K, R, H]`,
+    # XLA:CPU multiplied the transposed values by the probabilities, copying each layer's value cache into that
+    # layout on every step (2.5 ms of an 18 ms stories110m step at batch 1).
+    out = (jnp.einsum("BKRTS,BKSH->BKRTH", probs[..., :s], v_cache)
+           + jnp.einsum("BKRTU,BUKH->BKRTH", probs[..., s:], v))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
