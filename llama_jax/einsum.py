@@ -1,4 +1,5 @@
-"""`einsum` for the model's matrix products: on CPU, bf16 products come back through a float32 result.
+"""`einsum` for the model's matrix products, shaped for XLA:CPU's kernels: bf16 products come back through a
+float32 result, one bf16 row is padded to two, and one float32 row is multiplied by the halves of the weight.
 
 XLA:CPU runs a bf16 x bf16 -> float32 dot in YNNPACK's bf16 kernels (1,260 GFLOP/s on this project's 2-core
 Sapphire Rapids, which has AMX), but upcasts both operands of a bf16 x bf16 -> bf16 dot and runs it in float32
@@ -53,6 +54,11 @@ def operand_specs(spec: str) -> tuple[str, str, str]:
     return x_spec, y_spec, out
 
 
+def unused_letter(spec: str) -> str:
+    """A lower-case axis letter that `spec` does not use (the model's specs use upper case)."""
+    return next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec)
+
+
 def _single_row_axis(spec: str, x: jax.Array) -> int | None:
     """The first of `x`'s row axes (kept in the output, not contracted) when there is just one row, else None."""
     x_spec, y_spec, out = operand_specs(spec)
@@ -68,7 +74,7 @@ def _in_halves(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
     if lead not in x_spec or lead in out or y.shape[0] % 2:
         # An output axis (the tied head's [vocab, dim] table: splitting it was no faster), a batch axis, or odd.
         return jnp.einsum(spec, x, y)
-    axis, half = x_spec.index(lead), next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec)
+    axis, half = x_spec.index(lead), unused_letter(spec)
     x_halves = x.reshape(*x.shape[:axis], 2, x.shape[axis] // 2, *x.shape[axis + 1:])
     y_halves = y.reshape(2, y.shape[0] // 2, *y.shape[1:])
     return jnp.einsum(f"{x_spec[:axis]}{half}{x_spec[axis:]},{half}{y_spec}->{half}{out}", x_halves, y_halves).sum(0)
