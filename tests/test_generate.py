@@ -133,6 +133,23 @@ def test_sampling_is_seeded(tiny):
     assert generate(tiny, [[1, 2], [3]], seed=8, **kwargs) != first
 
 
+@pytest.mark.parametrize("mesh_config", [MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)])
+def test_one_row_decodes_the_same_on_a_sharded_mesh(mesh_config):
+    """At batch 1 a float32 projection multiplies the halves of its weight's input axis (`llama_jax.einsum`); with that
+    axis sharded, the reshape into halves must still give the single-device tokens."""
+    from llama_jax import Llama
+    from llama_jax.config import ExecutionConfig
+    from llama_jax.sharding import sharded_init
+
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+    sharded = sharded_init(lambda: Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)), make_mesh(mesh_config))
+    single = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(1))
+    nnx.update(single, jax.device_put(nnx.state(sharded), jax.devices()[0]))
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(nnx.state(sharded)))
+    assert generate(sharded, [[1, 2, 3, 4, 5]], max_new_tokens=12) == generate(single, [[1, 2, 3, 4, 5]],
+                                                                                max_new_tokens=12)
+
+
 @pytest.mark.torch_ref
 def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
     hf, path = hf_dirs[2]
