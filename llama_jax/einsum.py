@@ -14,8 +14,9 @@ held beside the weights throughout. Two rows take the bf16 kernel and make no co
 
 A single float32 row is multiplied by the two halves of a weight's input axis (a free reshape) in one batched
 product, and the halves' products summed: XLA:CPU runs a matrix-vector product on one core (as fast as on one core
-alone, measured), the two halves on both. A decode step at batch 1 went from 18.5 to 16.4-16.9 ms (stories110m) and
-from 2.8 to 2.4 (stories15m); splitting in four was no faster, nor was splitting at batch 16 or a bf16 row.
+alone, measured), the two halves on both. On a 2-core AMD EPYC a decode step at batch 1 went from 18.5 to 16.4-16.9
+ms (stories110m) and from 2.8 to 2.4 (stories15m); splitting in four was no faster, nor was splitting at batch 16 or
+a bf16 row.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ def einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: Any = None) -> jax.
     out_dtype = operands if out_dtype is None else jnp.dtype(out_dtype)
     if current_platform() != "cpu":
         return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
-    if operands == out_dtype == jnp.float32 and _single_row_axis(spec, x) is not None:
+    row = _single_row_axis(spec, x)
+    if operands == out_dtype == jnp.float32 and row is not None:
         return _in_halves(spec, x, y)
     if jnp.bfloat16 not in (operands, out_dtype):
         return jnp.einsum(spec, x, y, preferred_element_type=out_dtype)
-    axis = _single_row_axis(spec, x) if operands == jnp.bfloat16 else None
-    if axis is None:
+    if operands != jnp.bfloat16 or row is None:
         return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
-    padded = jnp.pad(x, [(0, int(i == axis)) for i in range(x.ndim)])
+    padded = jnp.pad(x, [(0, int(i == row)) for i in range(x.ndim)])
     product = jnp.einsum(spec, padded, y, preferred_element_type=jnp.float32)
     x_spec, _, out = operand_specs(spec)
-    return jax.lax.slice_in_dim(product, 0, 1, axis=out.index(x_spec[axis])).astype(out_dtype)
+    return jax.lax.slice_in_dim(product, 0, 1, axis=out.index(x_spec[row])).astype(out_dtype)
 
 
 def operand_specs(spec: str) -> tuple[str, str, str]:
