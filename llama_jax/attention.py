@@ -6,7 +6,8 @@ always causal by slot (key slot s is visible to the query at slot `q_start + t` 
 restricted by `Visibility.segment_ids` (`[B, T]`, packed sequences: a query sees only keys of its own segment) and
 by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding of a KV cache).
 
-- `xla`: scores materialised as `[B, K, R, T, S]` float32, then softmax; the reference, runs anywhere.
+- `xla`: scores materialised as `[B, K, R, T, S]` float32, then softmax; the reference, runs anywhere. On CPU,
+  cache-less causal self-attention runs it in query chunks (`causal_chunks`).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, a fused flash kernel (bf16/fp16 only).
 - `splash`: the Pallas splash-attention kernel for TPU (runs in interpret mode elsewhere, for tests), sharded with
   `shard_map` over the mesh's batch and head axes.
@@ -32,6 +33,7 @@ from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+CPU_CHUNK_ROWS, CPU_MAX_CHUNKS = 64, 8  # query rows per chunk, chunks at most (`causal_chunks`)
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
 KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
@@ -107,6 +109,25 @@ def _xla_attention_bwd(residuals: tuple[jax.Array, ...], d_out: jax.Array) -> tu
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+def causal_chunks(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """`xla_attention` of causal self-attention (`T == S`) as chunks of query rows, each attending only to the keys
+    up to its last row: the keys after it are hidden from every row of the chunk, so the result is the same.
+
+    A chunk of `T / n` rows skips `(n - 1) / 2n` of the score products and softmax (3/8 with 4 chunks), and its
+    `[B, K, R, T / n, S']` scores are smaller than one `[B, K, R, T, S]` array. On the 2-core AMD EPYC, forward and
+    backward of 8 x 256 tokens with 8 heads of 64 took 50-58 ms instead of 82-102; of 2 x 1024, 162-165 instead of
+    295-321 (8 chunks of 128 rows). 64 rows per chunk was fastest at 256 tokens (2 chunks: 64-70 ms, 8: 61-64; at
+    1024 tokens 4 and 8 chunks were as fast, 16: 200 ms), so there are up to 8 chunks of at least 64 rows.
+    """
+    t = q.shape[1]
+    n = min(CPU_MAX_CHUNKS, t // CPU_CHUNK_ROWS)
+    if n < 2:
+        return xla_attention(q, k, v, allowed)
+    bounds = [t * i // n for i in range(n + 1)]
+    return jnp.concatenate([xla_attention(q[:, a:b], k[:, :b], v[:, :b], allowed[:, a:b, :b])
+                            for a, b in zip(bounds, bounds[1:])], axis=1)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -222,5 +243,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility =
         return cudnn_attention(q, k, v, visibility.segment_ids)
     if name == "splash":
         return splash_attention(q, k, v, visibility.segment_ids, interpret=current_platform() != "tpu")
+    if current_platform() == "cpu" and visibility.is_self_attention(t, s):
+        return causal_chunks(q, k, v, visibility.dense(t, s))
     return xla_attention(q, k, v, visibility.dense(t, s))
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import KVCache, Llama, LlamaConfig
-from llama_jax.attention import Visibility, attention, choose
+from llama_jax.attention import Visibility, attention, causal_chunks, choose, xla_attention
 from llama_jax.config import MeshConfig
 from llama_jax.sharding import make_mesh
 
@@ -55,6 +55,27 @@ def test_self_attention_matches_numpy(impl, dtype, segments):
     seg = SEGMENTS if segments else None
     out = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, seg), impl))(q, k, v)
     _assert_close(out, numpy_attention(q, k, v, numpy_allowed(T, T, segment_ids=seg)), dtype)
+
+
+@pytest.mark.parametrize("t, chunks", [(128, 2), (200, 3), (512, 8)])
+def test_cpu_query_chunks_match_one_piece_with_gradients(t, chunks):
+    """Causal chunks of query rows (uneven at 200) give the single-piece values and gradients, GQA and segment ids
+    included, and CPU self-attention runs them: no score array as large as the whole `[B, K, R, T, S]` is left."""
+    q, k, v = _qkv("float32", t=t, s=t, seed=2)
+    seg = jnp.asarray(np.stack([np.repeat([0, 1], [t // 3, t - t // 3]), np.zeros(t, int)]), jnp.int32)
+    allowed = Visibility(0, seg).dense(t, t)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, allowed))), argnums=(0, 1, 2)))
+
+    for g, r in zip(grads(causal_chunks)(q, k, v), grads(xla_attention)(q, k, v)):  # keys' sums over the chunks
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-6)
+    out = jax.jit(causal_chunks)(q, k, v, allowed)
+    _assert_close(out, numpy_attention(q, k, v, numpy_allowed(t, t, segment_ids=np.asarray(seg))), "float32")
+    hlo = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, seg))).lower(q, k, v).compile().as_text()
+    bounds = [t * i // chunks for i in range(chunks + 1)]
+    assert f"f32[{B},{K},{N // K},{t},{t}]" not in hlo
+    assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
 
 
 def test_cache_path_with_left_padding_matches_numpy():
