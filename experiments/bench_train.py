@@ -9,7 +9,9 @@ MFU = LlamaConfig.flops_per_token(seq) x tokens/s / peak, against both the chip'
 timed matmul in the compute dtype on CPU) and a matmul ceiling timed here (n x n in the compute dtype, random data).
 `--dtype bfloat16` computes in bf16 with float32 master weights (torch: autocast bf16 over float32 parameters). With
 `--compare-torch` the HF peer runs first in the same process (sdpa attention, gradient checkpointing when `--remat`
-is not `none`, fused AdamW on CUDA) and hands its memory back before JAX allocates.
+is not `none`, fused AdamW on CUDA) and hands its memory back before JAX allocates. `--rounds N` (CPU) times the two
+in turn N times and reports each round's ratio and the medians: a 2-core CPU's speed drifts by 10-25% between
+sittings, so one pair of timings minutes apart can land on either side of 1.0.
 """
 
 from __future__ import annotations
@@ -100,8 +102,15 @@ def main() -> None:
     parser.add_argument("--scan", action="store_true", help="scan over stacked layers (compiles one layer)")
     parser.add_argument("--peak-flops-per-device", type=float, help="override the device's spec peak (FLOP/s)")
     parser.add_argument("--compare-torch", action="store_true", help="also time HF LlamaForCausalLM + torch AdamW")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time llama_jax (and torch) this many times in turn; report the medians (CPU only)")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.rounds > 1 and jax.default_backend() != "cpu":
+        parser.error("--rounds above 1 runs on CPU only: JAX keeps its accelerator memory pool after its first "
+                     "round, so a second torch round would not fit; rerun the script instead")
 
     devices = jax.devices()
     spec = peak_flops_per_device(args.peak_flops_per_device, args.dtype) * len(devices)
@@ -115,9 +124,15 @@ def main() -> None:
         model = LlamaConfig(**{**MODELS[name], **overrides})
         execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
                                     scan_layers=args.scan, attention=args.attention)
-        torch_rate, torch_peak = (bench_torch(model, execution, args.batch, args.seq, args.steps, args.warmup)
-                                  if args.compare_torch else (None, None))
-        rate, peak = bench_jax(model, execution, args.batch, args.seq, args.steps, args.warmup)
+        rates, torch_rates = [], []
+        for _ in range(args.rounds):
+            if args.compare_torch:
+                torch_rate, torch_peak = bench_torch(model, execution, args.batch, args.seq, args.steps, args.warmup)
+                torch_rates.append(torch_rate)
+            rate, peak = bench_jax(model, execution, args.batch, args.seq, args.steps, args.warmup)
+            rates.append(rate)
+        rate = float(np.median(rates))
+        torch_rate, torch_peak = (float(np.median(torch_rates)), torch_peak) if torch_rates else (None, None)
         flops = model.flops_per_token(args.seq)
         line = (f"{name} ({model.n_layers} layers, {model.num_params() / 1e6:,.1f}M params), batch {args.batch}x"
                 f"{args.seq}, {args.dtype}, attention {args.attention}, remat {args.remat}: llama_jax {rate:,.0f} "
@@ -127,12 +142,18 @@ def main() -> None:
             line += (f"; torch {torch_rate:,.0f} tokens/s (MFU {torch_rate * flops / spec:.1%})"
                      + (f", peak {torch_peak:.1f} GiB" if torch_peak else "")
                      + f"; llama_jax/torch = {rate / torch_rate:.2f}")
+        if args.rounds > 1:
+            line += f" (medians of {args.rounds} rounds)\n  rounds: llama_jax " + ", ".join(f"{r:,.0f}" for r in rates)
+            if torch_rates:
+                line += ("; torch " + ", ".join(f"{t:,.0f}" for t in torch_rates) + "; ratios "
+                         + ", ".join(f"{r / t:.2f}" for r, t in zip(rates, torch_rates)))
         print(line, flush=True)
         record(args.json, kind="train", model=name, layers=model.n_layers, batch=args.batch, seq=args.seq,
                dtype=args.dtype, param_dtype=args.param_dtype, attention=args.attention, remat=args.remat, tok_s=rate,
                mfu_spec=rate * flops / spec, mfu_measured=rate * flops / ceiling, peak_gib=peak,
                torch_tok_s=torch_rate, torch_mfu_spec=torch_rate * flops / spec if torch_rate else None,
-               torch_peak_gib=torch_peak, device=devices[0].device_kind)
+               torch_peak_gib=torch_peak, device=devices[0].device_kind, rounds_tok_s=rates,
+               rounds_torch_tok_s=torch_rates or None)
 
 
 if __name__ == "__main__":

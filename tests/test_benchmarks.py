@@ -1,5 +1,7 @@
-"""The benchmark plumbing: llama2.c timing through our export (with a fake `run`), and gpu_check.sh's smoke mode."""
+"""The benchmark plumbing: llama2.c timing through our export (with a fake `run`), gpu_check.sh's smoke mode, and
+bench_train's alternating rounds."""
 
+import json
 import os
 import stat
 import subprocess
@@ -73,4 +75,30 @@ def test_bench_decode_rejects_bad_arguments_in_one_line(args, message):
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_decode.py"), *args], capture_output=True, text=True,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.torch_ref
+def test_bench_train_rounds_report_each_ratio_and_the_medians(tmp_path):
+    """`--rounds 3` times torch and llama_jax in turn three times; the headline rates are the rounds' medians."""
+    results = tmp_path / "train.jsonl"
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train.py"), "--models", "tiny", "--layers", "1",
+                          "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "1", "--compare-torch",
+                          "--rounds", "3", "--json", str(results)],
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(results.read_text())
+    assert len(row["rounds_tok_s"]) == len(row["rounds_torch_tok_s"]) == 3
+    assert row["tok_s"] == np.median(row["rounds_tok_s"]) and row["torch_tok_s"] == np.median(row["rounds_torch_tok_s"])
+    summary, rounds = run.stdout.splitlines()[-2:]
+    assert summary.endswith("(medians of 3 rounds)") and f"= {row['tok_s'] / row['torch_tok_s']:.2f}" in summary
+    printed = [float(r) for r in rounds.split("ratios ")[1].split(", ")]
+    expected = [r / t for r, t in zip(row["rounds_tok_s"], row["rounds_torch_tok_s"])]
+    assert np.allclose(printed, expected, atol=0.005 + 1e-9), (printed, expected)
+
+
+def test_bench_train_rounds_must_be_positive():
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train.py"), "--rounds", "0"], capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert run.returncode == 2 and "--rounds must be at least 1, got 0" in run.stderr.splitlines()[-1], run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
