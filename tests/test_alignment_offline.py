@@ -267,12 +267,9 @@ def test_stage_resumes_bit_exactly_after_sigkill_on_8_devices(stage, tiny, tmp_p
 
 
 @pytest.mark.e2e
-def test_worked_example_shortened_rm_accuracy_dpo_rejection_and_ppo_gains(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import rlhf_example
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
+def test_worked_example_shortened_rm_accuracy_dpo_rejection_and_ppo_gains(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import rlhf_example
     # scale 0.2: 600 SFT replies, 512 pairs, 64 evaluation prompts, 102 online prompts, 16 PPO iterations
     results = rlhf_example.run(tmp_path, scale=0.2, stages=("rm", "dpo", "rejection", "ppo"))
     report = rlhf_example.report(results)

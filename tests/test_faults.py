@@ -143,12 +143,13 @@ def test_damaged_token_cache_is_detected_and_rebuilt(files, tmp_path, capfd):  #
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("killed", [1, 0])
-def test_a_killed_peer_process_ends_the_other_with_one_line_instead_of_a_hang(files, tmp_path, killed):  # noqa: F811
+def test_a_killed_peer_process_ends_the_other_with_one_line_instead_of_a_hang(files, tmp_path, killed,  # noqa: F811
+                                                                                monkeypatch):
     """2 processes x 2 devices; SIGKILL one mid-training: the other, left waiting in a collective, sees the killed
     one's heartbeat stop (train.heartbeat_timeout_s=10: after 5 s) and exits with status 3 and one line naming it and
     saying how to resume — before JAX's own fatal error and C++ stack trace (10 s). Killing process 0 also kills the
     coordination service only where it runs inside process 0 (then the survivor's JAX client aborts at once)."""
-    sys.path.insert(0, str(REPO / "experiments"))
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
     from launch_local import free_port, process_env
 
     from llama_jax.config import load_config

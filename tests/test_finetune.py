@@ -91,12 +91,9 @@ def test_lora_finetune_resumes_bit_exactly_after_sigkill_and_merges(setup, tmp_p
 
 
 @pytest.mark.e2e
-def test_worked_example_shortened_raises_accuracy(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import sft_example
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
+def test_worked_example_shortened_raises_accuracy(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import sft_example
     results = sft_example.run(tmp_path, scale=SCALE, variants=("full",))
     assert results["full"]["accuracy"] >= results["base"]["accuracy"] + MARGIN, sft_example.report(results)
 

@@ -193,10 +193,10 @@ def test_two_processes_match_one_stop_together_and_resume(run_config, tmp_path):
     assert resumed == pytest.approx({s: reference[s] for s in (stop + 1, stop + 2)}, rel=1e-5)
 
 
-def test_coordination_service_stops_at_once_after_a_normal_exit_and_lingers_after_a_crash():
+def test_coordination_service_stops_at_once_after_a_normal_exit_and_lingers_after_a_crash(monkeypatch):
     """A real service process: 'done' then end of input (process 0 passed JAX's shutdown) ends it at once; end of
     input alone (process 0 was killed) keeps it serving the survivors for `linger_s`."""
-    sys.path.insert(0, str(REPO / "experiments"))
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
     from launch_local import free_port
 
     normal = coordination_service.spawn(free_port(), 2, 10, linger_s=60)

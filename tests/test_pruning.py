@@ -2,7 +2,6 @@
 the model and round-trips through every format (and loads in transformers with our logits)."""
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import jax
@@ -221,12 +220,9 @@ def test_prune_cli_writes_the_pruned_checkpoint(model, tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_recovery_fine_tune_lowers_bits_per_byte_and_keeps_the_mask(play_txt, tmp_path):
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import prune_example
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
+def test_recovery_fine_tune_lowers_bits_per_byte_and_keeps_the_mask(play_txt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import prune_example
     text = tmp_path / "play.txt"  # a third of the corpus: ~10 KB held out, quicker to prepare and evaluate
     text.write_text(play_txt.read_text()[:200_000])
     variants = ("2:4", "FFN 50% + 1 of 2 KV groups")
