@@ -102,3 +102,26 @@ def test_bench_train_rounds_must_be_positive():
                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert run.returncode == 2 and "--rounds must be at least 1, got 0" in run.stderr.splitlines()[-1], run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_bench_decode_keeps_llama2cs_best_of_its_repeats(tmp_path):
+    """llama2.c runs `--repeats` times beside our timed loops, and its best rate is the peer's (a 2-core machine's
+    single runs spread by 1.5x); the stand-in reports 100, 300, 200 tokens/s on its three runs."""
+    fake, runs, results = tmp_path / "run", tmp_path / "runs", tmp_path / "decode.jsonl"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import pathlib, sys
+        runs = pathlib.Path({str(runs)!r})
+        n = len(runs.read_text()) if runs.exists() else 0
+        runs.write_text("x" * (n + 1))
+        print(f"achieved tok/s: {{[100, 300, 200][n]}}", file=sys.stderr)
+        """))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_decode.py"), "--models", "tiny", "--layers", "1",
+                          "--batch-sizes", "1", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "3",
+                          "--llama2c", str(fake), "--json", str(results)],
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(results.read_text())
+    assert runs.read_text() == "xxx" and row["llama2c"] == 300.0
+    assert f"llama2c 300.0 tok/s, ratio {row['decode_tok_s'] / 300:.2f}" in run.stdout
