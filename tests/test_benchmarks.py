@@ -1,5 +1,5 @@
-"""The benchmark plumbing: llama2.c timing through our export (with a fake `run`), gpu_check.sh's smoke mode, and
-bench_train's alternating rounds."""
+"""The benchmark plumbing: llama2.c timing through our export (with a fake `run`; its best of `--repeats` runs),
+gpu_check.sh's smoke mode, and bench_train's alternating rounds."""
 
 import json
 import os
