@@ -7,6 +7,9 @@ attention in one piece: the cuDNN and splash kernels have their own tests). Thos
 numbers, so they stay checked while no accelerator is at hand.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,18 +27,17 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, CFG
 CHOOSERS = (llama_jax.attention, llama_jax.einsum, llama_jax.model)  # the modules that ask `current_platform()`
 
 
-def traced_on(platform: str, fn, *args, monkeypatch):
+def traced_on(platform: str, fn: Callable[..., Any], *args: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str]:
     """`fn(*args)`, jitted and traced afresh with `current_platform()` answering `platform`, as NumPy arrays, and
     the program's StableHLO text."""
     with monkeypatch.context() as patch:
         for module in CHOOSERS:
             patch.setattr(module, "current_platform", lambda: platform)
         jitted = nnx.jit(lambda *a: fn(*a))
-        text = jitted.lower(*args).as_text() if hasattr(jitted, "lower") else ""
-        return jax.tree.map(np.asarray, jitted(*args)), text
+        return jax.tree.map(np.asarray, jitted(*args)), jitted.lower(*args).as_text()
 
 
-def both(fn, *args, monkeypatch):
+def both(fn: Callable[..., Any], *args: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """(CPU result, accelerator result) of `fn(*args)`, after checking the two traced different programs."""
     cpu, cpu_text = traced_on("cpu", fn, *args, monkeypatch=monkeypatch)
     gpu, gpu_text = traced_on("gpu", fn, *args, monkeypatch=monkeypatch)
