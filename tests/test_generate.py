@@ -138,7 +138,6 @@ def test_sampling_is_seeded(tiny):
 def test_one_row_decodes_the_same_on_a_sharded_mesh(mesh_config):
     """At batch 1 a float32 projection multiplies the halves of its weight's input axis (`llama_jax.einsum`); with that
     axis sharded, the reshape into halves must still give the single-device tokens."""
-
     cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
     sharded = sharded_init(lambda: Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)), make_mesh(mesh_config))
     single = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(1))
@@ -180,7 +179,6 @@ def test_bf16_generation_runs_batched_with_a_long_prompt(kv_heads, scan):
     """bf16 prefill into a KV cache and decoding from it, at shapes where XLA:CPU once had no kernel: with the forward
     `probs x values` asking for a float32 result, a batch-16 prefill of 128 tokens with 48-wide heads stopped with
     "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"."""
-
     cfg = LlamaConfig(dim=96, n_layers=2, n_heads=2, n_kv_heads=kv_heads, vocab_size=64, max_seq_len=160)
     execution = ExecutionConfig(dtype="bfloat16", param_dtype="bfloat16", scan_layers=scan)
     model = Llama(cfg, execution, rngs=nnx.Rngs(0))
@@ -193,7 +191,6 @@ def test_float32_decode_step_writes_its_cache_without_copying_it():
     """Attending to the cache as it was plus the new token, and writing the slot after attention, leaves XLA:CPU no
     reason to copy a layer's cache: attending to the slot just written, it copied each layer's keys and values several
     times per step (3.4 ms of a 24.8 ms stories110m step at batch 1)."""
-
     cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
     model = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -215,7 +212,6 @@ def test_bf16_decoding_of_one_row_makes_no_float32_copy_of_the_weights():
     a single bf16 row in float32 on converted copies of every weight, made on each call of the per-token step (what
     the server and streaming run: stories110m 122 ms/step instead of 25) and kept beside the weights for the whole
     decode loop (twice the bf16 weights' memory)."""
-
     cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, max_seq_len=64)
     model = Llama(cfg, ExecutionConfig(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -236,7 +232,6 @@ def test_bf16_decoding_of_one_row_makes_no_float32_copy_of_the_weights():
 def test_one_token_steps_give_the_full_forward_logits(kv_heads):
     """Decoding one token at a time (attention to the cache as it was plus the new token) against one forward pass
     over each whole row, with left padding; no torch needed, so the Python 3.12 pass checks it too."""
-
     cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=128, max_seq_len=32)
     model = Llama(cfg, rngs=nnx.Rngs(1))
     rows = [[1, 5, 9], [1, 7, 3, 8, 2, 6]]
