@@ -124,4 +124,4 @@ def test_bench_decode_keeps_llama2cs_best_of_its_repeats(tmp_path):
     assert run.returncode == 0, run.stderr
     row = json.loads(results.read_text())
     assert runs.read_text() == "xxx" and row["llama2c"] == 300.0
-    assert f"llama2c 300.0 tok/s, ratio {row['decode_tok_s'] / 300:.2f}" in run.stdout
+    assert f"llama2c 300.0 tok/s (3.33 ms/step), ratio {row['decode_tok_s'] / 300:.2f}" in run.stdout
