@@ -64,7 +64,7 @@ def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax
 
 
 def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache,
-                   positions_below: int | None = None) -> tuple[jax.Array, KVCache]:
+                   positions_below: int | None = None, head: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Logits for `[B, T]` tokens written at `cache.index`, for rows left-padded by `pad` slots.
 
     Row b's real tokens start at slot `pad[b]`, so its positions are `slot - pad[b]` and its padding slots are
@@ -75,8 +75,8 @@ def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCac
     slots = cache.slots
     positions = jnp.maximum(cache.index + jnp.arange(t)[None, :] - pad[:, None], 0)
     mask = jnp.broadcast_to((jnp.arange(slots)[None, :] >= pad[:, None])[:, None, :], (b, t, slots))
-    logits, cache = model(tokens, positions=positions, mask=mask, cache=cache, positions_below=positions_below)
-    return logits, shard_cache(cache)
+    features, cache = model.features(tokens, positions, mask, cache, positions_below=positions_below)
+    return model.logits(features, head), shard_cache(cache)
 
 
 def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
@@ -92,12 +92,12 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
 
 
 def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array,
-          sampling: Sampling) -> DecodeState:
+          sampling: Sampling, head: jax.Array | None = None) -> DecodeState:
     """Feed each row's last token at the next cache slot and sample the following one. Positions stay below the
     context: `decode` caps the longest prompt plus `max_new` at `max_seq_len`, and rows that stopped stop with it."""
     model: Llama = nnx.merge(graphdef, params)
     logits, cache = forward_padded(model, jnp.maximum(state.token, 0)[:, None], state.pad, state.cache,
-                                   model.cfg.max_seq_len)
+                                   model.cfg.max_seq_len, head)
     state = DecodeState(cache, state.token, state.pad, state.done, state.step, state.key, state.out, state.logp)
     return _emit(state, logits[:, 0], sampling, eos_id)
 
@@ -105,9 +105,10 @@ def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.A
 def _decode_loop(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array, max_new: jax.Array,
                  sampling: Sampling) -> DecodeState:
     """Decode steps inside one program until `max_new` tokens or every row is done (no Python per token)."""
+    head = nnx.merge(graphdef, params).decode_head()
     return jax.lax.while_loop(
         lambda s: (s.step < max_new) & ~jnp.all(s.done),
-        lambda s: _step(graphdef, params, s, eos_id, sampling),
+        lambda s: _step(graphdef, params, s, eos_id, sampling, head),
         state)
 
 
