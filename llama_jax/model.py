@@ -423,13 +423,13 @@ class Llama(nnx.Module):
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def decode_head(self) -> jax.Array | None:
-        """The tied table as a `[dim, vocab]` copy, for a float32 decode loop on CPU to make once and pass to every
+        """The tied table as a `[dim, vocab]` copy, for float32 decoding on CPU to make once and pass to every
         step's `logits`; None elsewhere (an untied head is stored so already).
 
         XLA:CPU multiplies one row by `[dim, vocab]` faster than by the stored `[vocab, dim]` (stories15m's table:
-        0.85-1.13 ms against 1.26-1.57, 2-core AMD EPYC), and the loop then holds the copy (+1 table's memory).
-        Made inside each step (the per-token step of the server and streaming), the copy would cost more than it
-        saves; bf16 rows, padded to two for YNNPACK (`llama_jax.einsum`), decoded 4-5% slower with it.
+        0.85-1.13 ms against 1.26-1.57, 2-core AMD EPYC); the decoder holds the copy meanwhile (+1 table's memory).
+        Made inside each jitted step, the copy would cost more than it saves; bf16 rows, padded to two for YNNPACK
+        (`llama_jax.einsum`), decoded 4-5% slower with it.
         """
         if (not self.cfg.tie_embeddings or current_platform() != "cpu"
                 or jnp.dtype(self.execution.dtype) != jnp.float32):

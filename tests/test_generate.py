@@ -229,9 +229,9 @@ def test_bf16_decoding_of_one_row_makes_no_float32_copy_of_the_weights():
 
 
 def test_float32_decode_loop_transposes_a_tied_table_once():
-    """A float32 decode loop on CPU multiplies by a `[dim, vocab]` copy of a tied table (`Llama.decode_head`), made
-    once before the loop (stories15m at batch 1: 2.01 -> 1.80 ms/step), and decodes what per-token steps over the
-    stored table decode."""
+    """Float32 decoding on CPU multiplies by a `[dim, vocab]` copy of a tied table (`Llama.decode_head`), made once
+    before the loop (stories15m at batch 1: 2.01 -> 1.80 ms/step) or before the per-token steps of streaming and the
+    server (`decode_head_jit`), and decodes what per-token steps over the stored table decode."""
     cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64, tie_embeddings=True)
     graphdef, params = nnx.split(Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)))
     tokens, pad = gen.left_pad([[1, 2, 3, 4], [1, 9]], 8)
@@ -242,11 +242,14 @@ def test_float32_decode_loop_transposes_a_tied_table_once():
                                n_out=16)
 
     looped = gen.decode_loop_jit(graphdef, params, prefill(), eos, jnp.int32(16), sampling=sampling)
-    stepped = prefill()
-    for _ in range(15):
-        stepped = gen.step_jit(graphdef, params, stepped, eos, sampling=sampling)
-    np.testing.assert_array_equal(np.asarray(looped.out), np.asarray(stepped.out))
-    np.testing.assert_allclose(np.asarray(looped.logp), np.asarray(stepped.logp), atol=1e-5, rtol=0)
+    head = gen.decode_head_jit(graphdef, params)
+    assert head.shape == (64, 256)
+    for step_head in (None, head):
+        stepped = prefill()
+        for _ in range(15):
+            stepped = gen.step_jit(graphdef, params, stepped, eos, sampling=sampling, head=step_head)
+        np.testing.assert_array_equal(np.asarray(looped.out), np.asarray(stepped.out))
+        np.testing.assert_allclose(np.asarray(looped.logp), np.asarray(stepped.logp), atol=1e-5, rtol=0)
 
     text = gen.decode_loop_jit.lower(graphdef, params, prefill(), eos, jnp.int32(16),
                                      sampling=sampling).compile().as_text()

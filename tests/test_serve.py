@@ -1,6 +1,7 @@
 """`serve`: the official openai client against a live server on 127.0.0.1; greedy outputs equal `generate`'s."""
 
 import asyncio
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -10,13 +11,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import jax
 import openai
 import pytest
 import uvicorn
+from flax import nnx
 
+from llama_jax import Llama
 from llama_jax.chat import encode_dialog
 from llama_jax.inference.generate import generate
 from llama_jax.inference.text import continuation
+from llama_jax.serving import engine as engine_module
 from llama_jax.serving.api import create_app
 from llama_jax.serving.engine import BatchingConfig, Engine, Job, QueueFull
 from tiny_lm import TEXT, make_tiny_lm
@@ -199,6 +204,37 @@ def test_engine_queue_bound_and_cancel():
     engine.cancel(jobs[0])
     engine.submit(jobs[2])
     assert engine.waiting == 2
+
+
+def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
+    """The engine multiplies every step by its model's `decode_head` (a `[dim, vocab]` copy of a tied table, made
+    once per run); greedy outputs still equal `generate`'s."""
+    _, _, untied, tok = make_tiny_lm(tmp_path, max_seq_len=MAX_SEQ_LEN)
+    model = Llama(dataclasses.replace(untied.cfg, tie_embeddings=True), rngs=nnx.Rngs(1))
+    heads = []
+
+    def step(graphdef, params, slots, head, sampled):
+        heads.append(None if head is None else head.shape)
+        return engine_module._step(graphdef, params, slots, head, sampled)
+
+    monkeypatch.setattr(engine_module, "step_jit", jax.jit(step, static_argnames=("sampled",)))
+    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    ids = tok.encode("The cat sat", bos=True)
+    texts, done = [], threading.Event()
+
+    def emit(event) -> None:
+        texts.append(event.text)
+        if event.finish_reason is not None:
+            done.set()
+
+    try:
+        engine.submit(Job(ids, 12, emit, context=tuple(ids[-1:])))
+        assert done.wait(120)
+    finally:
+        engine.close()
+    new = generate(model, [ids], max_new_tokens=12, eos_id=tok.eos_id)[0]
+    assert "".join(texts) == continuation(tok, ids[-1:], new)
+    assert heads and set(heads) == {(model.cfg.dim, model.cfg.vocab_size)}  # traced with the copy
 
 
 @pytest.mark.e2e

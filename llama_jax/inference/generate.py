@@ -104,7 +104,8 @@ def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.A
 
 def _decode_loop(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array, max_new: jax.Array,
                  sampling: Sampling) -> DecodeState:
-    """Decode steps inside one program until `max_new` tokens or every row is done (no Python per token)."""
+    """Decode steps inside one program until `max_new` tokens or every row is done (no Python per token), all
+    multiplying by one `decode_head` copy made before the loop."""
     head = nnx.merge(graphdef, params).decode_head()
     return jax.lax.while_loop(
         lambda s: (s.step < max_new) & ~jnp.all(s.done),
@@ -114,6 +115,8 @@ def _decode_loop(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id
 
 prefill_jit = jax.jit(_prefill, static_argnames=("sampling", "slots", "n_out"))
 step_jit = jax.jit(_step, static_argnames=("sampling",), donate_argnames=("state",))
+# A split model's `Llama.decode_head`, made once by a caller that runs `step_jit` (or the server's step) many times.
+decode_head_jit = jax.jit(lambda graphdef, params: nnx.merge(graphdef, params).decode_head(), static_argnums=0)
 decode_loop_jit = jax.jit(_decode_loop, static_argnames=("sampling",), donate_argnames=("state",))
 
 
@@ -187,7 +190,8 @@ def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
         if stream is None:
             return decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
         stop = stream(np.asarray(state.token))
+        head = decode_head_jit(graphdef, params)
         while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
-            state = step_jit(graphdef, params, state, eos, sampling=sampling)
+            state = step_jit(graphdef, params, state, eos, sampling=sampling, head=head)
             stop = stream(np.asarray(state.token))
     return state

@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.inference.cache import init_cache
-from llama_jax.inference.generate import MIN_PROMPT_BUCKET, bucket, forward_padded, left_pad, model_mesh
+from llama_jax.inference.generate import (MIN_PROMPT_BUCKET, bucket, decode_head_jit, forward_padded, left_pad,
+                                          model_mesh)
 from llama_jax.inference.sampling import sample_rows
 from llama_jax.inference.stops import StopStream
 from llama_jax.inference.text import TextStream
@@ -173,11 +174,13 @@ def _sample(slots: Slots, logits: jax.Array, sampled: bool) -> tuple[jax.Array, 
     return sample_rows(logits, keys[:, 1], slots.temperature, slots.top_p), keys[:, 0]
 
 
-def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, sampled: bool) -> tuple[Slots, jax.Array]:
+def _step(graphdef: nnx.GraphDef, params: Any, slots: Slots, head: jax.Array | None,
+          sampled: bool) -> tuple[Slots, jax.Array]:
     """One decode step for every slot: feed the last tokens at `index`, sample the next ones. Idle slots step too,
-    their positions growing past `max_seq_len`, so RoPE computes these rather than reading its bounded table."""
+    their positions growing past `max_seq_len`, so RoPE computes these rather than reading its bounded table.
+    `head`: the model's `decode_head`, made once per server run."""
     model: Llama = nnx.merge(graphdef, params)
-    logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache)
+    logits, cache = forward_padded(model, slots.token[:, None], slots.pad, slots.cache, head=head)
     token, key = _sample(slots, logits[:, 0], sampled)
     return Slots(cache, token, slots.pad, slots.temperature, slots.top_p, key), token
 
@@ -278,6 +281,7 @@ class Engine:
         graphdef, params = nnx.split(self.model)
         mesh = model_mesh(params)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            head = decode_head_jit(graphdef, params)
             slots, window, index = None, Window(0), 0
             while True:
                 joining = self._admissions()
@@ -293,7 +297,7 @@ class Engine:
                             slots = resize_jit(slots, rows=slots.token.shape[0], start=window.shift,
                                                width=window.width)
                             index -= window.shift
-                        slots = self._decode(graphdef, params, slots)
+                        slots = self._decode(graphdef, params, slots, head)
                         index += 1
                 except Exception as err:  # one failed step must not take the server down
                     log.exception("decode failed")
@@ -360,10 +364,10 @@ class Engine:
         self.batched_requests += len(joining)
         return slots
 
-    def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots) -> Slots:
+    def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, head: jax.Array | None) -> Slots:
         """One step for every busy slot; a slot whose job ends is freed at the next boundary."""
         busy = [job for job in self._busy if job is not None and not job.finished]
-        slots, tokens = step_jit(graphdef, params, slots, sampled=any(job.temperature > 0 for job in busy))
+        slots, tokens = step_jit(graphdef, params, slots, head, sampled=any(job.temperature > 0 for job in busy))
         for job, token in zip(self._busy, np.asarray(tokens).tolist()):
             if job is not None and not job.finished:
                 job.take(token, self.tokenizer.eos_id)
