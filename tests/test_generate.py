@@ -134,11 +134,13 @@ def test_sampling_is_seeded(tiny):
     assert generate(tiny, [[1, 2], [3]], seed=8, **kwargs) != first
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("mesh_config", [MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)])
-def test_one_row_decodes_the_same_on_a_sharded_mesh(mesh_config):
-    """At batch 1 a float32 projection multiplies the halves of its weight's input axis (`llama_jax.einsum`); with that
-    axis sharded, the reshape into halves must still give the single-device tokens."""
-    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+def test_one_row_decodes_the_same_on_a_sharded_mesh(mesh_config, tied):
+    """At batch 1 a float32 projection multiplies the halves of its weight's input axis (`llama_jax.einsum`), and a
+    tied table its `[dim, vocab]` copy (`Llama.decode_head`); with those axes sharded, the single-device tokens."""
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64,
+                      tie_embeddings=tied)
     sharded = sharded_init(lambda: Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)), make_mesh(mesh_config))
     single = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(1))
     nnx.update(single, jax.device_put(nnx.state(sharded), jax.devices()[0]))
