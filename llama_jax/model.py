@@ -414,7 +414,7 @@ class Llama(nnx.Module):
     def logits(self, features: jax.Array, head: jax.Array | None = None) -> jax.Array:
         """float32 `[..., vocab]` logits of final-norm hidden states (a slice of them works too); `head` is the tied
         table as `decode_head` gives it, for a caller that projects with it many times."""
-        if head is not None:
+        if head is not None:  # decoding only: no gradient, and one row in halves (`linear`) streamed it more slowly
             logits = jnp.einsum("BTD,DV->BTV", features, head, preferred_element_type=jnp.float32)
         elif self.cfg.tie_embeddings:  # the table as it is stored: `.T` made XLA copy it transposed on every call
             logits = linear("BTD,VD->BTV", features, self.tok_embeddings[...].astype(features.dtype), jnp.float32)

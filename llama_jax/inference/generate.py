@@ -106,17 +106,21 @@ def _decode_loop(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id
                  sampling: Sampling) -> DecodeState:
     """Decode steps inside one program until `max_new` tokens or every row is done (no Python per token), all
     multiplying by one `decode_head` copy made before the loop."""
-    head = nnx.merge(graphdef, params).decode_head()
+    head = _decode_head(graphdef, params)
     return jax.lax.while_loop(
         lambda s: (s.step < max_new) & ~jnp.all(s.done),
         lambda s: _step(graphdef, params, s, eos_id, sampling, head),
         state)
 
 
+def _decode_head(graphdef: nnx.GraphDef, params: Any) -> jax.Array | None:
+    """A split model's `Llama.decode_head`, made once by whoever runs many decode steps."""
+    return nnx.merge(graphdef, params).decode_head()
+
+
 prefill_jit = jax.jit(_prefill, static_argnames=("sampling", "slots", "n_out"))
 step_jit = jax.jit(_step, static_argnames=("sampling",), donate_argnames=("state",))
-# A split model's `Llama.decode_head`, made once by a caller that runs `step_jit` (or the server's step) many times.
-decode_head_jit = jax.jit(lambda graphdef, params: nnx.merge(graphdef, params).decode_head(), static_argnums=0)
+decode_head_jit = jax.jit(_decode_head, static_argnums=0)  # for callers of `step_jit` or the server's step
 decode_loop_jit = jax.jit(_decode_loop, static_argnames=("sampling",), donate_argnames=("state",))
 
 
