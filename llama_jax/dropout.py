@@ -2,8 +2,9 @@
 
 The key lives in a context variable rather than nnx RNG state: the blocks run as merged copies inside remat/scan,
 where nnx refuses to advance RNG counters ("Cannot mutate RngKey from a different trace level"). Outside the block
-(evaluation, inference, scoring) there is no key and dropout is the identity. Each call site folds its own ids into
-the key (layer, branch, adapter), so every mask is distinct and a rematerialised layer redraws the same one.
+(evaluation, inference, scoring) there is no key and dropout is the identity. The train step's key is folded with
+the step and with the piece of the batch being differentiated (microbatch and chain), and each call site folds its
+own ids into it (layer, branch, adapter), so every mask is distinct and a rematerialised layer redraws the same one.
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from llama_jax import Llama, save_pretrained
-from llama_jax.config import Config, LlamaConfig, MeshConfig, OptimConfig
+from llama_jax.config import Config, ExecutionConfig, LlamaConfig, MeshConfig, OptimConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training.optim import decay_mask, lr_schedule
+from llama_jax.training import step as step_module
+from llama_jax.training.optim import accumulate_gradients, decay_mask, gradient_chains, lr_schedule
 from llama_jax.training.step import Trainer
 
 SEQ = 32
@@ -66,6 +68,70 @@ def test_gradient_accumulation_equals_big_batch(init_params):
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_microbatches_split_into_chains_each_piece_numbered():
+    """Microbatch i takes rows i, i+steps, ...; each is split the same way into chains; every row is seen once, by
+    the piece that `grad_fn` is told (pieces 0..steps*chains-1, so each draws its own dropout masks)."""
+    batch = {"x": jnp.arange(8, dtype=jnp.float32)}
+
+    def grad_fn(params, rows, piece):
+        seen = jnp.zeros(8).at[rows["x"].astype(jnp.int32)].add(piece + 1.0)
+        loss_sum = jnp.sum(rows["x"]) * params["w"]
+        return (loss_sum, (jnp.float32(rows["x"].shape[0]), {"seen": seen})), {"w": jnp.sum(rows["x"])}
+
+    for steps, chains, seen in [(1, 1, [1] * 8), (1, 2, [1, 2] * 4), (2, 1, [1, 2] * 4),
+                                (2, 2, [1, 3, 2, 4] * 2), (4, 2, [1, 3, 5, 7, 2, 4, 6, 8])]:
+        grads, loss_sum, count, sums = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))(
+            grad_fn, {"w": jnp.float32(2.0)}, batch, steps, chains)
+        assert (float(loss_sum), float(count), float(grads["w"])) == (56.0, 8.0, 3.5), (steps, chains)
+        np.testing.assert_array_equal(sums["seen"], seen, err_msg=f"steps={steps} chains={chains}")
+
+
+def test_one_device_cpu_steps_run_two_chains_with_the_same_result(init_params):
+    """On a one-device CPU mesh the step differentiates two half-batch chains (twice the products in the compiled
+    program) and updates the model as one chain does."""
+    assert [gradient_chains("cpu", 1, 8), gradient_chains("cpu", 1, 7), gradient_chains("cpu", 2, 8),
+            gradient_chains("gpu", 1, 8), gradient_chains("tpu", 1, 8)] == [2, 1, 1, 1, 1]
+    data = batches(2)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    results, dots = {}, {}
+    for label, chains in (("chains", gradient_chains), ("one", lambda *args: 1)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(step_module, "gradient_chains", chains)
+            trainer = Trainer(tiny_config(), mesh)
+            state = trainer.init_state(init_params)
+            with jax.set_mesh(mesh):
+                hlo = trainer.jitted_train_step(data[0]).lower(state, trainer.frozen, trainer.objective.inputs,
+                                                               data[0]).as_text()
+            dots[label] = hlo.count("stablehlo.dot_general")
+            losses = []
+            for batch in data:
+                state, metrics = trainer.train_step(state, batch)
+                losses.append(float(metrics["loss"]))
+        results[label] = losses, jax.device_get(state.params)
+    assert dots["chains"] == 2 * dots["one"], dots
+    np.testing.assert_allclose(results["chains"][0], results["one"][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results["chains"][1]), jax.tree.leaves(results["one"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_each_microbatch_draws_its_own_dropout_masks(init_params, rate):
+    """Two copies of one row as two microbatches: with dropout their losses differ (each piece folds its number into
+    the step's key), so the mean is not the single row's loss; without dropout it is."""
+    cfg = tiny_config()
+    cfg.execution = ExecutionConfig(dropout=rate)
+    row = batches(1, batch=1)[0]
+    losses = []
+    for steps, batch in ((1, row), (2, {"tokens": np.repeat(row["tokens"], 2, axis=0)})):
+        cfg.optim = OptimConfig(lr=1e-2, warmup_steps=1, grad_accum_steps=steps)
+        trainer = Trainer(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+        losses.append(float(trainer.train_step(trainer.init_state(init_params), batch)[1]["loss"]))
+    if rate:
+        assert abs(losses[1] - losses[0]) > 1e-3, losses
+    else:
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 def test_schedule_and_decay_mask():

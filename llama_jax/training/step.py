@@ -36,10 +36,10 @@ from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.dropout import training_key
 from llama_jax.lora import LoRAParam
 from llama_jax.model import Llama
-from llama_jax.sharding import batch_sharding, sharded_init, state_shardings
+from llama_jax.sharding import batch_sharding, current_platform, sharded_init, state_shardings
 from llama_jax.training.loss import chunked_token_losses
 from llama_jax.training.loss_scale import LossScaling
-from llama_jax.training.optim import accumulate_gradients, make_optimizer
+from llama_jax.training.optim import accumulate_gradients, gradient_chains, make_optimizer
 
 Batch = dict[str, jax.Array]
 
@@ -215,15 +215,19 @@ class Trainer:
         scale = state.opt_state.scale / max(v.size for v in batch.values()) if scaling else jnp.float32(1.0)
         extra = () if inputs is None else (inputs,)
 
-        def loss(params: Any, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+        def loss(params: Any, micro: Batch, piece: jax.Array
+                 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
             model = nnx.merge(self.graphdef, params, frozen)
-            with training_key(jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)):
+            step_key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)
+            with training_key(jax.random.fold_in(step_key, piece)):
                 loss_sum, count, sums = self.objective.loss(model, micro, *extra)
             return loss_sum * scale, (count, sums)
 
+        steps = self.cfg.optim.grad_accum_steps
+        rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+        chains = gradient_chains(current_platform(), self.mesh.size, rows.pop() // steps) if len(rows) == 1 else 1
         grad_fn = jax.value_and_grad(loss, has_aux=True)
-        grads, loss_sum, count, sums = accumulate_gradients(grad_fn, state.params, batch,
-                                                            self.cfg.optim.grad_accum_steps)
+        grads, loss_sum, count, sums = accumulate_gradients(grad_fn, state.params, batch, steps, chains)
         grads, loss_sum = jax.tree.map(lambda g: g / scale, grads), loss_sum / scale
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
