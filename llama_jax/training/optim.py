@@ -58,7 +58,8 @@ def gradient_chains(platform: str, devices: int, rows: int) -> int:
     chains fill those gaps. Alternating in one process (2026-12-07, medians of 7 rounds): the bench config's step
     1.04-1.05x faster in float32 and 1.04x in bf16 compute, `tiny` 1.06x, the README demo's 1.03x (bf16, dropout 0.1)
     and 1.04x (float32); four chains gained less. The bench step's compiled temporaries grow 790 -> 836 MiB.
-    Elsewhere (GPU, TPU, a mesh of several CPU devices) one chain: each device already runs one program at a time.
+    Elsewhere one chain: on GPU and TPU one program already keeps the device busy, and splitting the batch over two
+    simulated CPU devices was no faster than one device.
     """
     return CPU_GRADIENT_CHAINS if platform == "cpu" and devices == 1 and rows % CPU_GRADIENT_CHAINS == 0 else 1
 
