@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from chains import assert_chains_train_as_one
 from flax import nnx
 from tiny_lm import make_tiny_lm
 
@@ -211,33 +212,16 @@ def test_reward_model_reaches_90_percent_on_separated_pairs():
     assert set(result) >= {"accuracy/significantly better", "accuracy/better", "pairs/better"}
 
 
-def test_reward_steps_in_two_chains_on_one_cpu_device_match_one_chain(monkeypatch):
+def test_reward_steps_in_two_chains_on_one_cpu_device_match_one_chain():
     """A pair objective (chosen and rejected rows scored together) split into two gradient chains on a one-device
-    CPU mesh: the compiled step holds twice the products and trains as one chain does."""
-    from llama_jax.training import step as step_module
+    CPU mesh trains as one chain does."""
     model_cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
     cfg = Config(model=model_cfg, mesh=MeshConfig(1, 1, 1), train=TrainConfig(steps=3, batch_size=8),
                  optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0))
     rows = pair_rows(_separated_pairs(np.random.default_rng(0), 24, 64), 16)
-    batches = [{k: v[i * 8:(i + 1) * 8] for k, v in rows.items()} for i in range(3)]
-    results, dots = {}, {}
-    for label, chains in (("chains", step_module.gradient_chains), ("one", lambda *args: 1)):
-        monkeypatch.setattr(step_module, "gradient_chains", chains)
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        trainer = Trainer(cfg, mesh, reward_objective("small"))
-        state = trainer.init_state()
-        with jax.set_mesh(mesh):
-            dots[label] = trainer.jitted_train_step(batches[0]).lower(
-                state, trainer.frozen, trainer.objective.inputs, batches[0]).as_text().count("stablehlo.dot_general")
-        losses = []
-        for batch in batches:
-            state, metrics = trainer.train_step(state, batch)
-            losses.append(float(metrics["loss"]))
-        results[label] = losses, jax.device_get(state.params)
-    assert dots["chains"] == 2 * dots["one"], dots
-    np.testing.assert_allclose(results["chains"][0], results["one"][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(results["chains"][1]), jax.tree.leaves(results["one"][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    assert_chains_train_as_one(lambda: Trainer(cfg, mesh, reward_objective("small")), Trainer.init_state,
+                               [{k: v[i * 8:(i + 1) * 8] for k, v in rows.items()} for i in range(3)], atol=1e-6)
 
 
 def test_accuracy_by_level_counts_each_rating():

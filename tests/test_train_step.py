@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from chains import assert_chains_train_as_one
 from flax import nnx
 
 from llama_jax import Llama, save_pretrained
 from llama_jax.config import Config, ExecutionConfig, LlamaConfig, MeshConfig, OptimConfig
 from llama_jax.sharding import make_mesh
-from llama_jax.training import step as step_module
 from llama_jax.training.optim import accumulate_gradients, decay_mask, gradient_chains, lr_schedule
 from llama_jax.training.step import Trainer
 
@@ -93,27 +93,9 @@ def test_one_device_cpu_steps_run_two_chains_with_the_same_result(init_params):
     program) and updates the model as one chain does."""
     assert [gradient_chains("cpu", 1, 8), gradient_chains("cpu", 1, 7), gradient_chains("cpu", 2, 8),
             gradient_chains("gpu", 1, 8), gradient_chains("tpu", 1, 8)] == [2, 1, 1, 1, 1]
-    data = batches(2)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    results, dots = {}, {}
-    for label, chains in (("chains", gradient_chains), ("one", lambda *args: 1)):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(step_module, "gradient_chains", chains)
-            trainer = Trainer(tiny_config(), mesh)
-            state = trainer.init_state(init_params)
-            with jax.set_mesh(mesh):
-                hlo = trainer.jitted_train_step(data[0]).lower(state, trainer.frozen, trainer.objective.inputs,
-                                                               data[0]).as_text()
-            dots[label] = hlo.count("stablehlo.dot_general")
-            losses = []
-            for batch in data:
-                state, metrics = trainer.train_step(state, batch)
-                losses.append(float(metrics["loss"]))
-        results[label] = losses, jax.device_get(state.params)
-    assert dots["chains"] == 2 * dots["one"], dots
-    np.testing.assert_allclose(results["chains"][0], results["one"][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(results["chains"][1]), jax.tree.leaves(results["one"][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_chains_train_as_one(lambda: Trainer(tiny_config(), mesh), lambda t: t.init_state(init_params), batches(2),
+                               atol=1e-7)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5])
