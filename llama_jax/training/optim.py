@@ -57,7 +57,8 @@ def gradient_chains(platform: str, devices: int, rows: int) -> int:
     2-core AMD EPYC summed 2.95 s of operation time in 1.9 s, about a fifth of the two cores idle. Two half-batch
     chains fill those gaps. Alternating in one process (2026-12-07, medians of 7 rounds): the bench config's step
     1.04-1.05x faster in float32 and 1.04x in bf16 compute, `tiny` 1.06x, the README demo's 1.03x (bf16, dropout 0.1)
-    and 1.04x (float32); four chains gained less. The bench step's compiled temporaries grow 790 -> 836 MiB.
+    and 1.04x (the same 5 layers in float32); four chains gained less. The bench step's compiled temporaries grow
+    790 -> 836 MiB.
     Elsewhere one chain: on GPU and TPU one program already keeps the device busy, and splitting the batch over two
     simulated CPU devices was no faster than one device.
     """

@@ -215,10 +215,11 @@ class Trainer:
         scale = state.opt_state.scale / max(v.size for v in batch.values()) if scaling else jnp.float32(1.0)
         extra = () if inputs is None else (inputs,)
 
+        step_key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)
+
         def loss(params: Any, micro: Batch, piece: jax.Array
                  ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
             model = nnx.merge(self.graphdef, params, frozen)
-            step_key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state.step)
             with training_key(jax.random.fold_in(step_key, piece)):
                 loss_sum, count, sums = self.objective.loss(model, micro, *extra)
             return loss_sum * scale, (count, sums)
