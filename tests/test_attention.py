@@ -78,6 +78,19 @@ def test_cpu_query_chunks_match_one_piece_with_gradients(t, chunks):
     assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
 
 
+@pytest.mark.parametrize("t, chunks", [(128, 1), (256, 2), (512, 4), (1024, 4)])
+def test_cpu_bf16_chunks_are_fewer_and_match_numpy(t, chunks):
+    """16-bit compute takes up to 4 chunks of at least 128 query rows (float32: 8 of 64), same values as NumPy."""
+    q, k, v = _qkv("bfloat16", t=t, s=t, seed=3)
+    seg = np.stack([np.repeat([0, 1], [t // 3, t - t // 3]), np.zeros(t, int)]).astype(np.int32)
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, jnp.asarray(seg)), "xla"))
+    _assert_close(fn(q, k, v), numpy_attention(q, k, v, numpy_allowed(t, t, segment_ids=seg)), "bfloat16")
+    hlo = fn.lower(q, k, v).compile().as_text()
+    bounds = [t * i // chunks for i in range(chunks + 1)]
+    assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
+    assert chunks == 1 or f"f32[{B},{K},{N // K},{t},{t}]" not in hlo
+
+
 def test_cache_path_with_left_padding_matches_numpy():
     """Queries at slots 5..12 of a 32-slot cache, row 1 left-padded by 3 slots (the decode/prefill path)."""
     q, k, v = _qkv("float32", t=8, s=32)
