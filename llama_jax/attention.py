@@ -33,8 +33,8 @@ from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
-# `causal_chunks`: (query rows per chunk, chunks at most) for float32 and for 16-bit compute, whose products run in
-# XLA:CPU's bf16 kernels, so skipped products save less than a chunk's copies cost.
+# `causal_chunks`: (query rows per chunk, chunks at most) for float32 and for 16-bit compute (measured in bf16, whose
+# products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
 CPU_CHUNKS_FLOAT32, CPU_CHUNKS_16BIT = (64, 8), (128, 4)
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
