@@ -35,7 +35,7 @@ from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 # `causal_chunks`: (query rows per chunk, chunks at most) for float32 and for 16-bit compute (measured in bf16, whose
 # products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
-CPU_CHUNKS_FLOAT32, CPU_CHUNKS_16BIT = (64, 8), (128, 4)
+CPU_CHUNKS_FLOAT32, CPU_CHUNKS_16BIT = (64, 4), (128, 4)
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
 KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
@@ -121,10 +121,11 @@ def causal_chunks(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) 
     `[B, K, R, T / n, S']` scores are smaller than one `[B, K, R, T, S]` array. On the 2-core AMD EPYC, forward and
     backward of 8 x 256 tokens with 8 heads of 64 took 50-58 ms instead of 82-102; of 2 x 1024, 162-165 instead of
     295-321 (8 chunks of 128 rows). 64 rows per chunk was fastest at 256 tokens (2 chunks: 64-70 ms, 8: 61-64; at
-    1024 tokens 4 and 8 chunks were as fast, 16: 200 ms), so float32 takes up to 8 chunks of at least 64 rows. In
-    bf16 compute fewer, larger chunks won in the whole train step (two gradient chains, 8 x 256 tokens): the README
-    demo's 5,950 -> 6,516 tokens/s and the bench config's 1,706 -> 1,782 with 2 chunks instead of 4; at 1024 tokens 4
-    chunks beat 8 by 8% (demo shape), so 16-bit compute takes up to 4 chunks of at least 128 rows.
+    1024 tokens 4 and 8 chunks were as fast, 16: 200 ms), so float32 takes chunks of at least 64 rows. In the whole
+    train step with two gradient chains, fewer chunks won: float32 at 4 x 512 tokens 1.05x faster in 4 chunks than 8
+    (level at 2 x 1024), so at most 4; bf16 at 8 x 256 tokens in 2 chunks rather than 4 (the README demo's 5,950 ->
+    6,516 tokens/s, the bench config's 1,706 -> 1,782) and at 1024 in 4 rather than 8 (+8%), so 16-bit compute takes
+    up to 4 chunks of at least 128 rows.
     """
     t = q.shape[1]
     rows, most = CPU_CHUNKS_FLOAT32 if q.dtype == jnp.float32 else CPU_CHUNKS_16BIT
