@@ -33,9 +33,9 @@ from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
-# `causal_chunks`: (query rows per chunk, chunks at most) for float32 and for 16-bit compute (measured in bf16, whose
-# products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
-CPU_CHUNKS_FLOAT32, CPU_CHUNKS_16BIT = (64, 4), (128, 4)
+# `causal_chunks`: chunks at most, and query rows per chunk at least for float32 and for 16-bit compute (measured in
+# bf16, whose products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
+CPU_MAX_CHUNKS, CPU_CHUNK_ROWS_FLOAT32, CPU_CHUNK_ROWS_16BIT = 4, 64, 128
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
 KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
@@ -128,8 +128,8 @@ def causal_chunks(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) 
     up to 4 chunks of at least 128 rows.
     """
     t = q.shape[1]
-    rows, most = CPU_CHUNKS_FLOAT32 if q.dtype == jnp.float32 else CPU_CHUNKS_16BIT
-    n = min(most, t // rows)
+    rows = CPU_CHUNK_ROWS_FLOAT32 if q.dtype == jnp.float32 else CPU_CHUNK_ROWS_16BIT
+    n = min(CPU_MAX_CHUNKS, t // rows)
     if n < 2:
         return xla_attention(q, k, v, allowed)
     bounds = [t * i // n for i in range(n + 1)]

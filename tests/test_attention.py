@@ -73,22 +73,25 @@ def test_cpu_query_chunks_match_one_piece_with_gradients(t, chunks):
     out = jax.jit(causal_chunks)(q, k, v, allowed)
     _assert_close(out, numpy_attention(q, k, v, numpy_allowed(t, t, segment_ids=np.asarray(seg))), "float32")
     hlo = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, seg))).lower(q, k, v).compile().as_text()
-    bounds = [t * i // chunks for i in range(chunks + 1)]
-    assert f"f32[{B},{K},{N // K},{t},{t}]" not in hlo
-    assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
+    _assert_chunk_scores(hlo, t, chunks)
 
 
 @pytest.mark.parametrize("t, chunks", [(128, 1), (256, 2), (512, 4), (1024, 4)])
 def test_cpu_bf16_chunks_are_fewer_and_match_numpy(t, chunks):
-    """16-bit compute takes up to 4 chunks of at least 128 query rows (float32: of 64), same values as NumPy."""
+    """16-bit compute takes up to 4 chunks of at least 128 query rows (float32's are of 64), same values as NumPy."""
     q, k, v = _qkv("bfloat16", t=t, s=t, seed=3)
     seg = np.stack([np.repeat([0, 1], [t // 3, t - t // 3]), np.zeros(t, int)]).astype(np.int32)
     fn = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, jnp.asarray(seg)), "xla"))
     _assert_close(fn(q, k, v), numpy_attention(q, k, v, numpy_allowed(t, t, segment_ids=seg)), "bfloat16")
-    hlo = fn.lower(q, k, v).compile().as_text()
+    _assert_chunk_scores(fn.lower(q, k, v).compile().as_text(), t, chunks)
+
+
+def _assert_chunk_scores(hlo: str, t: int, chunks: int) -> None:
+    """The compiled program holds each chunk's `[B, K, R, rows, keys up to its last row]` float32 scores and, when
+    there are several chunks, no whole `[B, K, R, T, T]` array."""
     bounds = [t * i // chunks for i in range(chunks + 1)]
-    assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
     assert chunks == 1 or f"f32[{B},{K},{N // K},{t},{t}]" not in hlo
+    assert all(f"f32[{B},{K},{N // K},{end - start},{end}]" in hlo for start, end in zip(bounds, bounds[1:]))
 
 
 def test_cache_path_with_left_padding_matches_numpy():
