@@ -13,9 +13,10 @@ by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding o
   `shard_map` over the mesh's batch and head axes.
 - `auto`: cudnn on GPU, splash on TPU, xla otherwise.
 
-The kernels serve cache-less self-attention (training, evaluation, scoring: `q_start == 0`, `T == S`, no `mask`);
-anything else (prefill into and decoding from a KV cache) runs the XLA path, as do shapes a kernel cannot take
-(float32 for cuDNN; sequences that are not a multiple of 128 for splash) under `auto`. Decoding reads the whole cache
+The kernels serve causal self-attention (training, evaluation, scoring, and a prefill into an empty KV cache:
+`q_start == 0`, `T == S`, no `mask`); anything else (prefill behind earlier cache entries, decoding) runs the XLA
+path, as do shapes a kernel cannot take (float32 for cuDNN; sequences that are not a multiple of 128 for splash)
+under `auto`. Decoding reads the whole cache
 either way, so a flash kernel buys nothing there. `cached_attention` is the XLA path's form for attending to a cache
 before this step's keys/values are written into it (the model uses it for one-token float32 steps on CPU).
 """
@@ -216,11 +217,12 @@ def resolve(implementation: str, platform: str) -> str:
     return AUTO.get(platform, "xla") if implementation == "auto" else implementation
 
 
-def choose(implementation: str, q: jax.Array, kernel_ok: bool) -> str:
+def choose(implementation: str, q: jax.Array, kernel_ok: bool, strict: bool = True) -> str:
     """The implementation that will run: `auto` resolved for the platform, kernels only where they apply.
 
     An explicit kernel that cannot take this call (the cache path) runs the XLA reference; one that cannot take the
-    shape or dtype raises, so a requested kernel is never silently skipped in training.
+    shape or dtype raises when `strict`, so a requested kernel is never silently skipped in training. A prefill
+    (`strict=False`) must run whatever its prompt's length, so it takes the reference there, as `auto` does.
     """
     name = resolve(implementation, current_platform())
     if name == "xla" or not kernel_ok:
@@ -228,7 +230,7 @@ def choose(implementation: str, q: jax.Array, kernel_ok: bool) -> str:
     problem = _kernel_problem(name, q)
     if problem is None:
         return name
-    if implementation == "auto":
+    if implementation == "auto" or not strict:
         return "xla"
     raise ValueError(f"attention='{name}' {problem}; use attention=auto or xla")
 
@@ -242,10 +244,11 @@ def _kernel_problem(name: str, q: jax.Array) -> str | None:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, visibility: Visibility = Visibility(),
-              implementation: str = "auto") -> jax.Array:
-    """Causal grouped-query attention `[B, T, N, H]` x `[B, S, K, H]` -> `[B, T, N, H]` (see the module doc)."""
+              implementation: str = "auto", strict: bool = True) -> jax.Array:
+    """Causal grouped-query attention `[B, T, N, H]` x `[B, S, K, H]` -> `[B, T, N, H]` (see the module doc;
+    `strict`: see `choose`)."""
     t, s = q.shape[1], k.shape[1]
-    name = choose(implementation, q, visibility.is_self_attention(t, s))
+    name = choose(implementation, q, visibility.is_self_attention(t, s), strict)
     if name == "cudnn":
         return cudnn_attention(q, k, v, visibility.segment_ids)
     if name == "splash":

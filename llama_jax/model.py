@@ -81,7 +81,7 @@ class KVCache:
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
-    index: jax.Array
+    index: jax.Array | int  # the int 0 only inside `Llama.features`' prefill, where slot 0 is known at trace time
 
     @classmethod
     def create(cls, cfg: LlamaConfig, batch: int, slots: int, dtype: Any = jnp.float32,
@@ -254,8 +254,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rotation: Rotation, visibility: Visibility, cache: KVCache | None = None,
                  layer: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         """With a cache, write this layer's new keys/values in place at `(layer, :, cache.index)` and attend to all
-        of the layer's slots (`visibility` hides the unused ones)."""
-        cfg, dt = self.cfg, x.dtype
+        of the layer's slots (`visibility` hides the unused ones); a prefill from slot 0 attends to its own tokens."""
+        cfg, dt, t = self.cfg, x.dtype, x.shape[1]
         q = checkpoint_name(project(self, "wq", "BTD,DNH->BTNH", x), "query_proj")
         k = checkpoint_name(project(self, "wk", "BTD,DKH->BTKH", x), "key_proj")
         v = checkpoint_name(project(self, "wv", "BTD,DKH->BTKH", x), "value_proj")
@@ -263,7 +263,12 @@ class Attention(nnx.Module):
         k = constrain(rope(k, rotation), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         heads_first = (0, 2, 1, 3)  # [B, T, K, H] <-> the cache's [B, K, T, H]
-        if cache is not None and x.shape[1] == 1 and cache.dtype == jnp.float32 and current_platform() == "cpu":
+        if cache is not None and visibility.is_self_attention(t, t):
+            # A prefill from slot 0 (`Llama.features`): nothing before its tokens, so they attend among themselves
+            # as in training (the kernels, or causal chunks on CPU) over T keys instead of the cache's slots.
+            cache = cache.write(layer, k.transpose(heads_first), v.transpose(heads_first))
+            out = attention(q, k, v, visibility, self.implementation, strict=False)
+        elif cache is not None and t == 1 and cache.dtype == jnp.float32 and current_platform() == "cpu":
             # One new token: attend to the cache as it was and to the new key/value, then write them, the write made
             # to wait for attention. Attending to the cache just written, XLA:CPU duplicated the in-place write into
             # attention's operand and copied each layer's keys and values several times per step (3.4 ms of a 24.8
@@ -379,15 +384,19 @@ class Llama(nnx.Module):
                  positions_below: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final-norm hidden states `[batch, seq, dim]` (what `logits` projects), and the updated cache.
 
-        `segment_ids` (`[batch, seq]` int32, cache-less only) keep packed sequences from attending across segments;
-        pass their `positions` too (each segment's own 0, 1, ...). A caller whose `positions` all lie in
+        `segment_ids` (`[batch, seq]` int32) keep packed sequences from attending across segments; pass their
+        `positions` too (each segment's own 0, 1, ...). With a cache they make the call a prefill that fills it from
+        slot 0 (left padding as a segment of its own: `inference.generate.prefill_padded`): the tokens attend only
+        among themselves, as without a cache, so the attention kernels apply. A caller whose `positions` all lie in
         `[0, positions_below)` (a static bound: the row length of packed rows, `max_seq_len` where generation caps
         lengths) may say so: their RoPE rows are then read from a table instead of computed (`llama_jax.rope`); a
         position past it gives NaN.
         """
         b, t = tokens.shape
         if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids are for packed sequences without a KV cache; use mask with a cache")
+            if mask is not None:
+                raise ValueError("a prefill with segment_ids takes no mask: the segments say what each token sees")
+            cache = KVCache(cache.k, cache.v, 0)  # a prefill from slot 0: statically nothing before its tokens
         if cache is not None and cache.stacked != self.execution.scan_layers:
             raise ValueError(f"this model runs {'scanned' if self.execution.scan_layers else 'unrolled'} layers; "
                              f"create its KV cache with KVCache.create(..., stacked={self.execution.scan_layers})")
@@ -408,7 +417,7 @@ class Llama(nnx.Module):
         x = constrain(x, ("batch", "seq", "act_embed"))
         x, cache = self._run_layers(x, rotation, visibility, cache)
         if cache is not None:
-            cache = KVCache(cache.k, cache.v, start + t)
+            cache = KVCache(cache.k, cache.v, jnp.asarray(start + t, jnp.int32))
         return self.norm(x), cache
 
     def logits(self, features: jax.Array, head: jax.Array | None = None) -> jax.Array:

@@ -102,3 +102,26 @@ def test_decoding_programs_agree(batch, dtype, atol, monkeypatch):
     cpu, gpu = both(run, m, tokens, monkeypatch=monkeypatch)
     for step, (c, g) in enumerate(zip(cpu, gpu, strict=True)):
         np.testing.assert_allclose(c, g, atol=atol, rtol=0, err_msg=f"call {step}")
+
+
+def test_left_padded_prefill_programs_agree(monkeypatch):
+    """`generate`'s prefill (left padding as a segment of its own, attention among the prompt's tokens: causal
+    chunks on CPU) and two one-token steps over its cache; bf16 judged as training's is (above)."""
+    from llama_jax.inference import generate as gen
+
+    tokens, pad = (jnp.asarray(a) for a in gen.left_pad([list(TOKENS[0, :11]), list(TOKENS[1, :128])], 128))
+
+    def run(m: Llama, tokens: jax.Array, pad: jax.Array) -> jax.Array:
+        logits, cache = gen.prefill_padded(m, tokens, pad, 136)
+        steps = [logits[:, None]]
+        for t in range(2):
+            logits, cache = gen.forward_padded(m, TOKENS[:2, 128 + t:129 + t], pad, cache)
+            steps.append(logits)
+        return jnp.concatenate(steps, axis=1)
+
+    cpu, gpu = both(run, model(), tokens, pad, monkeypatch=monkeypatch)
+    np.testing.assert_allclose(cpu, gpu, atol=1e-5, rtol=0)
+    cpu16, gpu16 = both(run, model(dtype="bfloat16"), tokens, pad, monkeypatch=monkeypatch)
+    for bf16 in (cpu16, gpu16):
+        np.testing.assert_allclose(bf16, cpu, atol=0.05, rtol=0)
+    assert np.abs(cpu16 - gpu16).mean() < 0.5 * min(np.abs(cpu16 - cpu).mean(), np.abs(gpu16 - cpu).mean())

@@ -139,7 +139,8 @@ def test_choose_resolves_auto_and_rejects_what_a_kernel_cannot_take():
 
 
 def test_packed_rows_equal_their_segments_run_alone():
-    """A row packing two sequences (segment ids + restarting positions) gives each the logits it gets alone."""
+    """A row packing two sequences (segment ids + restarting positions) gives each the logits it gets alone, also
+    as a prefill that fills a KV cache from slot 0."""
     cfg = LlamaConfig.preset("tiny", n_layers=2)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -151,5 +152,11 @@ def test_packed_rows_equal_their_segments_run_alone():
     alone = jax.jit(lambda t: model(t))
     np.testing.assert_allclose(np.asarray(packed[0, :50]), np.asarray(alone(jnp.asarray(first[None])))[0], atol=1e-4)
     np.testing.assert_allclose(np.asarray(packed[0, 50:]), np.asarray(alone(jnp.asarray(second[None])))[0], atol=1e-4)
-    with pytest.raises(ValueError, match="segment_ids are for packed sequences"):
-        model(tokens[:, :4], segment_ids=segment_ids[:, :4], cache=KVCache.create(cfg, batch=1, slots=8))
+    cache = KVCache.create(cfg, batch=1, slots=160)
+    prefilled, cache = jax.jit(lambda t, p, s, c: model(t, positions=p, segment_ids=s, cache=c))(
+        tokens, positions, segment_ids, cache)
+    np.testing.assert_allclose(np.asarray(prefilled), np.asarray(packed), atol=1e-5)
+    assert int(cache.index) == 128 and not np.asarray(cache.k[0][:, :, 128:]).any()
+    with pytest.raises(ValueError, match="takes no mask"):
+        model(tokens[:, :4], mask=jnp.ones((1, 4, 8), bool), segment_ids=segment_ids[:, :4],
+              cache=KVCache.create(cfg, batch=1, slots=8))

@@ -5,7 +5,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +81,10 @@ def test_prefill_then_decode_logits_equal_full_forward(hf_pair):
     continuation = rng.integers(0, 128, (len(rows), steps))
     width = max(map(len, rows))
     tokens, pad = gen.left_pad(rows, width)
-    cache = KVCache.create(model.cfg, len(rows), width + steps)
+    logits, cache = nnx.jit(gen.prefill_padded, static_argnums=3)(model, jnp.asarray(tokens), jnp.asarray(pad),
+                                                                   width + steps)
     forward = nnx.jit(gen.forward_padded)
-    logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(pad), cache)
-    got = [logits[:, -1]]
+    got = [logits]
     for i in range(steps - 1):
         logits, cache = forward(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
         got.append(logits[:, 0])
@@ -277,9 +279,10 @@ def test_one_token_steps_give_the_full_forward_logits(kv_heads):
     steps = 5
     continuation = np.random.default_rng(0).integers(0, 128, (len(rows), steps))
     tokens, pad = gen.left_pad(rows, 6)
+    logits, cache = nnx.jit(gen.prefill_padded, static_argnums=3)(model, jnp.asarray(tokens), jnp.asarray(pad),
+                                                                   6 + steps)
     forward = nnx.jit(gen.forward_padded)
-    logits, cache = forward(model, jnp.asarray(tokens), jnp.asarray(pad), KVCache.create(cfg, 2, 6 + steps))
-    got = [logits[:, -1]]
+    got = [logits]
     for i in range(steps - 1):
         logits, cache = forward(model, jnp.asarray(continuation[:, i:i + 1]), jnp.asarray(pad), cache)
         got.append(logits[:, 0])
@@ -287,3 +290,57 @@ def test_one_token_steps_give_the_full_forward_logits(kv_heads):
     for b, row in enumerate(rows):
         full = nnx.jit(lambda m, t: m(t))(model, jnp.asarray([row + list(continuation[b, :steps - 1])]))[0]
         np.testing.assert_allclose(got[b], np.asarray(full[len(row) - 1:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_attends_among_the_prompt_tokens_only(dtype):
+    """`prefill_padded` (left padding as a segment of its own, no cache slots in attention, the head on the last
+    position only) gives the next-token logits and the cache contents of a masked pass over the whole fresh cache,
+    whose compiled scores spanned every slot and whose head projected every position."""
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
+    model = Llama(cfg, ExecutionConfig(dtype=dtype), rngs=nnx.Rngs(0))
+    tokens, pad = (jnp.asarray(a) for a in gen.left_pad([[1, 5, 9], [1, 7, 3, 8, 2, 6, 4]], 8))
+    slots = 24
+
+    def masked(m: Llama, tokens: jax.Array, pad: jax.Array) -> tuple[jax.Array, KVCache]:
+        return gen.forward_padded(m, tokens, pad, KVCache.create(cfg, 2, slots, jnp.dtype(dtype)))
+
+    (logits, cache), (want_logits, want_cache) = (nnx.jit(gen.prefill_padded, static_argnums=3)(
+        model, tokens, pad, slots), nnx.jit(masked)(model, tokens, pad))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(want_logits[:, -1], np.float32),
+                               atol=tol * 10, rtol=0)
+    for b, first in enumerate(np.asarray(pad)):
+        for got, want in zip((*cache.k, *cache.v), (*want_cache.k, *want_cache.v)):
+            got, want = (np.asarray(KVCache((a,), (a,), 0).read(0)[0], np.float32) for a in (got, want))
+            np.testing.assert_allclose(got[b, :, first:], want[b, :, first:], atol=tol, rtol=0)
+            assert not got[b, :, 8:].any()
+    assert int(cache.index) == int(want_cache.index) == 8
+
+    graphdef, params = nnx.split(model)
+
+    def compiled(fn: Callable[..., Any]) -> str:
+        return jax.jit(lambda p, t, q: fn(nnx.merge(graphdef, p), t, q)).lower(params, tokens, pad).compile().as_text()
+    new, old = compiled(lambda m, t, q: gen.prefill_padded(m, t, q, slots)), compiled(masked)
+    assert set(re.findall(r"f32\[2,2,2,8,(\d+)\]", new)) == {"8"}
+    assert set(re.findall(r"f32\[2,2,2,8,(\d+)\]", old)) == {str(slots)}
+    assert "f32[2,8,128]" in old and "f32[2,8,128]" not in new
+
+
+def test_prefill_runs_a_named_kernel_where_it_applies():
+    """A prefill takes the configured kernel (splash here, in interpret mode) when the prompt bucket suits it, and
+    the XLA reference when it does not, where training with that shape would stop."""
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=256)
+    reference = Llama(cfg, rngs=nnx.Rngs(0))
+    splash = Llama(cfg, ExecutionConfig(attention="splash"), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for width in (128, 16):
+        tokens, pad = (jnp.asarray(a) for a in gen.left_pad([list(rng.integers(1, 128, width - 5)),
+                                                             list(rng.integers(1, 128, width))], width))
+        text = jax.jit(lambda t, p: gen.prefill_padded(splash, t, p, width + 8)[0]).lower(tokens, pad).as_text()
+        assert ("splash" in text) == (width == 128)
+        (got, got_cache), (want, want_cache) = (gen.prefill_padded(m, tokens, pad, width + 8)
+                                                for m in (splash, reference))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(got_cache.k[1])[:, :, 5:], np.asarray(want_cache.k[1])[:, :, 5:],
+                                   atol=1e-4, rtol=0)

@@ -63,13 +63,34 @@ def _emit(state: DecodeState, logits: jax.Array, sampling: Sampling, eos_id: jax
     return DecodeState(state.cache, new, state.pad, done, state.step + 1, state.key, out, logp)
 
 
+def prefill_padded(model: Llama, tokens: jax.Array, pad: jax.Array, slots: int,
+                   positions_below: int | None = None) -> tuple[jax.Array, KVCache]:
+    """The next token's logits `[B, vocab]` after `[B, T]` prompts left-padded by `pad` slots, and a new cache of
+    `slots` holding the prompts from slot 0.
+
+    The padding is a segment of its own, so the prompts attend among themselves as in training: through the
+    attention kernels on GPU and TPU and in causal chunks on CPU, over T keys rather than the cache's `slots`
+    (`generate` sizes it prompt + new tokens; a masked pass over it computed every score, hidden ones included).
+    Only the last position goes through the output head: on every position it was three-fifths of stories15m's
+    prefill FLOPs, and its float32 `[B, T, vocab]` logits 250 of the program's 252 MiB of temporaries at 16 x 128.
+    Together, on a 2-core AMD EPYC: stories15m prefill 2.0-2.6x faster, stories110m 1.3-1.6x (README, Performance).
+    """
+    b, t = tokens.shape
+    real = jnp.arange(t)[None, :] >= pad[:, None]
+    positions = jnp.maximum(jnp.arange(t)[None, :] - pad[:, None], 0)
+    features, cache = model.features(tokens, positions, cache=init_cache(model, b, slots),
+                                     segment_ids=real.astype(jnp.int32), positions_below=positions_below)
+    return model.logits(features[:, -1:])[:, 0], shard_cache(cache)
+
+
 def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCache,
                    positions_below: int | None = None, head: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Logits for `[B, T]` tokens written at `cache.index`, for rows left-padded by `pad` slots.
+    """Logits for `[B, T]` tokens written at `cache.index` (decode steps; a prefill takes `prefill_padded`), for
+    rows left-padded by `pad` slots.
 
     Row b's real tokens start at slot `pad[b]`, so its positions are `slot - pad[b]` and its padding slots are
-    masked out; prefill (T = prompt length, index 0) and decode steps (T = 1) are the same call. A caller that
-    knows every row's positions lie below a static bound passes it (`Llama.features`: RoPE then reads its table).
+    masked out. A caller that knows every row's positions lie below a static bound passes it (`Llama.features`:
+    RoPE then reads its table).
     """
     b, t = tokens.shape
     slots = cache.slots
@@ -84,11 +105,11 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
     b = tokens.shape[0]
-    logits, cache = forward_padded(model, tokens, pad, init_cache(model, b, slots), model.cfg.max_seq_len)
+    logits, cache = prefill_padded(model, tokens, pad, slots, model.cfg.max_seq_len)
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32),
                         jnp.zeros((b, n_out), jnp.float32))
-    return _emit(state, logits[:, -1], sampling, eos_id)
+    return _emit(state, logits, sampling, eos_id)
 
 
 def _step(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos_id: jax.Array,

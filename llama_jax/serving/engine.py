@@ -37,7 +37,7 @@ from flax import nnx
 
 from llama_jax.inference.cache import init_cache
 from llama_jax.inference.generate import (MIN_PROMPT_BUCKET, bucket, decode_head_jit, forward_padded, left_pad,
-                                          model_mesh)
+                                          model_mesh, prefill_padded)
 from llama_jax.inference.sampling import sample_rows
 from llama_jax.inference.stops import StopStream
 from llama_jax.inference.text import TextStream
@@ -191,9 +191,9 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
     slots and the prompt's first sampled token."""
     model: Llama = nnx.merge(graphdef, params)
     length = tokens.shape[1]
-    logits, fresh = forward_padded(model, tokens, pad, init_cache(model, 1, length), model.cfg.max_seq_len)
+    logits, fresh = prefill_padded(model, tokens, pad, length, model.cfg.max_seq_len)
     new = Slots(fresh, tokens[:, -1], pad, temperature[None], top_p[None], jax.random.key(seed)[None])
-    token, key = _sample(new, logits[:, -1], sampled)
+    token, key = _sample(new, logits, sampled)
     index = slots.cache.index
     cache = slots.cache.place(fresh, row, index - length)  # keeps the slots' index
     return Slots(cache, *(old.at[row].set(value[0]) for old, value in
