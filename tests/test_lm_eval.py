@@ -206,3 +206,32 @@ def test_plain_lm_eval_command_finds_installed_llama_jax(reference, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
     assert (got["acc,none"], got["acc_norm,none"]) == pytest.approx(_expected_accuracies(tiny, QUESTIONS), abs=1e-9)
+
+
+def test_long_rows_are_scored_in_sequence_chunks():
+    """Rows past `LOSS_CHUNK` positions are scored chunk by chunk, never holding `[batch, seq, vocab]` logits, with
+    the log-probabilities and greedy flags of one plain forward pass."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llama_jax import Llama, LlamaConfig
+    from llama_jax.evaluation import loglikelihood
+
+    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, max_seq_len=2048)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 512, 1500).tolist()
+    logits = np.asarray(jax.jit(lambda t: model(t))(jnp.asarray([ids[:-1]]))[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    top = int(logits[1300].argmax())  # the greedy token after ids[:1301], in the second chunk
+    pairs = [(ids[:-300], ids[-300:]), (ids[:1301], [top])]
+    (lp, greedy), (lp_top, greedy_top) = loglikelihood.score_continuations(model, pairs, batch_size=2)
+    assert lp == pytest.approx(logp[np.arange(1199, 1499), ids[-300:]].sum(), rel=1e-5)
+    assert lp_top == pytest.approx(logp[1300, top], abs=1e-4)
+    assert (greedy, greedy_top) == (False, True)
+    graphdef, params = nnx.split(model)
+    rows = jnp.zeros((2, 2048), jnp.int32)
+    text = loglikelihood._row_scores_jit.lower(graphdef, params, rows, rows, rows.astype(jnp.float32)).as_text()
+    assert "2048x512xf32" not in text and "1024x512xf32" in text

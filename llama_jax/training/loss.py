@@ -8,6 +8,7 @@ the backward pass (`jax.checkpoint`), which costs one extra output-head matmul (
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,9 @@ def chunked_token_entropy(project: Callable[[jax.Array], jax.Array], features: j
     return chunked_map(entropy, (features,), chunk)
 
 
-def chunked_map(per_chunk: Callable[..., jax.Array], arrays: tuple[jax.Array, ...], chunk: int = LOSS_CHUNK
-                ) -> jax.Array:
-    """`per_chunk(*slices) -> [batch, chunk]` over `[batch, seq, ...]` arrays, one sequence chunk at a time (each
-    chunk recomputed in the backward pass), concatenated to `[batch, seq]`."""
+def chunked_map(per_chunk: Callable[..., Any], arrays: tuple[jax.Array, ...], chunk: int = LOSS_CHUNK) -> Any:
+    """`per_chunk(*slices) -> [batch, chunk]` (or a tuple of such) over `[batch, seq, ...]` arrays, one sequence
+    chunk at a time (each chunk recomputed in the backward pass), concatenated to `[batch, seq]`."""
     b, t = arrays[0].shape[:2]
     if t <= chunk:
         return per_chunk(*arrays)
@@ -51,4 +51,5 @@ def chunked_map(per_chunk: Callable[..., jax.Array], arrays: tuple[jax.Array, ..
     def one(slices: tuple[jax.Array, ...]) -> jax.Array:
         return per_chunk(*slices)
 
-    return jax.lax.map(one, tuple(split(x) for x in arrays)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    chunks = jax.lax.map(one, tuple(split(x) for x in arrays))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], chunks)
