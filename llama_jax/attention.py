@@ -15,9 +15,9 @@ by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding o
 
 The kernels serve causal self-attention (training, evaluation, scoring, and a prefill into an empty KV cache:
 `q_start == 0`, `T == S`, no `mask`); anything else (prefill behind earlier cache entries, decoding) runs the XLA
-path, as do shapes a kernel cannot take (float32 for cuDNN; sequences that are not a multiple of 128 for splash)
-under `auto`. Decoding reads the whole cache
-either way, so a flash kernel buys nothing there. `cached_attention` is the XLA path's form for attending to a cache
+path, as do shapes a kernel cannot take (float32, or head dims past 128 or not a multiple of 8, for cuDNN;
+sequences that are not a multiple of 128 for splash) under `auto`. Decoding reads the whole cache either way, so a
+flash kernel buys nothing there. `cached_attention` is the XLA path's form for attending to a cache
 before this step's keys/values are written into it (the model uses it for one-token float32 steps on CPU).
 """
 
@@ -37,6 +37,7 @@ AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 # `causal_chunks`: chunks at most, and query rows per chunk at least for float32 and for 16-bit compute (measured in
 # bf16, whose products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
 CPU_MAX_CHUNKS, CPU_CHUNK_ROWS_FLOAT32, CPU_CHUNK_ROWS_16BIT = 4, 64, 128
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's limit before Hopper (256 from it on); LLaMA 2's heads are 128
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
 KV_NAMES = ("batch", "seq", "kv_heads", "head_dim")
@@ -238,6 +239,8 @@ def choose(implementation: str, q: jax.Array, kernel_ok: bool, strict: bool = Tr
 def _kernel_problem(name: str, q: jax.Array) -> str | None:
     if name == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs bfloat16 or float16 compute, got {q.dtype}; set dtype=bfloat16"
+    if name == "cudnn" and (q.shape[-1] % 8 or q.shape[-1] > CUDNN_MAX_HEAD_DIM):
+        return f"needs a head dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, got {q.shape[-1]}"
     if name == "splash" and q.shape[1] % 128:
         return f"needs a sequence length that is a multiple of 128, got {q.shape[1]}"
     return None

@@ -134,6 +134,9 @@ def test_choose_resolves_auto_and_rejects_what_a_kernel_cannot_take():
         choose("cudnn", q32, True)
     with pytest.raises(ValueError, match="multiple of 128"):
         choose("splash", q16, True)
+    with pytest.raises(ValueError, match="head dim that is a multiple of 8"):
+        choose("cudnn", jnp.zeros((1, 128, 4, 20), jnp.bfloat16), True)
+    assert choose("cudnn", jnp.zeros((1, 16, 4, 20), jnp.bfloat16), True, strict=False) == "xla"  # a prefill
     with pytest.raises(ValueError, match="not one of"):
         choose("flash", q32, True)
 
