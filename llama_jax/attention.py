@@ -34,9 +34,10 @@ from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
-# `causal_chunks`: chunks at most, and query rows per chunk at least for float32 and for 16-bit compute (measured in
-# bf16, whose products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost).
-CPU_MAX_CHUNKS, CPU_CHUNK_ROWS_FLOAT32, CPU_CHUNK_ROWS_16BIT = 4, 64, 128
+# `causal_chunks`: how many chunks, of at least how many query rows for float32 and for 16-bit compute (measured in
+# bf16, whose products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost),
+# and more chunks where one would pass CPU_CHUNK_ROWS_MAX rows.
+CPU_CHUNKS, CPU_CHUNK_ROWS_FLOAT32, CPU_CHUNK_ROWS_16BIT, CPU_CHUNK_ROWS_MAX = 4, 64, 128, 512
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's limit before Hopper (256 from it on); LLaMA 2's heads are 128
 SPLASH_BLOCK = 512  # largest splash tile; must divide the sequence (kernel tiles are multiples of 128)
 Q_NAMES = ("batch", "seq", "heads", "head_dim")
@@ -127,11 +128,12 @@ def causal_chunks(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) 
     train step with two gradient chains, fewer chunks won: float32 at 4 x 512 tokens 1.05x faster in 4 chunks than 8
     (level at 2 x 1024), so at most 4; bf16 at 8 x 256 tokens in 2 chunks rather than 4 (the README demo's 5,950 ->
     6,516 tokens/s, the bench config's 1,706 -> 1,782) and at 1024 in 4 rather than 8 (+8%), so 16-bit compute takes
-    up to 4 chunks of at least 128 rows.
+    up to 4 chunks of at least 128 rows. Past 2048 tokens chunks keep to 512 rows: at 2 x 4096 tokens 8 chunks ran
+    1.19x (float32) and 1.22x (bf16) faster than 4, and 16 chunks 0.86x and 1.01x of 8; at 2048, 8 and 4 were level.
     """
     t = q.shape[1]
     rows = CPU_CHUNK_ROWS_FLOAT32 if q.dtype == jnp.float32 else CPU_CHUNK_ROWS_16BIT
-    n = min(CPU_MAX_CHUNKS, t // rows)
+    n = max(min(CPU_CHUNKS, t // rows), t // CPU_CHUNK_ROWS_MAX)
     if n < 2:
         return xla_attention(q, k, v, allowed)
     bounds = [t * i // n for i in range(n + 1)]

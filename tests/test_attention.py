@@ -76,9 +76,10 @@ def test_cpu_query_chunks_match_one_piece_with_gradients(t, chunks):
     _assert_chunk_scores(hlo, t, chunks)
 
 
-@pytest.mark.parametrize("t, chunks", [(128, 1), (256, 2), (512, 4), (1024, 4)])
+@pytest.mark.parametrize("t, chunks", [(128, 1), (256, 2), (512, 4), (1024, 4), (4096, 8)])
 def test_cpu_bf16_chunks_are_fewer_and_match_numpy(t, chunks):
-    """16-bit compute takes up to 4 chunks of at least 128 query rows (float32's are of 64), same values as NumPy."""
+    """16-bit compute takes up to 4 chunks of at least 128 query rows (float32's are of 64), and more where a chunk
+    would pass 512 rows; same values as NumPy."""
     q, k, v = _qkv("bfloat16", t=t, s=t, seed=3)
     seg = np.stack([np.repeat([0, 1], [t // 3, t - t // 3]), np.zeros(t, int)]).astype(np.int32)
     fn = jax.jit(lambda q, k, v: attention(q, k, v, Visibility(0, jnp.asarray(seg)), "xla"))
