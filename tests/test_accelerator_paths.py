@@ -21,6 +21,7 @@ import llama_jax.einsum
 import llama_jax.model
 from llama_jax import KVCache, Llama, LlamaConfig
 from llama_jax.config import ExecutionConfig
+from llama_jax.inference import generate as gen
 
 CFG = LlamaConfig.preset("tiny")  # grouped-query attention: 4 heads over 2 kv heads
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, CFG.max_seq_len)), jnp.int32)
@@ -107,8 +108,6 @@ def test_decoding_programs_agree(batch, dtype, atol, monkeypatch):
 def test_left_padded_prefill_programs_agree(monkeypatch):
     """`generate`'s prefill (left padding as a segment of its own, attention among the prompt's tokens: causal
     chunks on CPU) and two one-token steps over its cache; bf16 judged as training's is (above)."""
-    from llama_jax.inference import generate as gen
-
     tokens, pad = (jnp.asarray(a) for a in gen.left_pad([list(TOKENS[0, :11]), list(TOKENS[1, :128])], 128))
 
     def run(m: Llama, tokens: jax.Array, pad: jax.Array) -> jax.Array:

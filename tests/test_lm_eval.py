@@ -6,10 +6,15 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from lm_eval.utils import get_rolling_token_windows
 
+from llama_jax import Llama, LlamaConfig
+from llama_jax.evaluation import loglikelihood
 from llama_jax.evaluation.lm_eval_adapter import LlamaJaxLM
 from llama_jax.evaluation.loglikelihood import score_continuations
 from llama_jax.inference.generate import generate
@@ -211,13 +216,6 @@ def test_plain_lm_eval_command_finds_installed_llama_jax(reference, tmp_path):
 def test_long_rows_are_scored_in_sequence_chunks():
     """Rows past `LOSS_CHUNK` positions are scored chunk by chunk, never holding `[batch, seq, vocab]` logits, with
     the log-probabilities and greedy flags of one plain forward pass."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from llama_jax import Llama, LlamaConfig
-    from llama_jax.evaluation import loglikelihood
-
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, max_seq_len=2048)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
