@@ -9,6 +9,7 @@ from llama_jax.model import KVCache, Llama
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.checkpoints import load_pretrained, save_pretrained
 from llama_jax.inference.generate import generate
+from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.inference.text import generate_text
 
-__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "Tokenizer", "generate", "generate_text", "load_config", "load_pretrained", "save_pretrained"]
+__all__ = ["Config", "ConfigError", "KVCache", "Llama", "LlamaConfig", "PrefixCache", "Tokenizer", "generate", "generate_text", "load_config", "load_pretrained", "save_pretrained"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from llama_jax.chat import CHAT_TEMPERATURE, CHAT_TOP_P, SPECIAL_TAGS, Message, encode_dialog
+from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.inference.text import complete
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
@@ -42,10 +43,12 @@ def chat(model: Llama, tokenizer: Tokenizer, lines: Iterable[str], write: Callab
 
     `/reset` forgets the history (the system message stays), `/exit` or the end of `lines` ends the session. When
     the history outgrows the model's context, the oldest exchanges are dropped. Turn i samples with `seed + i`.
+    The KV cache stays from turn to turn, so a turn runs its new message rather than the whole dialog again.
     """
     system_msgs: list[Message] = [{"role": "system", "content": system}] if system else []
     turns: list[Message] = []
     max_prompt = model.cfg.max_seq_len - 1
+    prefix_cache = PrefixCache()
     write(HELP)
     write(PROMPT)
     for turn, line in enumerate(lines):
@@ -70,7 +73,7 @@ def chat(model: Llama, tokenizer: Tokenizer, lines: Iterable[str], write: Callab
             else:
                 (reply,) = complete(model, tokenizer, [ids], lambda _, piece: write(piece), context_tokens=0,
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, seed=seed + turn)
+                                    top_k=top_k, seed=seed + turn, prefix_cache=prefix_cache)
                 turns.append({"role": "assistant", "content": _without_tags(reply)})
                 write("\n")
         write(PROMPT)

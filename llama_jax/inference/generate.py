@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,9 @@ from llama_jax.inference.cache import init_cache, shard_cache
 from llama_jax.inference.sampling import Sampling, filter_logits, sample
 from llama_jax.model import KVCache, Llama
 from llama_jax.sharding import MESH_AXES
+
+if TYPE_CHECKING:
+    from llama_jax.inference.prefix_cache import PrefixCache
 
 PAD = -1  # marks "no token" (before a prompt starts, after a row has stopped)
 MIN_PROMPT_BUCKET = 16
@@ -104,8 +107,14 @@ def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Ar
              eos_id: jax.Array, sampling: Sampling, slots: int, n_out: int) -> DecodeState:
     """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
     model: Llama = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
     logits, cache = prefill_padded(model, tokens, pad, slots, model.cfg.max_seq_len)
+    return first_state(cache, logits, pad, key, eos_id, sampling, n_out)
+
+
+def first_state(cache: KVCache, logits: jax.Array, pad: jax.Array, key: jax.Array, eos_id: jax.Array,
+                sampling: Sampling, n_out: int) -> DecodeState:
+    """The decode state after a prefill: its cache, and the first new token sampled from its `[B, vocab]` logits."""
+    b = logits.shape[0]
     state = DecodeState(cache, jnp.zeros((b,), jnp.int32), pad, jnp.zeros((b,), bool),
                         jnp.zeros((), jnp.int32), key, jnp.full((b, n_out), PAD, jnp.int32),
                         jnp.zeros((b, n_out), jnp.float32))
@@ -178,45 +187,61 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int) -> None:
 def generate(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None,
              seed: int = 0, stream: Callable[[np.ndarray], bool | None] | None = None,
-             mesh: Mesh | None = None) -> list[list[int]]:
+             mesh: Mesh | None = None, prefix_cache: PrefixCache | None = None) -> list[list[int]]:
     """Continue each prompt; return, per prompt, the new token ids (up to and including EOS, as HF does).
 
     `max_new_tokens` is capped so the longest prompt plus its continuation fits `model.cfg.max_seq_len`.
     `stream`, if given, is called after every step with the `[batch]` new ids (PAD = -1 for rows already stopped);
     returning True ends generation there for every row (a server whose clients have all left or hit a stop string).
     The mesh defaults to the one the model's parameters are sharded on; the KV cache is laid out on it too.
+    A `prefix_cache` (one prompt) keeps the KV cache for the next call, which then runs only what its prompt adds
+    to this one's prompt and output (a chat's next turn).
     """
     out = decode(model, prompt_ids, max_new_tokens, Sampling(float(temperature), float(top_p), int(top_k)), eos_id,
-                 seed, stream, mesh).out
+                 seed, stream, mesh, prefix_cache).out
     return [[int(t) for t in row if t != PAD] for row in np.asarray(out)]
 
 
 def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
            eos_id: int | None = None, seed: int = 0, stream: Callable[[np.ndarray], bool | None] | None = None,
-           mesh: Mesh | None = None) -> DecodeState:
+           mesh: Mesh | None = None, prefix_cache: PrefixCache | None = None) -> DecodeState:
     """`generate`'s work, returning the final on-device state: `out` (`[B, output bucket]` ids, PAD after a row
     stopped or past `max_new_tokens`) and `logp` (each id's log-probability as sampled: RLHF rollouts need it)."""
     cfg = model.cfg
     check_prompts(prompt_ids, cfg.max_seq_len)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefix_cache is not None and len(prompt_ids) != 1:
+        raise ValueError(f"a prefix cache holds one row, got {len(prompt_ids)} prompts; pass one prompt per call")
     longest = max(len(p) for p in prompt_ids)
     max_new = min(max_new_tokens, cfg.max_seq_len - longest)
     prompt_len, n_out = bucket(longest, MIN_PROMPT_BUCKET), bucket(max_new, MIN_OUTPUT_BUCKET)
-    tokens, pad = left_pad(prompt_ids, prompt_len)
     graphdef, params = nnx.split(model)
     mesh = mesh or model_mesh(params)
     key = jax.random.key(seed)
     eos = jnp.int32(PAD if eos_id is None else eos_id)
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
-                            sampling=sampling)
-        if stream is None:
-            return decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
+        if prefix_cache is None:
+            tokens, pad = left_pad(prompt_ids, prompt_len)
+            state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
+                                sampling=sampling)
+        else:
+            state = prefix_cache.prefill(graphdef, params, prompt_ids[0], key, eos, sampling, max_new, n_out)
+        state = _continue(graphdef, params, state, eos, max_new, sampling, stream)
+    if prefix_cache is not None:
+        prefix_cache.keep(prompt_ids[0], state)
+    return state
+
+
+def _continue(graphdef: nnx.GraphDef, params: Any, state: DecodeState, eos: jax.Array, max_new: int,
+              sampling: Sampling, stream: Callable[[np.ndarray], bool | None] | None) -> DecodeState:
+    """Decode after the prefill: in one jitted loop, or step by step when `stream` wants each token."""
+    if stream is None:
+        return decode_loop_jit(graphdef, params, state, eos, jnp.int32(max_new), sampling=sampling)
+    stop = stream(np.asarray(state.token))
+    head = decode_head_jit(graphdef, params)
+    while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
+        state = step_jit(graphdef, params, state, eos, sampling=sampling, head=head)
         stop = stream(np.asarray(state.token))
-        head = decode_head_jit(graphdef, params)
-        while not stop and int(state.step) < max_new and not bool(jnp.all(state.done)):
-            state = step_jit(graphdef, params, state, eos, sampling=sampling, head=head)
-            stop = stream(np.asarray(state.token))
     return state

@@ -1,0 +1,94 @@
+"""A chat turn's latency with the KV cache kept from the last turn (`PrefixCache`, what `chat` does) and without it
+(the whole dialog run again), with random weights.
+
+A turn is `--message` new user tokens after a `--history` of tokens already in the dialog (default: what fills the
+context with the message and `--new-tokens`), decoded step by step through `generate`'s `stream` callback as `chat`
+streams it. Printed per model: the time to the first new token and to the whole turn, best of `--repeats` rounds
+that alternate the two ways in one process after a compiling round, and their ratio. Defaults:
+`python experiments/bench_chat.py` (stories15m and stories110m shapes, float32); a quick smoke run:
+`python experiments/bench_chat.py --models tiny --history 40 --message 8 --new-tokens 4 --repeats 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from bench_decode import random_model
+from peers import record
+
+from llama_jax.config import ExecutionConfig, LlamaConfig
+from llama_jax.inference.generate import generate
+from llama_jax.inference.prefix_cache import PrefixCache
+from llama_jax.model import Llama
+
+
+def turn(model: Llama, prompt: list[int], new_tokens: int, cache: PrefixCache | None) -> tuple[float, float]:
+    """Seconds to the first new token and to the last of one streamed turn."""
+    start, first = time.perf_counter(), []
+
+    def stream(tokens: np.ndarray) -> None:
+        if not first:
+            first.append(time.perf_counter() - start)
+
+    generate(model, [prompt], max_new_tokens=new_tokens, stream=stream, prefix_cache=cache)
+    return first[0], time.perf_counter() - start
+
+
+def bench(model: Llama, history: int, message: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Best times of a turn with the cache holding `history` (primed, untimed, before each round) and without."""
+    rng = np.random.default_rng(0)
+    held = rng.integers(3, model.cfg.vocab_size, history).tolist()
+    prompt = held + rng.integers(3, model.cfg.vocab_size, message).tolist()
+    times: dict[str, list[tuple[float, float]]] = {"cached": [], "full": []}
+    for _ in range(repeats + 1):  # the first round compiles
+        cache = PrefixCache()
+        generate(model, [held], max_new_tokens=1, prefix_cache=cache)  # holds `held`: its one new id is not fed
+        times["cached"].append(turn(model, prompt, new_tokens, cache))
+        times["full"].append(turn(model, prompt, new_tokens, None))
+    best = {way: (min(t[0] for t in runs[1:]), min(t[1] for t in runs[1:])) for way, runs in times.items()}
+    return dict(first_ms_cached=1e3 * best["cached"][0], first_ms_full=1e3 * best["full"][0],
+                turn_ms_cached=1e3 * best["cached"][1], turn_ms_full=1e3 * best["full"][1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
+    parser.add_argument("--layers", type=int, help="override each preset's layer count")
+    parser.add_argument("--history", type=int, help="dialog tokens already run (default: fill the context)")
+    parser.add_argument("--message", type=int, default=32, help="the new user message's tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="reply tokens decoded")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--json", help="append each result as a JSON line to this file")
+    args = parser.parse_args()
+    if min(args.message, args.new_tokens, args.repeats) < 1:
+        parser.error("--message, --new-tokens and --repeats must be at least 1")
+    runs = []
+    for preset in args.models.split(","):
+        try:
+            cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+        except ValueError as err:
+            parser.error(str(err))
+        history = cfg.max_seq_len - args.message - args.new_tokens if args.history is None else args.history
+        if history < 1 or history + args.message + args.new_tokens > cfg.max_seq_len:
+            parser.error(f"history {history} + message {args.message} + new {args.new_tokens} must fit {preset}'s "
+                         f"context of {cfg.max_seq_len} tokens with a history of at least 1; lower them")
+        runs.append((preset, cfg, history))
+    print(f"{'model':<12} {'history':>7} {'message':>7} {'new':>4}  {'first token ms: cached / full':<30} "
+          f"{'ratio':>6}  {'turn ms: cached / full':<22} {'ratio':>6}")
+    for preset, cfg, history in runs:
+        model = random_model(cfg, ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype))
+        r = bench(model, history, args.message, args.new_tokens, args.repeats)
+        print(f"{preset:<12} {history:>7} {args.message:>7} {args.new_tokens:>4}  "
+              f"{r['first_ms_cached']:>13,.1f} / {r['first_ms_full']:<14,.1f} "
+              f"{r['first_ms_full'] / r['first_ms_cached']:>5.2f}x  "
+              f"{r['turn_ms_cached']:>10,.1f} / {r['turn_ms_full']:<9,.1f} "
+              f"{r['turn_ms_full'] / r['turn_ms_cached']:>5.2f}x", flush=True)
+        record(args.json, kind="chat_turn", model=preset, layers=cfg.n_layers, dtype=args.dtype, history=history,
+               message=args.message, new=args.new_tokens, **r)
+
+
+if __name__ == "__main__":
+    main()
