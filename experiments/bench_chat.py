@@ -4,7 +4,10 @@
 A turn is `--message` new user tokens after a `--history` of tokens already in the dialog (default: what fills the
 context with the message and `--new-tokens`), decoded step by step through `generate`'s `stream` callback as `chat`
 streams it. Printed per model: the time to the first new token and to the whole turn, best of `--repeats` rounds
-that alternate the two ways in one process after a compiling round, and their ratio. Defaults:
+that alternate the two ways in one process after a compiling round, and their ratio. With `--tokenizer PATH` (its
+size sets the vocabulary) a second row times the server's engine (`llama_jax serve`'s continuous batching, in
+process): a request resending the dialog plus the message to the slot that holds the dialog, against one whose
+second id differs (nothing reusable), its time to the first token as a request for one token. Defaults:
 `python experiments/bench_chat.py` (stories15m and stories110m shapes, float32); a quick smoke run:
 `python experiments/bench_chat.py --models tiny --history 40 --message 8 --new-tokens 4 --repeats 1`.
 """
@@ -12,6 +15,7 @@ that alternate the two ways in one process after a compiling round, and their ra
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import numpy as np
@@ -22,6 +26,8 @@ from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.inference.generate import generate
 from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.model import Llama
+from llama_jax.serving.engine import BatchingConfig, Engine, Job
+from llama_jax.tokenizer import Tokenizer
 
 
 def turn(model: Llama, prompt: list[int], new_tokens: int, cache: PrefixCache | None) -> tuple[float, float]:
@@ -52,6 +58,47 @@ def bench(model: Llama, history: int, message: int, new_tokens: int, repeats: in
                 turn_ms_cached=1e3 * best["cached"][1], turn_ms_full=1e3 * best["full"][1])
 
 
+def bench_engine(model: Llama, tokenizer: Tokenizer, history: int, message: int, new_tokens: int,
+                 repeats: int) -> dict[str, float]:
+    """`bench`'s times through the server's engine: a request that continues the dialog its slot holds, and one
+    with as many ids that shares only BOS with it."""
+    rng = np.random.default_rng(0)
+    held = [tokenizer.bos_id, *rng.integers(3, model.cfg.vocab_size, history - 1).tolist()]
+    added = rng.integers(3, model.cfg.vocab_size, message).tolist()
+    other = [held[0], 3 + (held[1] - 2) % (model.cfg.vocab_size - 3), *held[2:]]
+    engine = Engine(model, tokenizer, BatchingConfig(max_batch=1, batch_wait_ms=0)).start()
+
+    def request(prompt: list[int], max_tokens: int) -> float:
+        done = threading.Event()
+        start = time.perf_counter()
+        engine.submit(Job(prompt, max_tokens, lambda event: event.finish_reason and done.set()))
+        if not done.wait(600):
+            raise TimeoutError("the engine did not finish a request within 600 s")
+        return time.perf_counter() - start
+
+    times: dict[str, list[tuple[float, float]]] = {"cached": [], "full": []}
+    try:
+        for _ in range(repeats + 1):  # the first round compiles
+            for way, start in (("cached", held), ("full", other)):
+                request(held, 1)  # the slot holds `held` (its one new id is not fed)
+                first = request(start + added, 1)
+                request(held, 1)
+                times[way].append((first, request(start + added, new_tokens)))
+    finally:
+        engine.close()
+    best = {way: (min(t[0] for t in runs[1:]), min(t[1] for t in runs[1:])) for way, runs in times.items()}
+    return dict(first_ms_cached=1e3 * best["cached"][0], first_ms_full=1e3 * best["full"][0],
+                turn_ms_cached=1e3 * best["cached"][1], turn_ms_full=1e3 * best["full"][1])
+
+
+def _row(preset: str, way: str, history: int, message: int, new_tokens: int, r: dict[str, float]) -> str:
+    return (f"{preset:<12} {way:<9} {history:>7} {message:>7} {new_tokens:>4}  "
+            f"{r['first_ms_cached']:>13,.1f} / {r['first_ms_full']:<14,.1f} "
+            f"{r['first_ms_full'] / r['first_ms_cached']:>5.2f}x  "
+            f"{r['turn_ms_cached']:>10,.1f} / {r['turn_ms_full']:<9,.1f} "
+            f"{r['turn_ms_full'] / r['turn_ms_cached']:>5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
@@ -61,14 +108,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="reply tokens decoded")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--tokenizer", help="sentencepiece .model: also time the server's engine (sets the vocabulary)")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+    vocab = {} if tokenizer is None else {"vocab_size": tokenizer.vocab_size}
     if min(args.message, args.new_tokens, args.repeats) < 1:
         parser.error("--message, --new-tokens and --repeats must be at least 1")
     runs = []
     for preset in args.models.split(","):
         try:
-            cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+            cfg = LlamaConfig.preset(preset, **vocab, **({} if args.layers is None else {"n_layers": args.layers}))
         except ValueError as err:
             parser.error(str(err))
         history = cfg.max_seq_len - args.message - args.new_tokens if args.history is None else args.history
@@ -76,18 +126,19 @@ def main() -> None:
             parser.error(f"history {history} + message {args.message} + new {args.new_tokens} must fit {preset}'s "
                          f"context of {cfg.max_seq_len} tokens with a history of at least 1; lower them")
         runs.append((preset, cfg, history))
-    print(f"{'model':<12} {'history':>7} {'message':>7} {'new':>4}  {'first token ms: cached / full':<30} "
+    print(f"{'model':<12} {'via':<9} {'history':>7} {'message':>7} {'new':>4}  {'first token ms: cached / full':<30} "
           f"{'ratio':>6}  {'turn ms: cached / full':<22} {'ratio':>6}")
     for preset, cfg, history in runs:
         model = random_model(cfg, ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype))
-        r = bench(model, history, args.message, args.new_tokens, args.repeats)
-        print(f"{preset:<12} {history:>7} {args.message:>7} {args.new_tokens:>4}  "
-              f"{r['first_ms_cached']:>13,.1f} / {r['first_ms_full']:<14,.1f} "
-              f"{r['first_ms_full'] / r['first_ms_cached']:>5.2f}x  "
-              f"{r['turn_ms_cached']:>10,.1f} / {r['turn_ms_full']:<9,.1f} "
-              f"{r['turn_ms_full'] / r['turn_ms_cached']:>5.2f}x", flush=True)
-        record(args.json, kind="chat_turn", model=preset, layers=cfg.n_layers, dtype=args.dtype, history=history,
-               message=args.message, new=args.new_tokens, **r)
+        ways = {"generate": lambda: bench(model, history, args.message, args.new_tokens, args.repeats)}
+        if tokenizer is not None:
+            ways["engine"] = lambda: bench_engine(model, tokenizer, history, args.message, args.new_tokens,
+                                                  args.repeats)
+        for way, timed in ways.items():
+            r = timed()
+            print(_row(preset, way, history, args.message, args.new_tokens, r), flush=True)
+            record(args.json, kind="chat_turn", via=way, model=preset, layers=cfg.n_layers, dtype=args.dtype,
+                   history=history, message=args.message, new=args.new_tokens, **r)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str =
     for i, (user, answer) in enumerate(pairs):
         prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
         pair = tokenizer.encode(f"{prompt} {answer['content'].strip()} ", bos=True, eos=True)
-        shared = _common_prefix(pair, tokenizer.encode(prompt, bos=True))
+        shared = common_prefix(pair, tokenizer.encode(prompt, bos=True))
         learn = (not last_turn_only or i == len(pairs) - 1) and answer.get("train", True) is not False
         ids += pair
         flags += [False] * shared + [learn] * (len(pair) - shared)
@@ -68,7 +68,8 @@ def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str =
     return ids, flags
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two id lists."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

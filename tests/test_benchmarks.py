@@ -127,19 +127,21 @@ def test_bench_decode_keeps_llama2cs_best_of_its_repeats(tmp_path):
     assert f"llama2c 300.0 tok/s (3.33 ms/step), ratio {row['decode_tok_s'] / 300:.2f}" in run.stdout
 
 
-def test_bench_chat_times_a_turn_with_and_without_the_kept_cache(tmp_path):
+def test_bench_chat_times_a_turn_with_and_without_the_kept_cache(tmp_path, tokenizer_1k):
     results = tmp_path / "chat.jsonl"
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_chat.py"), "--models", "tiny", "--history", "40",
-                          "--message", "8", "--new-tokens", "4", "--repeats", "1", "--json", str(results)],
+                          "--message", "8", "--new-tokens", "4", "--repeats", "1", "--tokenizer", str(tokenizer_1k),
+                          "--json", str(results)],
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
     assert run.returncode == 0, run.stderr
-    row = json.loads(results.read_text())
-    assert (row["history"], row["message"], row["new"]) == (40, 8, 4)
-    times = [row[k] for k in ("first_ms_cached", "first_ms_full", "turn_ms_cached", "turn_ms_full")]
-    assert all(0 < t < 60_000 for t in times) and row["first_ms_cached"] < row["turn_ms_cached"]
-    printed = run.stdout.splitlines()[-1]
-    assert printed.split()[:4] == ["tiny", "40", "8", "4"]
-    assert f"{row['first_ms_full'] / row['first_ms_cached']:.2f}x" in printed
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [row["via"] for row in rows] == ["generate", "engine"]
+    for row, printed in zip(rows, run.stdout.splitlines()[-2:]):
+        assert (row["history"], row["message"], row["new"]) == (40, 8, 4)
+        times = [row[k] for k in ("first_ms_cached", "first_ms_full", "turn_ms_cached", "turn_ms_full")]
+        assert all(0 < t < 60_000 for t in times) and row["first_ms_cached"] < row["turn_ms_cached"]
+        assert printed.split()[:5] == ["tiny", row["via"], "40", "8", "4"]
+        assert f"{row['first_ms_full'] / row['first_ms_cached']:.2f}x" in printed
 
 
 def test_bench_chat_rejects_a_history_past_the_context_in_one_line():

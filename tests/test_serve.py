@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from llama_jax.inference.generate import generate
 from llama_jax.inference.text import continuation
 from llama_jax.serving import engine as engine_module
 from llama_jax.serving.api import create_app
-from llama_jax.serving.engine import BatchingConfig, Engine, Job, QueueFull
+from llama_jax.serving.engine import BatchingConfig, Engine, Event, Job, QueueFull
 from tiny_lm import TEXT, make_tiny_lm
 
 MAX_SEQ_LEN = 64
@@ -293,3 +294,71 @@ def test_requests_join_a_running_batch_and_match_generate(live):
     for i, prompt in enumerate(prompts):
         ids = live.tok.encode(prompt, bos=True)
         assert "".join(texts[i]) == _expected(live, ids, max_tokens[i], ids[-1:]), prompt
+
+
+def test_a_continuing_request_reuses_its_slots_cache_and_matches_generate(tmp_path, monkeypatch):
+    """A dialog's next request takes the slot that holds its last prompt and reply and runs only the ids it adds
+    (a 16-id bucket, not the whole prompt), while a long request decodes beside it past a window shift; every
+    output still equals `generate`'s, and a sampled turn equals the same request admitted afresh."""
+    _, _, model, tok = make_tiny_lm(tmp_path)
+    runs = []
+
+    def readmit(graphdef, params, slots, tokens, row, held_from, *args, readmit_jit=engine_module.readmit_jit,
+                **kwargs):
+        runs.append((tokens.shape[1], int(row), int(held_from), int(slots.cache.index)))
+        return readmit_jit(graphdef, params, slots, tokens, row, held_from, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+
+    def reply(ids: list[int]) -> list[int]:
+        return generate(model, [ids], max_new_tokens=4, eos_id=tok.eos_id)[0]
+
+    turns = [tok.encode(TEXT[0], bos=True)]
+    for message in ["Paris is", "Water", "The cat", "A question"]:
+        turns.append(turns[-1] + reply(turns[-1]) + tok.encode(message))
+    sampled = dict(temperature=0.8, seed=5)  # the last turn's
+    long_prompt = tok.encode(TEXT[1], bos=True)
+    texts, finished, submit_at = [[] for _ in turns], threading.Event(), [2, 10, 30, 50, 70]
+    asked, long_text, engine = [], [], Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0))
+
+    def turn_emit(i: int) -> Callable[[Event], None]:
+        return lambda event: texts[i].append(event.text)
+
+    def long_emit(event: Event) -> None:  # on the engine thread, between steps: turn i joins at a fixed step
+        long_text.append(event.text)
+        i = len(asked)
+        if i < len(turns) and long_job.tokens >= submit_at[i] and (i == 0 or asked[-1].finished):
+            asked.append(Job(turns[i], 4, turn_emit(i), **(sampled if i == len(turns) - 1 else {})))
+            engine.submit(asked[-1])
+        if event.finish_reason is not None:
+            finished.set()
+
+    long_job = Job(long_prompt, 110, long_emit)
+    engine.start().submit(long_job)
+    try:
+        assert finished.wait(120)
+    finally:
+        engine.close()
+    assert len(asked) == len(turns) and all(job.finished for job in asked)
+    assert "".join(long_text) == continuation(tok, [], generate(model, [long_prompt], 110, eos_id=tok.eos_id)[0])
+    for i, ids in enumerate(turns[:-1]):
+        assert "".join(texts[i]) == continuation(tok, [], reply(ids)), i
+    assert [(t, row) for t, row, _, _ in runs] == [(16, 1)] * 4  # every later turn ran 16 of its 39-70 ids
+    assert any(b[3] < a[3] for a, b in zip(runs, runs[1:]))  # the window shifted between two turns
+
+    fresh_texts, fresh = [], Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    done = threading.Event()
+    try:
+        fresh.submit(Job(turns[-1], 4, lambda e: (fresh_texts.append(e.text), e.finish_reason and done.set()),
+                         **sampled))
+        assert done.wait(120)
+    finally:
+        fresh.close()
+    assert "".join(texts[-1]) == "".join(fresh_texts) and len(runs) == 4
+
+
+def test_a_slot_runs_a_whole_prompt_once_its_held_ids_left_the_window():
+    assert Engine._to_run(list(range(40)), list(range(38)), held_from=3) == 16
+    assert Engine._to_run(list(range(40)), list(range(38)), held_from=-1) == 40
+    assert Engine._to_run(list(range(40)), list(range(30)) + [99], held_from=0) == 16
+    assert Engine._to_run(list(range(40)), [0, 1, 2], held_from=0) == 40  # 37 to run: the 64 bucket is all of it

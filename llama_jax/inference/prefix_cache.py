@@ -13,10 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax.chat import common_prefix
 from llama_jax.inference.cache import init_cache, shard_cache
 from llama_jax.inference.generate import MIN_PROMPT_BUCKET, DecodeState, bucket, first_state
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import KVCache, Llama
+
+
+def reusable(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading ids of `prompt` are `held`, short of its last (which must run: its logits sample)."""
+    return min(common_prefix(held, prompt), len(prompt) - 1)
 
 
 def _extend(graphdef: nnx.GraphDef, params: Any, cache: KVCache | None, tokens: jax.Array, start: jax.Array,
@@ -72,12 +78,7 @@ class PrefixCache:
 
     def reusable(self, prompt: Sequence[int]) -> int:
         """How many leading ids of `prompt` the cache already holds (at most all but its last)."""
-        same = 0
-        for held, new in zip(self.ids, prompt[:-1]):
-            if held != new:
-                break
-            same += 1
-        return same
+        return reusable(self.ids, prompt)
 
     def prefill(self, graphdef: nnx.GraphDef, params: Any, prompt: Sequence[int], key: jax.Array,
                 eos_id: jax.Array, sampling: Sampling, max_new: int, n_out: int) -> DecodeState:

@@ -9,12 +9,18 @@ count from its first column (`pad`) and columns before it are masked: the math `
 so greedy outputs are the same. A slot frees the moment its request ends (EOS, max_tokens, a stop sequence) or its
 client leaves; while idle, a new request waits up to `batch_wait_ms` for company so that a burst prefills together.
 
+Prefix reuse: a freed slot keeps the ids its columns hold (prompt and reply), and a request whose prompt begins with
+them (a chat client's next turn resends the whole dialog) takes that slot and runs only the ids it adds, rounded up
+to a power of two, after the row's columns are moved to end where those begin (`_readmit`); other requests take an
+empty slot among the rows stepped now, else the least recently freed, so held dialogs stay while there is room.
+
 Columns (`Window`): the cache is as wide as the longest request needs (prompt bucket + max_tokens, rounded up to a
 power of two) plus a quarter of that spare, because each decode step reads every column (stories15m on CPU: a
 32-row step over 320 columns took 1.9x as long as over 160). `index` starts at `need`, so any prompt fits before it;
-on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses. A joiner needing
-more columns grows the window on the left; an idle engine starts afresh. Steps run on the first
-`bucket(highest busy slot + 1)` slots only (slots are handed out lowest first; the cache grows by whole rows and
+on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses (a held dialog whose
+first column goes with them is run whole next time). A joiner needing more columns grows the window on the left; an
+idle engine starts afresh, dropping what slots held, unless a joiner reuses a slot's ids. Steps run on the first
+`bucket(highest busy slot + 1)` slots only (slots are handed out low first; the cache grows by whole rows and
 starts afresh when idle, because slicing rows out of a larger cache each step cost more than stepping all of them),
 so a lone request does not pay for 32 rows.
 """
@@ -38,6 +44,7 @@ from flax import nnx
 from llama_jax.inference.cache import init_cache
 from llama_jax.inference.generate import (MIN_PROMPT_BUCKET, bucket, decode_head_jit, forward_padded, left_pad,
                                           model_mesh, prefill_padded)
+from llama_jax.inference.prefix_cache import reusable
 from llama_jax.inference.sampling import sample_rows
 from llama_jax.inference.stops import StopStream
 from llama_jax.inference.text import TextStream
@@ -201,6 +208,37 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
                            (slots.top_p, new.top_p), (slots.key, key)))), token[0]
 
 
+def _readmit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, row: jax.Array,
+             held_from: jax.Array, reused: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
+             sampled: bool) -> tuple[Slots, jax.Array]:
+    """Place a prompt in slot `row` whose first `reused` ids that slot still holds from its last request (from
+    column `held_from`), running only its last `T` ids `[1, T]`; return the slots and the first sampled token.
+
+    The row's columns move so the kept keys and values end where the prompt's last `T` ids begin, `T` columns
+    before `index` (their positions count from the new first column, as before from the old one); what the move
+    wraps round lands before that column, where the row's mask hides it, and stale columns after the kept ones
+    are overwritten by the `T` ids or lie past `index`, unseen until decoding writes them.
+    """
+    model: Llama = nnx.merge(graphdef, params)
+    t = tokens.shape[1]
+    index = slots.cache.index
+    first = index - t - reused
+
+    def moved(x: jax.Array, lead: int) -> jax.Array:
+        return jnp.roll(jax.lax.dynamic_index_in_dim(x, row, axis=lead), first - held_from, axis=lead + 2)
+
+    cache = replace(slots.cache.map(moved), index=index - t)
+    mask = (jnp.arange(cache.slots) >= first)[None, None, :]
+    features, cache = model.features(tokens, reused + jnp.arange(t)[None], mask, cache,
+                                     positions_below=model.cfg.max_seq_len)
+    new = Slots(cache, tokens[:, -1], first[None], temperature[None], top_p[None], jax.random.key(seed)[None])
+    token, key = _sample(new, model.logits(features[:, -1:])[:, 0], sampled)
+    placed = replace(slots.cache.place(cache, row, 0), index=index)
+    return Slots(placed, *(old.at[row].set(value[0]) for old, value in
+                           ((slots.token, token), (slots.pad, first[None]), (slots.temperature, new.temperature),
+                            (slots.top_p, new.top_p), (slots.key, key)))), token[0]
+
+
 def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
     """The first `rows` slots (new ones empty) and columns [start, start + width) of each, zeros where that leaves
     the old window (start < 0 grows it on the left); positions are unchanged: `pad` and `index` move along."""
@@ -227,6 +265,7 @@ def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
 
 step_jit = jax.jit(_step, static_argnames=("sampled",), donate_argnames=("slots",))
 admit_jit = jax.jit(_admit, static_argnames=("sampled",), donate_argnames=("slots",))
+readmit_jit = jax.jit(_readmit, static_argnames=("sampled",), donate_argnames=("slots",))
 resize_jit = jax.jit(_resize, static_argnames=("rows", "start", "width"))
 
 
@@ -239,6 +278,10 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self._busy: list[Job | None] = [None] * config.max_batch  # the request in each slot
+        self._held: list[list[int]] = [[] for _ in range(config.max_batch)]  # a free slot's ids, from its `pad`
+        self._freed_at = [0] * config.max_batch  # the count of frees when each slot was last freed
+        self._frees = 0
+        self._rows = 0  # rows of the slots stepped now
         self.batches = 0  # prefill passes so far, and the requests they admitted (their ratio = mean group size)
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
@@ -290,6 +333,7 @@ class Engine:
                 try:
                     if joining or self.running:
                         slots, window, index = self._fit(slots, window, index, joining)
+                        self._rows = slots.token.shape[0]
                     if joining:
                         slots = self._prefill(graphdef, params, slots, joining)
                     if self.running:
@@ -302,7 +346,7 @@ class Engine:
                 except Exception as err:  # one failed step must not take the server down
                     log.exception("decode failed")
                     self._fail_all(f"generation failed: {err}")
-                    slots, window, index = None, Window(0), 0
+                    slots, window, index, self._rows = None, Window(0), 0, 0
 
     def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
              ) -> tuple[Slots, Window, int]:
@@ -317,7 +361,8 @@ class Engine:
         busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
         idle = not set(busy) - {slot for slot, _ in joining}
-        if slots is None or idle and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
+        reusing = any(self._saved(job.prompt, slot) for slot, job in joining)  # keep the cache it reuses
+        if slots is None or idle and not reusing and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
         rows = max(rows, slots.token.shape[0])  # no shrinking while busy: fewer shapes to compile
@@ -334,6 +379,10 @@ class Engine:
                 if job is not None and (job.finished or job.cancelled):
                     job.finished = True
                     self._busy[slot] = None
+                    # Every id sampled but the last was fed back: the slot's columns hold them after the prompt.
+                    self._held[slot] = job.prompt + (job.text.ids[:-1] if job.text is not None else [])
+                    self._frees += 1
+                    self._freed_at[slot] = self._frees
             idle = not self.running
             while idle and not self._waiting and not self._closed:
                 self._cv.wait()
@@ -344,8 +393,12 @@ class Engine:
                 while len(self._waiting) < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cv.wait(left)
             free = [slot for slot, job in enumerate(self._busy) if job is None]
-            joining = [(slot, self._waiting.popleft()) for slot in free[:len(self._waiting)]]
-            for slot, job in joining:
+            joining = []
+            while free and self._waiting:
+                job = self._waiting.popleft()
+                slot = self._choose_slot(free, job.prompt)
+                free.remove(slot)
+                joining.append((slot, job))
                 self._busy[slot] = job
             return joining
 
@@ -354,15 +407,44 @@ class Engine:
         grouping varies with arrival times, and every group size would be another compile (tens of seconds under
         load, which dominated a 32-client benchmark round when prompts were prefilled in groups)."""
         length_cap = self.model.cfg.max_seq_len
+        held_from = np.asarray(slots.pad)  # no admission below moves another slot's columns
         for slot, job in joining:
-            tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
-            slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), np.float32(job.temperature),
-                                     np.float32(job.top_p), np.uint32(job.seed or 0), sampled=job.temperature > 0)
+            run, held, self._held[slot] = self._to_run(job.prompt, self._held[slot], int(held_from[slot])), \
+                self._held[slot], []
+            sampling = (np.float32(job.temperature), np.float32(job.top_p), np.uint32(job.seed or 0))
+            if run < len(job.prompt):
+                tokens = np.asarray([job.prompt[len(job.prompt) - run:]], np.int32)
+                slots, first = readmit_jit(graphdef, params, slots, tokens, np.int32(slot), held_from[slot],
+                                           np.int32(len(job.prompt) - run), *sampling, sampled=job.temperature > 0)
+            else:
+                tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
+                slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), *sampling,
+                                         sampled=job.temperature > 0)
             job.text = TextStream(self.tokenizer, job.piece, job.context)
             job.take(int(first), self.tokenizer.eos_id)
         self.batches += 1
         self.batched_requests += len(joining)
         return slots
+
+    def _choose_slot(self, free: list[int], prompt: list[int]) -> int:
+        """The free slot whose held ids save the most of `prompt`'s prefill; else one inside the rows now stepped,
+        holding nothing, else the least recently freed (so the dialogs held last stay), lowest first."""
+        def rank(slot: int) -> tuple[int, bool, bool, int, int]:
+            return (self._saved(prompt, slot), slot < self._rows, not self._held[slot], -self._freed_at[slot],
+                    -slot)
+        return max(free, key=rank)
+
+    def _saved(self, prompt: list[int], slot: int) -> int:
+        """Prompt ids that need not run in `slot`, by the ids it holds (if they are still in the window)."""
+        return len(prompt) - self._to_run(prompt, self._held[slot], 0)
+
+    @staticmethod
+    def _to_run(prompt: list[int], held: list[int], held_from: int) -> int:
+        """How many of the prompt's last ids to run, the rest being the slot's: a power of two (one compile per
+        bucket), so at most twice what it adds. All of it when the slot holds too little, or what it held has
+        left the window on the left (`held_from` < 0)."""
+        common = reusable(held, prompt) if held_from >= 0 else 0
+        return min(bucket(len(prompt) - common, MIN_PROMPT_BUCKET), len(prompt))
 
     def _decode(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, head: jax.Array | None) -> Slots:
         """One step for every busy slot; a slot whose job ends is freed at the next boundary."""
@@ -374,6 +456,7 @@ class Engine:
         return slots
 
     def _empty_slots(self, window: Window, n: int) -> Slots:
+        self._held = [[] for _ in self._held]
         cache = init_cache(self.model, n, window.width)
         return Slots(replace(cache, index=jnp.int32(window.need)), jnp.zeros((n,), jnp.int32),
                      jnp.full((n,), window.need, jnp.int32), jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32),
@@ -386,3 +469,4 @@ class Engine:
                     job.finished = True
                     job.emit(Event(error=message))
                 self._busy[slot] = None
+                self._held[slot] = []
