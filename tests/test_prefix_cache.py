@@ -86,10 +86,16 @@ def test_a_continuation_compiles_once_per_bucket_and_streams():
     assert streamed == [seen] == generate(model, [prompt], max_new_tokens=5)
 
 
-def test_a_prefix_cache_holds_one_row():
+def test_a_prefix_cache_holds_one_row_of_one_model():
     model = Llama(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="a prefix cache holds one row, got 2 prompts; pass one prompt per call"):
         generate(model, [[1, 2], [3]], prefix_cache=PrefixCache())
+    cache = PrefixCache()
+    new = generate(model, [[1, 2]], max_new_tokens=2, prefix_cache=cache)[0]
+    other = Llama(dataclasses.replace(CFG, n_kv_heads=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="holds another model's KV cache; use a new PrefixCache"):
+        generate(other, [[1, 2, 3]], max_new_tokens=2, prefix_cache=cache)
+    assert cache.ids == [1, 2, new[0]] and cache.cache is not None  # kept for its own model
 
 
 def test_a_continuation_attends_to_the_cache_and_projects_one_position():

@@ -227,7 +227,7 @@ def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
             state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
                                 sampling=sampling)
         else:
-            state = prefix_cache.prefill(graphdef, params, prompt_ids[0], key, eos, sampling, max_new, n_out)
+            state = prefix_cache.prefill(model, prompt_ids[0], key, eos, sampling, max_new, n_out)
         state = _continue(graphdef, params, state, eos, max_new, sampling, stream)
     if prefix_cache is not None:
         prefix_cache.keep(prompt_ids[0], state)

@@ -75,14 +75,18 @@ class PrefixCache:
     def __init__(self) -> None:
         self.cache: KVCache | None = None
         self.ids: list[int] = []
+        self.model: tuple[Any, ...] | None = None  # the config and execution of the model whose cache it holds
 
     def reusable(self, prompt: Sequence[int]) -> int:
         """How many leading ids of `prompt` the cache already holds (at most all but its last)."""
         return reusable(self.ids, prompt)
 
-    def prefill(self, graphdef: nnx.GraphDef, params: Any, prompt: Sequence[int], key: jax.Array,
-                eos_id: jax.Array, sampling: Sampling, max_new: int, n_out: int) -> DecodeState:
+    def prefill(self, model: Llama, prompt: Sequence[int], key: jax.Array, eos_id: jax.Array, sampling: Sampling,
+                max_new: int, n_out: int) -> DecodeState:
         """The decode state after running what `prompt` adds to the ids held (the cache passes to the state)."""
+        if self.model not in (None, (model.cfg, model.execution)):
+            raise ValueError("this PrefixCache holds another model's KV cache; use a new PrefixCache() for each model")
+        graphdef, params = nnx.split(model)
         start = self.reusable(prompt)
         rest = list(prompt[start:])
         width = bucket(len(rest), MIN_PROMPT_BUCKET)
@@ -93,7 +97,7 @@ class PrefixCache:
         slots = cache.slots if cache is not None else slots
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(rest)] = rest
-        self.cache, self.ids = None, []  # donated below; `keep` restores both once decoding has finished
+        self.cache, self.ids, self.model = None, [], (model.cfg, model.execution)  # `keep` restores the cache
         return extend_jit(graphdef, params, cache, tokens, jnp.int32(start), jnp.int32(len(rest)), key, eos_id,
                           sampling=sampling, slots=slots, n_out=n_out)
 
