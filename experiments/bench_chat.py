@@ -53,9 +53,13 @@ def bench(model: Llama, history: int, message: int, new_tokens: int, repeats: in
         generate(model, [held], max_new_tokens=1, prefix_cache=cache)  # holds `held`: its one new id is not fed
         times["cached"].append(turn(model, prompt, new_tokens, cache))
         times["full"].append(turn(model, prompt, new_tokens, None))
-    best = {way: (min(t[0] for t in runs[1:]), min(t[1] for t in runs[1:])) for way, runs in times.items()}
-    return dict(first_ms_cached=1e3 * best["cached"][0], first_ms_full=1e3 * best["full"][0],
-                turn_ms_cached=1e3 * best["cached"][1], turn_ms_full=1e3 * best["full"][1])
+    return _best(times)
+
+
+def _best(times: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Milliseconds to the first token and to the turn's end, each the best over the rounds after the first."""
+    return {f"{what}_ms_{way}": 1e3 * min(run[i] for run in runs[1:])
+            for way, runs in times.items() for i, what in enumerate(("first", "turn"))}
 
 
 def bench_engine(model: Llama, tokenizer: Tokenizer, history: int, message: int, new_tokens: int,
@@ -86,9 +90,7 @@ def bench_engine(model: Llama, tokenizer: Tokenizer, history: int, message: int,
                 times[way].append((first, request(start + added, new_tokens)))
     finally:
         engine.close()
-    best = {way: (min(t[0] for t in runs[1:]), min(t[1] for t in runs[1:])) for way, runs in times.items()}
-    return dict(first_ms_cached=1e3 * best["cached"][0], first_ms_full=1e3 * best["full"][0],
-                turn_ms_cached=1e3 * best["cached"][1], turn_ms_full=1e3 * best["full"][1])
+    return _best(times)
 
 
 def _row(preset: str, way: str, history: int, message: int, new_tokens: int, r: dict[str, float]) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypedDict
 
+import numpy as np
+
 from llama_jax.tokenizer import Tokenizer
 
 # Plain text, not special tokens: the tokenizer splits them into ordinary pieces.
@@ -69,11 +71,11 @@ def encode_turns(tokenizer: Tokenizer, messages: Sequence[Message], final: str =
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two id lists."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    """The length of the longest common prefix of two id lists (compared in NumPy: the server compares each
+    waiting prompt with every free slot's held dialog, thousands of ids each, between two decode steps)."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 def _validate(messages: Sequence[Message], final: str = "user") -> list[Message]:

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.chat import common_prefix
-from llama_jax.inference.cache import init_cache, shard_cache
+from llama_jax.inference.cache import init_cache, resize_cache, shard_cache
 from llama_jax.inference.generate import MIN_PROMPT_BUCKET, DecodeState, bucket, first_state
 from llama_jax.inference.sampling import Sampling
 from llama_jax.model import KVCache, Llama
@@ -54,9 +54,7 @@ def _extend(graphdef: nnx.GraphDef, params: Any, cache: KVCache | None, tokens: 
 
 def _grow(cache: KVCache, slots: int) -> KVCache:
     """The cache with empty slots appended up to `slots` (a dialog that outgrew its bucket: copied once)."""
-    def pad(x: jax.Array, lead: int) -> jax.Array:
-        return jnp.pad(x, [(0, 0)] * (lead + 2) + [(0, slots - x.shape[lead + 2]), (0, 0)])
-    return shard_cache(cache.map(pad))
+    return shard_cache(resize_cache(cache, 1, 0, slots))
 
 
 extend_jit = jax.jit(_extend, static_argnames=("sampling", "slots", "n_out"), donate_argnames=("cache",))

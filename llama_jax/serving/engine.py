@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.inference.cache import init_cache
+from llama_jax.inference.cache import init_cache, resize_cache
 from llama_jax.inference.generate import (MIN_PROMPT_BUCKET, bucket, decode_head_jit, forward_padded, left_pad,
                                           model_mesh, prefill_padded)
 from llama_jax.inference.prefix_cache import reusable
@@ -69,6 +69,9 @@ class BatchingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+
+
+Admission = tuple[int, "Job", int]  # (slot, job, how many of its prompt's last ids run there)
 
 
 class QueueFull(Exception):
@@ -242,16 +245,9 @@ def _readmit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Arra
 def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
     """The first `rows` slots (new ones empty) and columns [start, start + width) of each, zeros where that leaves
     the old window (start < 0 grows it on the left); positions are unchanged: `pad` and `index` move along."""
-    old_rows, old_width = slots.token.shape[0], slots.cache.slots
-    add = max(0, rows - old_rows)
-    fill = ((0, add), (0, 0), (max(0, -start), max(0, start + width - old_width)), (0, 0))
-
-    def window(x: jax.Array, lead: int) -> jax.Array:
-        return jnp.pad(x, ((0, 0),) * lead + fill)[(slice(None),) * lead + (slice(rows), slice(None),
-                                                                           slice(max(0, start), max(0, start) + width))]
-
-    index = slots.cache.index - start
-    resized = replace(slots.cache.map(window), index=index)
+    add = max(0, rows - slots.token.shape[0])
+    resized = resize_cache(slots.cache, rows, start, width)
+    index = resized.index
 
     def rows_of(x: jax.Array, empty: jax.Array) -> jax.Array:
         return jnp.concatenate([x, empty])[:rows]
@@ -281,7 +277,6 @@ class Engine:
         self._held: list[list[int]] = [[] for _ in range(config.max_batch)]  # a free slot's ids, from its `pad`
         self._freed_at = [0] * config.max_batch  # the count of frees when each slot was last freed
         self._frees = 0
-        self._rows = 0  # rows of the slots stepped now
         self.batches = 0  # prefill passes so far, and the requests they admitted (their ratio = mean group size)
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
@@ -327,13 +322,12 @@ class Engine:
             head = decode_head_jit(graphdef, params)
             slots, window, index = None, Window(0), 0
             while True:
-                joining = self._admissions()
+                joining = self._admissions(0 if slots is None else slots.token.shape[0])
                 if joining is None:
                     return
                 try:
                     if joining or self.running:
                         slots, window, index = self._fit(slots, window, index, joining)
-                        self._rows = slots.token.shape[0]
                     if joining:
                         slots = self._prefill(graphdef, params, slots, joining)
                     if self.running:
@@ -346,22 +340,22 @@ class Engine:
                 except Exception as err:  # one failed step must not take the server down
                     log.exception("decode failed")
                     self._fail_all(f"generation failed: {err}")
-                    slots, window, index, self._rows = None, Window(0), 0, 0
+                    slots, window, index = None, Window(0), 0
 
-    def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[tuple[int, Job]]
+    def _fit(self, slots: Slots | None, window: Window, index: int, joining: list[Admission]
              ) -> tuple[Slots, Window, int]:
         """Slots for the busy requests and the joining ones: `bucket(highest busy slot + 1)` rows and a window as
         wide as the longest one needs; fresh when idle, else grown (rows at the end, columns on the left), never
         shrunk while busy."""
         max_seq_len = self.model.cfg.max_seq_len
-        for _, job in joining:
+        for _, job, _ in joining:
             job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
         need = max((min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), max_seq_len) + job.max_tokens
-                    for _, job in joining), default=0)
+                    for _, job, _ in joining), default=0)
         busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
-        idle = not set(busy) - {slot for slot, _ in joining}
-        reusing = any(self._saved(job.prompt, slot) for slot, job in joining)  # keep the cache it reuses
+        idle = not set(busy) - {slot for slot, _, _ in joining}
+        reusing = any(run < len(job.prompt) for _, job, run in joining)  # keep the cache it reuses
         if slots is None or idle and not reusing and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
@@ -372,8 +366,9 @@ class Engine:
             slots, index = resize_jit(slots, rows=rows, start=-extra, width=grown.width), index + extra
         return slots, grown, index
 
-    def _admissions(self) -> list[tuple[int, Job]] | None:
-        """Waiting jobs paired with the free slots they take (lowest first); blocks while idle; None once closed."""
+    def _admissions(self, rows: int) -> list[Admission] | None:
+        """Waiting jobs with the free slots they take (`_choose_slot`, `rows` being stepped now) and how many of
+        their ids to run there; blocks while idle; None once closed."""
         with self._cv:
             for slot, job in enumerate(self._busy):
                 if job is not None and (job.finished or job.cancelled):
@@ -396,21 +391,22 @@ class Engine:
             joining = []
             while free and self._waiting:
                 job = self._waiting.popleft()
-                slot = self._choose_slot(free, job.prompt)
+                slot, run = self._choose_slot(free, job.prompt, rows)
                 free.remove(slot)
-                joining.append((slot, job))
+                joining.append((slot, job, run))
                 self._busy[slot] = job
             return joining
 
-    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[tuple[int, Job]]) -> Slots:
+    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[Admission]) -> Slots:
         """Prefill each joining prompt into its slot and stream its first token. One prompt per call: a burst's
         grouping varies with arrival times, and every group size would be another compile (tens of seconds under
         load, which dominated a 32-client benchmark round when prompts were prefilled in groups)."""
         length_cap = self.model.cfg.max_seq_len
         held_from = np.asarray(slots.pad)  # no admission below moves another slot's columns
-        for slot, job in joining:
-            run, held, self._held[slot] = self._to_run(job.prompt, self._held[slot], int(held_from[slot])), \
-                self._held[slot], []
+        for slot, job, run in joining:
+            self._held[slot] = []
+            if held_from[slot] < 0:  # what it held has left the window on the left
+                run = len(job.prompt)
             sampling = (np.float32(job.temperature), np.float32(job.top_p), np.uint32(job.seed or 0))
             if run < len(job.prompt):
                 tokens = np.asarray([job.prompt[len(job.prompt) - run:]], np.int32)
@@ -426,17 +422,13 @@ class Engine:
         self.batched_requests += len(joining)
         return slots
 
-    def _choose_slot(self, free: list[int], prompt: list[int]) -> int:
-        """The free slot whose held ids save the most of `prompt`'s prefill; else one inside the rows now stepped,
-        holding nothing, else the least recently freed (so the dialogs held last stay), lowest first."""
-        def rank(slot: int) -> tuple[int, bool, bool, int, int]:
-            return (self._saved(prompt, slot), slot < self._rows, not self._held[slot], -self._freed_at[slot],
-                    -slot)
-        return max(free, key=rank)
-
-    def _saved(self, prompt: list[int], slot: int) -> int:
-        """Prompt ids that need not run in `slot`, by the ids it holds (if they are still in the window)."""
-        return len(prompt) - self._to_run(prompt, self._held[slot], 0)
+    def _choose_slot(self, free: list[int], prompt: list[int], rows: int) -> tuple[int, int]:
+        """The free slot whose held ids leave the least of `prompt` to run; else one inside the `rows` stepped now,
+        holding nothing, else the least recently freed (so the dialogs held last stay), lowest first. Returns it
+        and how many ids to run there (if its held ids are still in the window)."""
+        runs = {slot: self._to_run(prompt, self._held[slot], 0) for slot in free}
+        slot = min(free, key=lambda s: (runs[s], s >= rows, bool(self._held[s]), self._freed_at[s], s))
+        return slot, runs[slot]
 
     @staticmethod
     def _to_run(prompt: list[int], held: list[int], held_from: int) -> int:
