@@ -121,6 +121,33 @@ def test_decode_loop_compiles_once_per_bucket(tiny):
     assert streamed == generate(tiny, [[1, 2, 3], [5]], max_new_tokens=12)
 
 
+def test_samples_of_one_prompt_prefill_it_once(tiny, monkeypatch):
+    """Eight rows of three prompts (best-of-K's shape) prefill four rows (the three, padded to a power of two) and
+    decode what each prompt decodes alone; a batch of four distinct prompts among eight shares that compile."""
+    a, b, c = [1, 17, 42, 99, 5], [1, 7], [1, 88, 3, 64, 120, 33]
+    rows = [a, b, a, a, b, c, a, a]
+    prefilled, prefill = [], gen.prefill_jit
+
+    def counting(graphdef, params, tokens, *args, **kwargs):
+        prefilled.append(tokens.shape[0])
+        return prefill(graphdef, params, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "prefill_jit", counting)
+    state = gen.decode(tiny, rows, 12, Sampling())
+    alone = {tuple(p): gen.decode(tiny, [p], 12, Sampling()) for p in (a, b, c)}
+    assert prefilled == [4, 1, 1, 1]
+    for row, prompt in enumerate(rows):
+        single = alone[tuple(prompt)]
+        np.testing.assert_array_equal(np.asarray(state.out[row]), np.asarray(single.out[0]))
+        np.testing.assert_allclose(np.asarray(state.logp[row]), np.asarray(single.logp[0]), atol=1e-5, rtol=0)
+    compiled = prefill._cache_size()
+    gen.decode(tiny, [a, b, c, [1, 2, 3], a, b, c, a], 12, Sampling())
+    assert prefilled[-1] == 4 and prefill._cache_size() == compiled
+
+    sampled = np.asarray(gen.decode(tiny, [a] * 4, 12, Sampling(1.0), seed=3).out)
+    assert prefilled[-1] == 1 and len({tuple(r) for r in sampled.tolist()}) == 4  # four draws, not one copied
+
+
 def test_context_bounds(tiny):
     assert len(generate(tiny, [list(range(1, 36))], max_new_tokens=50)[0]) == 5  # 35 + 5 = max_seq_len 40
     with pytest.raises(ValueError, match="prompt 1 has 40 tokens but the model's context is 40"):
@@ -149,6 +176,20 @@ def test_one_row_decodes_the_same_on_a_sharded_mesh(mesh_config, tied):
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(nnx.state(sharded)))
     assert generate(sharded, [[1, 2, 3, 4, 5]], max_new_tokens=12) == generate(single, [[1, 2, 3, 4, 5]],
                                                                                 max_new_tokens=12)
+
+
+def test_repeated_prompts_decode_the_same_on_a_sharded_mesh():
+    """The rows copied from each distinct prompt's prefill follow the batch sharding: on a (2, 2, 2) mesh, the
+    single-device tokens of each prompt alone."""
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+    sharded = sharded_init(lambda: Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)),
+                           make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    single = Llama(cfg, ExecutionConfig(), rngs=nnx.Rngs(1))
+    nnx.update(single, jax.device_put(nnx.state(sharded), jax.devices()[0]))
+    a, b = [1, 2, 3, 4, 5], [1, 9]
+    want = {tuple(p): generate(single, [p], max_new_tokens=12)[0] for p in (a, b)}
+    rows = [a, b, a, a, b, a, a, a]
+    assert generate(sharded, rows, max_new_tokens=12) == [want[tuple(p)] for p in rows]
 
 
 @pytest.mark.torch_ref

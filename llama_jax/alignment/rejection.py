@@ -61,14 +61,15 @@ class RejectionResult:
 def draw_samples(model: Llama, tokenizer: Tokenizer, prompts: list[Prompt], reward_fn: RewardFn,
                  cfg: RejectionConfig, seed: int = 0) -> Samples:
     """`cfg.samples` completions per prompt (sample k at `temperatures[k % len]`), in batches of `cfg.batch_size`
-    rows of one temperature, each scored by `reward_fn`."""
+    rows of one temperature, each scored by `reward_fn`. A prompt's samples share a batch where they fit, so its
+    keys and values are computed once (`generate.distinct_prompts`)."""
     k_total = cfg.samples
     texts: list[list[str]] = [[""] * k_total for _ in prompts]
     rewards = np.zeros((len(prompts), k_total), np.float32)
     sampler = Sampler(gather=False)
     for t_index, temperature in enumerate(dict.fromkeys(cfg.temperatures)):
-        rows = [(i, k) for k in range(k_total) if cfg.temperatures[k % len(cfg.temperatures)] == temperature
-                for i in range(len(prompts))]
+        rows = [(i, k) for i in range(len(prompts)) for k in range(k_total)
+                if cfg.temperatures[k % len(cfg.temperatures)] == temperature]
         for first in range(0, len(rows), cfg.batch_size):
             chunk = rows[first:first + cfg.batch_size]
             rollout = sampler(model, [prompts[i].ids for i, _ in chunk], cfg.max_new_tokens,

@@ -31,6 +31,11 @@ def resize_cache(cache: KVCache, rows: int, start: int, width: int) -> KVCache:
     return replace(cache.map(window), index=cache.index - start)
 
 
+def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """Row `rows[r]` of the cache as row r, for every layer."""
+    return shard_cache(cache.map(lambda x, lead: jnp.take(x, rows, axis=lead)))
+
+
 def init_cache(model: Llama, batch: int, slots: int) -> KVCache:
     """A zeroed cache of `slots` positions per row in the model's compute dtype and layer layout (stacked for
     `scan_layers`), born sharded when called inside jit under `jax.set_mesh`."""

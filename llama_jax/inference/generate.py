@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax.inference.cache import init_cache, shard_cache
+from llama_jax.inference.cache import init_cache, shard_cache, take_rows
 from llama_jax.inference.sampling import Sampling, filter_logits, sample
 from llama_jax.model import KVCache, Llama
 from llama_jax.sharding import MESH_AXES
@@ -104,10 +104,15 @@ def forward_padded(model: Llama, tokens: jax.Array, pad: jax.Array, cache: KVCac
 
 
 def _prefill(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, pad: jax.Array, key: jax.Array,
-             eos_id: jax.Array, sampling: Sampling, slots: int, n_out: int) -> DecodeState:
-    """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token."""
+             eos_id: jax.Array, sampling: Sampling, slots: int, n_out: int,
+             rows: jax.Array | None = None) -> DecodeState:
+    """Run the left-padded prompts `[B, P]` through the model in one pass and sample the first new token; with
+    `rows` (`[R]` indices into the B prompts), decode R rows, row r continuing prompt `rows[r]` (`decode` runs each
+    distinct prompt once)."""
     model: Llama = nnx.merge(graphdef, params)
     logits, cache = prefill_padded(model, tokens, pad, slots, model.cfg.max_seq_len)
+    if rows is not None:
+        logits, cache, pad = logits[rows], take_rows(cache, rows), pad[rows]
     return first_state(cache, logits, pad, key, eos_id, sampling, n_out)
 
 
@@ -172,6 +177,22 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
     return tokens, pad
 
 
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], np.ndarray | None]:
+    """The prompts to prefill and, when that is fewer than there are rows, each row's index among them.
+
+    Several samples of one prompt (best-of-K, rejection sampling) need its keys and values once: each distinct prompt
+    runs once and its cache rows are copied. The distinct ones are padded to a power of two with copies of the first,
+    so batches drawn with repeats compile one prefill per bucket, not one per count.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    rows = np.array([index.setdefault(tuple(p), len(index)) for p in prompts], np.int32)
+    width = bucket(len(index), 1)
+    if width >= len(prompts):
+        return list(prompts), None
+    distinct = [list(p) for p in index]
+    return distinct + [distinct[0]] * (width - len(distinct)), rows
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int) -> None:
     """Reject empty batches, empty prompts and prompts that leave no room in the context, with a one-line fix."""
     if not prompts:
@@ -223,8 +244,9 @@ def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         if prefix_cache is None:
-            tokens, pad = left_pad(prompt_ids, prompt_len)
-            state = prefill_jit(graphdef, params, tokens, pad, key, eos, slots=prompt_len + n_out, n_out=n_out,
+            distinct, rows = distinct_prompts(prompt_ids)
+            tokens, pad = left_pad(distinct, prompt_len)
+            state = prefill_jit(graphdef, params, tokens, pad, key, eos, rows=rows, slots=prompt_len + n_out, n_out=n_out,
                                 sampling=sampling)
         else:
             state = prefix_cache.prefill(model, prompt_ids[0], key, eos, sampling, max_new, n_out)
