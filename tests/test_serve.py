@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
@@ -13,13 +14,16 @@ from types import SimpleNamespace
 
 import httpx
 import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
 from flax import nnx
 
-from llama_jax import Llama
+from llama_jax import Llama, LlamaConfig
 from llama_jax.chat import encode_dialog
+from llama_jax.inference.cache import init_cache
 from llama_jax.inference.generate import generate
 from llama_jax.inference.text import continuation
 from llama_jax.serving import engine as engine_module
@@ -238,6 +242,38 @@ def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
     assert heads and set(heads) == {(model.cfg.dim, model.cfg.vocab_size)}  # traced with the copy
 
 
+def test_a_request_for_the_rest_of_the_context_steps_over_the_context_and_a_quarter(tmp_path, monkeypatch):
+    """A request's columns are its prompt and max_tokens (its prompt's left padding may leave the window when it
+    shifts): a chat client's default max_tokens, the rest of a 128-token context, steps over 128 + 32 columns, where
+    counting the padding to its 32-id bucket as well stepped over 256 + 64; the text still equals `generate`'s."""
+    _, _, model, tok = make_tiny_lm(tmp_path, max_seq_len=128)
+    ids = tok.encode(TEXT[1], bos=True)[:20]
+    columns, step_jit = [], engine_module.step_jit
+
+    def step(graphdef, params, slots, head, sampled):
+        columns.append((slots.cache.slots, int(slots.cache.index)))
+        return step_jit(graphdef, params, slots, head, sampled=sampled)
+
+    monkeypatch.setattr(engine_module, "step_jit", step)
+    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    texts, done = [], threading.Event()
+
+    def emit(event) -> None:
+        texts.append(event.text)
+        if event.finish_reason is not None:
+            done.set()
+
+    try:
+        engine.submit(Job(ids, 128 - len(ids), emit, context=tuple(ids[-1:])))
+        assert done.wait(120)
+    finally:
+        engine.close()
+    new = generate(model, [ids], max_new_tokens=128 - len(ids), eos_id=tok.eos_id)[0]
+    assert "".join(texts) == continuation(tok, ids[-1:], new)
+    assert {width for width, _ in columns} == {160}
+    assert len(new) > 40 and any(b < a for (_, a), (_, b) in zip(columns, columns[1:]))  # the window shifted
+
+
 @pytest.mark.e2e
 def test_benchmark_script_runs_the_cli_server(tmp_path):
     """experiments/bench_serve.py, shortened: `python -m llama_jax serve` in a subprocess under 1 and 4 clients."""
@@ -355,6 +391,23 @@ def test_a_continuing_request_reuses_its_slots_cache_and_matches_generate(tmp_pa
     finally:
         fresh.close()
     assert "".join(texts[-1]) == "".join(fresh_texts) and len(runs) == 4
+
+
+def test_a_continuing_prompt_attends_to_the_columns_it_fits_not_the_whole_window():
+    """Readmitting reads, moves, runs and writes back the window's `need` columns before `index`, which hold any
+    prompt, not the whole window (the continuing test above checks the outputs); its compiled scores span those."""
+    cfg = LlamaConfig.preset("tiny", vocab_size=320, max_seq_len=128, dim=64, n_layers=2)
+    graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+    rows, width, need = 2, 320, 256
+    cache = dataclasses.replace(init_cache(nnx.merge(graphdef, params), rows, width), index=jnp.int32(need))
+    slots = engine_module.Slots(cache, jnp.zeros((rows,), jnp.int32), jnp.full((rows,), need, jnp.int32),
+                                jnp.zeros((rows,), jnp.float32), jnp.ones((rows,), jnp.float32),
+                                jax.vmap(jax.random.key)(jnp.arange(rows)))
+    args = (graphdef, params, slots, np.zeros((1, 16), np.int32), np.int32(1), np.int32(100), np.int32(40),
+            np.float32(0), np.float32(1), np.uint32(0))
+    text = engine_module.readmit_jit.lower(*args, sampled=False, span=need).compile().as_text()
+    # [batch, kv heads, heads per kv head, 16 ids, columns]: 320 columns before
+    assert set(re.findall(r"f32\[1,2,2,16,(\d+)\]", text)) == {"256"}
 
 
 def test_a_slot_runs_a_whole_prompt_once_its_held_ids_left_the_window():

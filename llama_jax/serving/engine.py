@@ -3,8 +3,8 @@
 One engine thread owns the model and a cache of `max_batch` rows (slots). Each decode step feeds every busy slot's
 last token at one shared column `index` (the write position `Llama` takes from a `KVCache`) and samples each slot's
 next token with that request's own temperature / top_p / seed, in one jitted call. Between steps, waiting requests
-take free slots: their prompts are prefilled together in one pass (left-padded to a bucketed length, as `generate`
-does) and their keys/values are copied into their slots so that they end just before `index`. A slot's positions
+take free slots: each prompt is prefilled (left-padded to a bucketed length, as `generate` does) and its keys/values
+are copied into its slot so that they end just before `index`. A slot's positions
 count from its first column (`pad`) and columns before it are masked: the math `generate` does for a left-padded row,
 so greedy outputs are the same. A slot frees the moment its request ends (EOS, max_tokens, a stop sequence) or its
 client leaves; while idle, a new request waits up to `batch_wait_ms` for company so that a burst prefills together.
@@ -14,8 +14,9 @@ them (a chat client's next turn resends the whole dialog) takes that slot and ru
 to a power of two, after the row's columns are moved to end where those begin (`_readmit`); other requests take an
 empty slot among the rows stepped now, else the least recently freed, so held dialogs stay while there is room.
 
-Columns (`Window`): the cache is as wide as the longest request needs (prompt bucket + max_tokens, rounded up to a
-power of two) plus a quarter of that spare, because each decode step reads every column (stories15m on CPU: a
+Columns (`Window`): the cache is as wide as the longest request needs (prompt + max_tokens, rounded up to a power of
+two; its prompt's padding to a bucket fits at admission, since `index` >= that bucket, and is masked, so it may leave
+the window later) plus a quarter of that spare, because each decode step reads every column (stories15m on CPU: a
 32-row step over 320 columns took 1.9x as long as over 160). `index` starts at `need`, so any prompt fits before it;
 on reaching the end, every slot shifts left by the spare columns, which no busy slot still uses (a held dialog whose
 first column goes with them is run whole next time). A joiner needing more columns grows the window on the left; an
@@ -144,8 +145,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Window:
-    """The cache's columns: room for requests needing up to `need` columns (prompt bucket + max_tokens), plus
-    `shift` spare ones; the shared write column `index` stays in [need, width]."""
+    """The cache's columns: room for requests needing up to `need` columns (prompt + max_tokens), plus `shift`
+    spare ones; the shared write column `index` stays in [need, width]."""
 
     need: int
 
@@ -213,30 +214,34 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
 
 def _readmit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, row: jax.Array,
              held_from: jax.Array, reused: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
-             sampled: bool) -> tuple[Slots, jax.Array]:
+             sampled: bool, span: int) -> tuple[Slots, jax.Array]:
     """Place a prompt in slot `row` whose first `reused` ids that slot still holds from its last request (from
     column `held_from`), running only its last `T` ids `[1, T]`; return the slots and the first sampled token.
 
-    The row's columns move so the kept keys and values end where the prompt's last `T` ids begin, `T` columns
-    before `index` (their positions count from the new first column, as before from the old one); what the move
-    wraps round lands before that column, where the row's mask hides it, and stale columns after the kept ones
-    are overwritten by the `T` ids or lie past `index`, unseen until decoding writes them.
+    The kept keys and values move so they end where the prompt's last `T` ids begin, `T` columns before `index`
+    (their positions count from the new first column, as before from the old one). Only the `span` columns before
+    `index` are read, run and written back: they hold the whole prompt (`span`, the window's `need`, is at least
+    any prompt's length), so the move copies and attention spans those rather than the whole window. What
+    the move wraps round lands before the prompt's first column, where the row's mask hides it, and columns after
+    the kept ones are overwritten by the `T` ids or lie past `index`, unseen until decoding writes them.
     """
     model: Llama = nnx.merge(graphdef, params)
     t = tokens.shape[1]
     index = slots.cache.index
     first = index - t - reused
+    start = index - span
+    columns = (start - (first - held_from) + jnp.arange(span)) % slots.cache.slots
 
     def moved(x: jax.Array, lead: int) -> jax.Array:
-        return jnp.roll(jax.lax.dynamic_index_in_dim(x, row, axis=lead), first - held_from, axis=lead + 2)
+        return jnp.take(jax.lax.dynamic_index_in_dim(x, row, axis=lead), columns, axis=lead + 2)
 
-    cache = replace(slots.cache.map(moved), index=index - t)
-    mask = (jnp.arange(cache.slots) >= first)[None, None, :]
+    cache = replace(slots.cache.map(moved), index=span - t)
+    mask = (jnp.arange(span) >= first - start)[None, None, :]
     features, cache = model.features(tokens, reused + jnp.arange(t)[None], mask, cache,
                                      positions_below=model.cfg.max_seq_len)
     new = Slots(cache, tokens[:, -1], first[None], temperature[None], top_p[None], jax.random.key(seed)[None])
     token, key = _sample(new, model.logits(features[:, -1:])[:, 0], sampled)
-    placed = replace(slots.cache.place(cache, row, 0), index=index)
+    placed = replace(slots.cache.place(cache, row, start), index=index)
     return Slots(placed, *(old.at[row].set(value[0]) for old, value in
                            ((slots.token, token), (slots.pad, first[None]), (slots.temperature, new.temperature),
                             (slots.top_p, new.top_p), (slots.key, key)))), token[0]
@@ -261,7 +266,7 @@ def _resize(slots: Slots, rows: int, start: int, width: int) -> Slots:
 
 step_jit = jax.jit(_step, static_argnames=("sampled",), donate_argnames=("slots",))
 admit_jit = jax.jit(_admit, static_argnames=("sampled",), donate_argnames=("slots",))
-readmit_jit = jax.jit(_readmit, static_argnames=("sampled",), donate_argnames=("slots",))
+readmit_jit = jax.jit(_readmit, static_argnames=("sampled", "span"), donate_argnames=("slots",))
 resize_jit = jax.jit(_resize, static_argnames=("rows", "start", "width"))
 
 
@@ -329,7 +334,7 @@ class Engine:
                     if joining or self.running:
                         slots, window, index = self._fit(slots, window, index, joining)
                     if joining:
-                        slots = self._prefill(graphdef, params, slots, joining)
+                        slots = self._prefill(graphdef, params, slots, joining, window)
                     if self.running:
                         if index == window.width:
                             slots = resize_jit(slots, rows=slots.token.shape[0], start=window.shift,
@@ -350,8 +355,7 @@ class Engine:
         max_seq_len = self.model.cfg.max_seq_len
         for _, job, _ in joining:
             job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
-        need = max((min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), max_seq_len) + job.max_tokens
-                    for _, job, _ in joining), default=0)
+        need = max((len(job.prompt) + job.max_tokens for _, job, _ in joining), default=0)
         busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
         idle = not set(busy) - {slot for slot, _, _ in joining}
@@ -397,10 +401,12 @@ class Engine:
                 self._busy[slot] = job
             return joining
 
-    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[Admission]) -> Slots:
+    def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[Admission],
+                 window: Window) -> Slots:
         """Prefill each joining prompt into its slot and stream its first token. One prompt per call: a burst's
         grouping varies with arrival times, and every group size would be another compile (tens of seconds under
-        load, which dominated a 32-client benchmark round when prompts were prefilled in groups)."""
+        load, which dominated a 32-client benchmark round when prompts were prefilled in groups). A continuing
+        prompt reads the last `window.need` columns: its length fits them, and `index` is never below them."""
         length_cap = self.model.cfg.max_seq_len
         held_from = np.asarray(slots.pad)  # no admission below moves another slot's columns
         for slot, job, run in joining:
@@ -411,7 +417,8 @@ class Engine:
             if run < len(job.prompt):
                 tokens = np.asarray([job.prompt[len(job.prompt) - run:]], np.int32)
                 slots, first = readmit_jit(graphdef, params, slots, tokens, np.int32(slot), held_from[slot],
-                                           np.int32(len(job.prompt) - run), *sampling, sampled=job.temperature > 0)
+                                           np.int32(len(job.prompt) - run), *sampling, sampled=job.temperature > 0,
+                                           span=window.need)
             else:
                 tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
                 slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), *sampling,
