@@ -211,6 +211,24 @@ def test_engine_queue_bound_and_cancel():
     assert engine.waiting == 2
 
 
+def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int) -> str:
+    """The text a two-slot engine streams for one greedy request."""
+    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    texts, done = [], threading.Event()
+
+    def emit(event) -> None:
+        texts.append(event.text)
+        if event.finish_reason is not None:
+            done.set()
+
+    try:
+        engine.submit(Job(ids, max_tokens, emit, context=tuple(ids[-1:])))
+        assert done.wait(120)
+    finally:
+        engine.close()
+    return "".join(texts)
+
+
 def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
     """The engine multiplies every step by its model's `decode_head` (a `[dim, vocab]` copy of a tied table, made
     once per run); greedy outputs still equal `generate`'s."""
@@ -223,22 +241,9 @@ def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
         return engine_module._step(graphdef, params, slots, head, sampled)
 
     monkeypatch.setattr(engine_module, "step_jit", jax.jit(step, static_argnames=("sampled",)))
-    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
     ids = tok.encode("The cat sat", bos=True)
-    texts, done = [], threading.Event()
-
-    def emit(event) -> None:
-        texts.append(event.text)
-        if event.finish_reason is not None:
-            done.set()
-
-    try:
-        engine.submit(Job(ids, 12, emit, context=tuple(ids[-1:])))
-        assert done.wait(120)
-    finally:
-        engine.close()
     new = generate(model, [ids], max_new_tokens=12, eos_id=tok.eos_id)[0]
-    assert "".join(texts) == continuation(tok, ids[-1:], new)
+    assert _lone_request(model, tok, ids, 12) == continuation(tok, ids[-1:], new)
     assert heads and set(heads) == {(model.cfg.dim, model.cfg.vocab_size)}  # traced with the copy
 
 
@@ -255,21 +260,8 @@ def test_a_request_for_the_rest_of_the_context_steps_over_the_context_and_a_quar
         return step_jit(graphdef, params, slots, head, sampled=sampled)
 
     monkeypatch.setattr(engine_module, "step_jit", step)
-    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
-    texts, done = [], threading.Event()
-
-    def emit(event) -> None:
-        texts.append(event.text)
-        if event.finish_reason is not None:
-            done.set()
-
-    try:
-        engine.submit(Job(ids, 128 - len(ids), emit, context=tuple(ids[-1:])))
-        assert done.wait(120)
-    finally:
-        engine.close()
     new = generate(model, [ids], max_new_tokens=128 - len(ids), eos_id=tok.eos_id)[0]
-    assert "".join(texts) == continuation(tok, ids[-1:], new)
+    assert _lone_request(model, tok, ids, 128 - len(ids)) == continuation(tok, ids[-1:], new)
     assert {width for width, _ in columns} == {160}
     assert len(new) > 40 and any(b < a for (_, a), (_, b) in zip(columns, columns[1:]))  # the window shifted
 
