@@ -246,8 +246,8 @@ def decode(model: Llama, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
         if prefix_cache is None:
             distinct, rows = distinct_prompts(prompt_ids)
             tokens, pad = left_pad(distinct, prompt_len)
-            state = prefill_jit(graphdef, params, tokens, pad, key, eos, rows=rows, slots=prompt_len + n_out, n_out=n_out,
-                                sampling=sampling)
+            state = prefill_jit(graphdef, params, tokens, pad, key, eos, rows=rows, slots=prompt_len + n_out,
+                                n_out=n_out, sampling=sampling)
         else:
             state = prefix_cache.prefill(model, prompt_ids[0], key, eos, sampling, max_new, n_out)
         state = _continue(graphdef, params, state, eos, max_new, sampling, stream)
