@@ -95,3 +95,35 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     logits[2, :] = -np.inf
     logits[2, 299] = 0.0
     np.testing.assert_array_equal(np.asarray(greedy(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+
+
+def test_nucleus_matches_metas_rule_from_the_candidates_or_a_full_sort():
+    """Rows of 2,000 logits, peaked (their nucleus within the `NUCLEUS_CANDIDATES` most likely tokens, found without
+    sorting the vocabulary) or flat (the whole vocabulary sorted), each with its own top_p (1 = off), against Meta's
+    `sample_top_p` in NumPy; a float32 tie with p at the boundary may go either way."""
+    from llama_jax.inference.sampling import NUCLEUS_CANDIDATES, drop_outside_top_p
+
+    rng = np.random.default_rng(0)
+    top_p = np.array([0.5, 0.9, 0.95, 1.0, 0.3, 0.9], np.float32)[:, None]
+    peaked = rng.standard_normal((6, 2000)).astype(np.float32) * 3
+    flat = rng.standard_normal((6, 2000)).astype(np.float32) * 0.5
+    drop = jax.jit(drop_outside_top_p)
+    for logits in (peaked, flat):
+        got = np.isfinite(np.asarray(drop(jnp.asarray(logits), jnp.asarray(top_p))))
+        probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+        for row in range(len(logits)):
+            order = np.argsort(-logits[row], kind="stable")
+            mass_before = np.cumsum(probs[row][order]) - probs[row][order]
+            want = np.empty(logits.shape[1], bool)
+            want[order] = (mass_before <= top_p[row]) | (top_p[row] >= 1.0)
+            clear = np.empty_like(want)
+            clear[order] = np.abs(mass_before - top_p[row]) > 1e-5
+            np.testing.assert_array_equal(got[row][clear], want[clear])
+    kept = {name: np.isfinite(np.asarray(drop(jnp.asarray(x), jnp.asarray(top_p)))).sum(-1)[[0, 1, 2, 4, 5]]
+            for name, x in (("peaked", peaked), ("flat", flat))}
+    assert kept["peaked"].max() < NUCLEUS_CANDIDATES < kept["flat"].max()
+
+    # The vocabulary is sorted only where the candidates fall short of p, inside a branch of its own.
+    program = jax.make_jaxpr(drop_outside_top_p)(jnp.asarray(flat), jnp.asarray(top_p))
+    assert "sort" not in str([eqn.primitive for eqn in program.eqns])
+    assert "sort" in str(program)

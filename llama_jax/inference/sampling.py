@@ -46,14 +46,40 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return logits
 
 
+# Where the nucleus lies: the candidates' partial sums decide it whenever they pass p. XLA:CPU's sort took 119 ms for
+# 16 x 32,000 logits (4x a stories15m decode step at that batch), `lax.top_k` of 256 took 2.2 ms.
+NUCLEUS_CANDIDATES = 256
+
+
 def drop_outside_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
-    """Set to -inf every token outside the nucleus of mass `top_p` (a float, or one per row as `[..., 1]`)."""
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    drop_sorted = (mass_before > top_p) & (top_p < 1.0)
-    drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
-    return jnp.where(drop, -jnp.inf, logits)
+    """Set to -inf every token outside the nucleus of mass `top_p` (a float, or one per row as `[..., 1]`).
+
+    Meta's rule on the most likely `NUCLEUS_CANDIDATES` tokens: when they hold more than p of every row's mass, the
+    ones after them are dropped anyway, and the rest of the vocabulary is left unsorted (a trained model's nucleus is
+    a few dozen tokens, a flat row's can be most of the vocabulary: then the whole vocabulary is sorted). Tokens tied
+    with the last kept one are kept too.
+    """
+    active = jnp.asarray(top_p) < 1.0
+
+    def nucleus() -> jax.Array:
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_logits, top_index = jax.lax.top_k(logits, min(NUCLEUS_CANDIDATES, logits.shape[-1]))
+        top_probs = jnp.take_along_axis(probs, top_index, axis=-1)
+        covered = jnp.all(~active | (jnp.sum(top_probs, axis=-1, keepdims=True) > top_p))
+
+        def least_kept(sorted_logits: jax.Array, sorted_probs: jax.Array) -> jax.Array:
+            """The least logit the nucleus keeps, from logits sorted descending and their probabilities."""
+            kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs <= top_p
+            return jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+
+        def by_sorting() -> jax.Array:
+            order = jnp.argsort(-logits, axis=-1)
+            return least_kept(jnp.take_along_axis(logits, order, axis=-1), jnp.take_along_axis(probs, order, axis=-1))
+
+        least = jax.lax.cond(covered, lambda: least_kept(top_logits, top_probs), by_sorting)
+        return jnp.where(active & (logits < least), -jnp.inf, logits)
+
+    return jax.lax.cond(jnp.any(active), nucleus, lambda: logits)  # a server batch of top_p 1 rows: nothing to do
 
 
 def greedy(logits: jax.Array) -> jax.Array:
