@@ -5,7 +5,10 @@ batch of as many distinct prompts of the same length, where every row is prefill
 (`generate.distinct_prompts`); a batch of `--prompts` x `--samples` distinct rows is the same work without that.
 Printed per model: milliseconds for the first token (a call for one new token: the prefill and one sample) and for
 the whole batch (`--new-tokens` sampled at temperature 1, no EOS, so every row runs every step), best of `--repeats`
-rounds that alternate the two batches in one process after a compiling round, and their ratio. Defaults:
+rounds that alternate the two batches in one process after a compiling round, and their ratio. With `--tokenizer
+PATH` (its size sets the vocabulary) a second row times the server's engine (`llama_jax serve`, in process) on the
+same rows sent at once (a request with `n` = `--samples`, per prompt), where a row copies a prompt another slot
+holds and runs only its last 16 ids. Defaults:
 `python experiments/bench_samples.py` (stories15m and stories110m shapes, float32, 4 prompts x 4 samples of 128
 tokens, 64 new); a quick smoke run:
 `python experiments/bench_samples.py --models tiny --prompt-len 16 --new-tokens 4 --repeats 1`.
@@ -14,6 +17,7 @@ tokens, 64 new); a quick smoke run:
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import numpy as np
@@ -23,6 +27,8 @@ from peers import record
 from llama_jax.config import ExecutionConfig, LlamaConfig
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
+from llama_jax.serving.engine import BatchingConfig, Engine, Job
+from llama_jax.tokenizer import Tokenizer
 
 
 def timed(model: Llama, rows: list[list[int]], new_tokens: int) -> float:
@@ -31,17 +37,39 @@ def timed(model: Llama, rows: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def bench(model: Llama, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-          repeats: int) -> dict[str, float]:
-    """Best milliseconds to the first token and for the whole batch, shared prefill ("shared") and not ("every")."""
-    rng = np.random.default_rng(0)
-    distinct = rng.integers(3, model.cfg.vocab_size, (prompts * samples, prompt_len)).tolist()
-    batches = {"shared": [p for p in distinct[:prompts] for _ in range(samples)], "every": distinct}
-    times: dict[str, list[tuple[float, float]]] = {way: [] for way in batches}
+def engine_timed(engine: Engine, rows: list[list[int]], new_tokens: int) -> float:
+    """Seconds until the engine has finished every row, sent at once (temperature 1, seed = the row's index)."""
+    left, done = [len(rows)], threading.Event()
+
+    def finished(event) -> None:
+        if event.finish_reason:
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+
+    start = time.perf_counter()
+    for k, row in enumerate(rows):
+        engine.submit(Job(row, new_tokens, finished, temperature=1.0, seed=k))
+    if not done.wait(600):
+        raise TimeoutError("the engine did not finish the rows within 600 s")
+    return time.perf_counter() - start
+
+
+def batches(model: Llama, prompts: int, samples: int, prompt_len: int) -> dict[str, list[list[int]]]:
+    """K samples of each prompt ("shared"), and as many distinct prompts of the same length ("every")."""
+    distinct = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (prompts * samples, prompt_len)).tolist()
+    return {"shared": [p for p in distinct[:prompts] for _ in range(samples)], "every": distinct}
+
+
+def bench(model: Llama, rows: dict[str, list[list[int]]], new_tokens: int, repeats: int,
+          engine: Engine | None = None) -> dict[str, float]:
+    """Best milliseconds to the first token and for the whole batch of each way, through `generate` or `engine`."""
+    run = (lambda r, n: timed(model, r, n)) if engine is None else (lambda r, n: engine_timed(engine, r, n))
+    times: dict[str, list[tuple[float, float]]] = {way: [] for way in rows}
     for _ in range(repeats + 1):  # the first round compiles
-        for way, rows in batches.items():
-            times[way].append((timed(model, rows, 1), timed(model, rows, new_tokens)))
-    return {f"{what}_ms_{way}": 1e3 * min(run[i] for run in runs[1:])
+        for way, batch in rows.items():
+            times[way].append((run(batch, 1), run(batch, new_tokens)))
+    return {f"{what}_ms_{way}": 1e3 * min(r[i] for r in runs[1:])
             for way, runs in times.items() for i, what in enumerate(("first", "batch"))}
 
 
@@ -55,33 +83,50 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--tokenizer", help="sentencepiece .model: also time the server's engine (sets the vocabulary)")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+    vocab = {} if tokenizer is None else {"vocab_size": tokenizer.vocab_size}
     if min(args.prompts, args.samples, args.prompt_len, args.new_tokens, args.repeats) < 1:
         parser.error("--prompts, --samples, --prompt-len, --new-tokens and --repeats must be at least 1")
     configs = []
     for preset in args.models.split(","):
         try:
-            cfg = LlamaConfig.preset(preset, **({} if args.layers is None else {"n_layers": args.layers}))
+            cfg = LlamaConfig.preset(preset, **vocab, **({} if args.layers is None else {"n_layers": args.layers}))
         except ValueError as err:
             parser.error(str(err))
         if args.prompt_len + args.new_tokens > cfg.max_seq_len:
             parser.error(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} must fit {preset}'s "
                          f"context of {cfg.max_seq_len} tokens; lower them")
         configs.append((preset, cfg))
-    print(f"{'model':<12} {'rows':>9} {'prompt':>6} {'new':>4}  {'first token ms: shared / every':<31} {'ratio':>6}  "
-          f"{'batch ms: shared / every':<25} {'ratio':>6}")
+    print(f"{'model':<12} {'via':<9} {'rows':>5} {'prompt':>6} {'new':>4}  {'first token ms: shared / every':<31} "
+          f"{'ratio':>6}  {'batch ms: shared / every':<25} {'ratio':>6}")
+    size = f"{args.prompts}x{args.samples}"
     for preset, cfg in configs:
         model = random_model(cfg, ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype))
-        r = bench(model, args.prompts, args.samples, args.prompt_len, args.new_tokens, args.repeats)
-        rows = f"{args.prompts}x{args.samples}"
-        print(f"{preset:<12} {rows:>9} {args.prompt_len:>6} {args.new_tokens:>4}  "
-              f"{r['first_ms_shared']:>14,.1f} / {r['first_ms_every']:<14,.1f} "
-              f"{r['first_ms_every'] / r['first_ms_shared']:>5.2f}x  "
-              f"{r['batch_ms_shared']:>11,.1f} / {r['batch_ms_every']:<11,.1f} "
-              f"{r['batch_ms_every'] / r['batch_ms_shared']:>5.2f}x", flush=True)
-        record(args.json, kind="best_of_k", model=preset, layers=cfg.n_layers, dtype=args.dtype,
-               prompts=args.prompts, samples=args.samples, prompt_len=args.prompt_len, new=args.new_tokens, **r)
+        rows = batches(model, args.prompts, args.samples, args.prompt_len)
+        ways = {"generate": lambda: bench(model, rows, args.new_tokens, args.repeats)}
+        if tokenizer is not None:
+            ways["engine"] = lambda: _engine_bench(model, tokenizer, rows, args.new_tokens, args.repeats)
+        for way, measure in ways.items():
+            r = measure()
+            print(f"{preset:<12} {way:<9} {size:>5} {args.prompt_len:>6} {args.new_tokens:>4}  "
+                  f"{r['first_ms_shared']:>14,.1f} / {r['first_ms_every']:<14,.1f} "
+                  f"{r['first_ms_every'] / r['first_ms_shared']:>5.2f}x  "
+                  f"{r['batch_ms_shared']:>11,.1f} / {r['batch_ms_every']:<11,.1f} "
+                  f"{r['batch_ms_every'] / r['batch_ms_shared']:>5.2f}x", flush=True)
+            record(args.json, kind="best_of_k", via=way, model=preset, layers=cfg.n_layers, dtype=args.dtype,
+                   prompts=args.prompts, samples=args.samples, prompt_len=args.prompt_len, new=args.new_tokens, **r)
+
+
+def _engine_bench(model: Llama, tokenizer: Tokenizer, rows: dict[str, list[list[int]]], new_tokens: int,
+                  repeats: int) -> dict[str, float]:
+    engine = Engine(model, tokenizer, BatchingConfig(max_batch=len(rows["every"]), batch_wait_ms=50)).start()
+    try:
+        return bench(model, rows, new_tokens, repeats, engine)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -152,20 +152,21 @@ def test_bench_chat_rejects_a_history_past_the_context_in_one_line():
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 
-def test_bench_samples_times_a_shared_prefill_against_every_row_prefilled(tmp_path):
+def test_bench_samples_times_a_shared_prefill_against_every_row_prefilled(tmp_path, tokenizer_1k):
     results = tmp_path / "samples.jsonl"
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_samples.py"), "--models", "tiny", "--prompts", "2",
-                          "--samples", "3", "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--json",
-                          str(results)],
+                          "--samples", "3", "--prompt-len", "24", "--new-tokens", "4", "--repeats", "1", "--tokenizer",
+                          str(tokenizer_1k), "--json", str(results)],
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
     assert run.returncode == 0, run.stderr
-    [row] = [json.loads(line) for line in results.read_text().splitlines()]
-    assert (row["prompts"], row["samples"], row["prompt_len"], row["new"]) == (2, 3, 16, 4)
-    times = [row[f"{what}_ms_{way}"] for what in ("first", "batch") for way in ("shared", "every")]
-    assert all(0 < t < 60_000 for t in times) and row["first_ms_shared"] < row["batch_ms_shared"]
-    printed = run.stdout.splitlines()[-1]
-    assert printed.split()[:4] == ["tiny", "2x3", "16", "4"]
-    assert f"{row['batch_ms_every'] / row['batch_ms_shared']:.2f}x" in printed
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [row["via"] for row in rows] == ["generate", "engine"]
+    for row, printed in zip(rows, run.stdout.splitlines()[-2:]):
+        assert (row["prompts"], row["samples"], row["prompt_len"], row["new"]) == (2, 3, 24, 4)
+        times = [row[f"{what}_ms_{way}"] for what in ("first", "batch") for way in ("shared", "every")]
+        assert all(0 < t < 60_000 for t in times) and row["first_ms_shared"] < row["batch_ms_shared"]
+        assert printed.split()[:5] == ["tiny", row["via"], "2x3", "24", "4"]
+        assert f"{row['batch_ms_every'] / row['batch_ms_shared']:.2f}x" in printed
 
 
 def test_bench_samples_rejects_a_prompt_past_the_context_in_one_line():

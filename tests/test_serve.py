@@ -103,6 +103,28 @@ def test_streaming_equals_generate_and_stop_sequences_cut(live):
     assert streamed == cut.choices[0].text
 
 
+@pytest.mark.e2e
+def test_n_choices_are_the_requests_with_seeds_seed_to_seed_plus_n(live):
+    got = live.client.completions.create(model="tiny", prompt="The cat sat", max_tokens=10, temperature=0.9, seed=5,
+                                         n=3)
+    alone = [live.client.completions.create(model="tiny", prompt="The cat sat", max_tokens=10, temperature=0.9,
+                                            seed=5 + k).choices[0].text for k in range(3)]
+    assert [c.index for c in got.choices] == [0, 1, 2] and [c.text for c in got.choices] == alone
+    assert len(set(alone)) == 3 and got.usage.prompt_tokens == len(live.tok.encode("The cat sat", bos=True))
+
+    messages = [{"role": "user", "content": "Where is Paris?"}]
+    chunks = list(live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                      n=2, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in (0, 1)}
+    assert texts[0] == texts[1] == _expected(live, encode_dialog(live.tok, messages), 8, [])
+    assert sorted(c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant") == [0, 1]
+
+    too_many = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 21})
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["message"] == ("2 prompt(s) x n=21 is 42 sequences, more than this server "
+                                                   "queues (40); lower n or send fewer prompts")
+
+
 @pytest.mark.e2e  # ~60 s on the loaded 2-core machine: kept out of the default tier's budget
 def test_32_concurrent_streaming_clients_get_generates_outputs(live):
     prompts = [f"{TEXT[i % len(TEXT)][: 8 + 3 * i]}" for i in range(32)]  # 32 different prompts and lengths
@@ -211,8 +233,8 @@ def test_engine_queue_bound_and_cancel():
     assert engine.waiting == 2
 
 
-def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int) -> str:
-    """The text a two-slot engine streams for one greedy request."""
+def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int, **sampling) -> str:
+    """The text a two-slot engine streams for one request (greedy unless `sampling` says otherwise)."""
     engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
     texts, done = [], threading.Event()
 
@@ -222,7 +244,7 @@ def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int) -> str:
             done.set()
 
     try:
-        engine.submit(Job(ids, max_tokens, emit, context=tuple(ids[-1:])))
+        engine.submit(Job(ids, max_tokens, emit, context=tuple(ids[-1:]), **sampling))
         assert done.wait(120)
     finally:
         engine.close()
@@ -331,10 +353,11 @@ def test_a_continuing_request_reuses_its_slots_cache_and_matches_generate(tmp_pa
     _, _, model, tok = make_tiny_lm(tmp_path)
     runs = []
 
-    def readmit(graphdef, params, slots, tokens, row, held_from, *args, readmit_jit=engine_module.readmit_jit,
-                **kwargs):
+    def readmit(graphdef, params, slots, tokens, row, source, held_from, *args,
+                readmit_jit=engine_module.readmit_jit, **kwargs):
+        assert source == row  # the slot that holds the dialog
         runs.append((tokens.shape[1], int(row), int(held_from), int(slots.cache.index)))
-        return readmit_jit(graphdef, params, slots, tokens, row, held_from, *args, **kwargs)
+        return readmit_jit(graphdef, params, slots, tokens, row, source, held_from, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "readmit_jit", readmit)
 
@@ -385,6 +408,50 @@ def test_a_continuing_request_reuses_its_slots_cache_and_matches_generate(tmp_pa
     assert "".join(texts[-1]) == "".join(fresh_texts) and len(runs) == 4
 
 
+def test_requests_sharing_a_prefix_copy_it_from_the_slot_that_holds_it(tmp_path, monkeypatch):
+    """Three samples of one prompt arriving together (a request with `n` = 3) prefill it once: the second and third
+    copy the first's slot and run 16 of its ids; a request extending the prompt, sent while the first decodes, copies
+    it from that busy slot. Greedy texts equal `generate`'s; each sampled one equals the same request alone."""
+    _, _, model, tok = make_tiny_lm(tmp_path)
+    prompt = tok.encode(TEXT[5], bos=True)[:40]
+    longer = prompt + tok.encode(TEXT[2])[:10]
+    runs, readmit_jit = [], engine_module.readmit_jit
+
+    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
+        runs.append((tokens.shape[1], int(row), int(source)))
+        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    engine = Engine(model, tok, BatchingConfig(max_batch=4, batch_wait_ms=2000)).start()
+    texts, done = [[] for _ in range(4)], [threading.Event() for _ in range(4)]
+
+    def emit(i: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            texts[i].append(event.text)
+            if i == 0 and jobs[0].tokens == 5:  # on the engine thread, between steps: the first is decoding
+                engine.submit(jobs[3])
+            if event.finish_reason is not None:
+                done[i].set()
+        return on_event
+
+    sampled = [dict(temperature=0.9, seed=1), dict(temperature=0.9, seed=2)]
+    jobs = [Job(prompt, 30, emit(0), context=tuple(prompt[-1:])),
+            *(Job(prompt, 30, emit(i + 1), context=tuple(prompt[-1:]), **kw) for i, kw in enumerate(sampled)),
+            Job(longer, 12, emit(3), context=tuple(longer[-1:]))]
+    try:
+        for job in jobs[:3]:
+            engine.submit(job)
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.close()
+    assert runs == [(16, 1, 0), (16, 2, 0), (16, 3, 0)]
+    for i, (ids, n) in enumerate(((prompt, 30), (longer, 12))):
+        new = generate(model, [ids], max_new_tokens=n, eos_id=tok.eos_id)[0]
+        assert "".join(texts[3 * i]) == continuation(tok, ids[-1:], new)
+    alone = [_lone_request(model, tok, prompt, 30, **kw) for kw in sampled]
+    assert ["".join(texts[1]), "".join(texts[2])] == alone and alone[0] != alone[1]
+
+
 def test_a_continuing_prompt_attends_to_the_columns_it_fits_not_the_whole_window():
     """Readmitting reads, moves, runs and writes back the window's `need` columns before `index`, which hold any
     prompt, not the whole window (the continuing test above checks the outputs); its compiled scores span those."""
@@ -395,8 +462,8 @@ def test_a_continuing_prompt_attends_to_the_columns_it_fits_not_the_whole_window
     slots = engine_module.Slots(cache, jnp.zeros((rows,), jnp.int32), jnp.full((rows,), need, jnp.int32),
                                 jnp.zeros((rows,), jnp.float32), jnp.ones((rows,), jnp.float32),
                                 jax.vmap(jax.random.key)(jnp.arange(rows)))
-    args = (graphdef, params, slots, np.zeros((1, 16), np.int32), np.int32(1), np.int32(100), np.int32(40),
-            np.float32(0), np.float32(1), np.uint32(0))
+    args = (graphdef, params, slots, np.zeros((1, 16), np.int32), np.int32(1), np.int32(1), np.int32(100),
+            np.int32(40), np.float32(0), np.float32(1), np.uint32(0))
     text = engine_module.readmit_jit.lower(*args, sampled=False, span=need).compile().as_text()
     # [batch, kv heads, heads per kv head, 16 ids, columns]: 320 columns before
     assert set(re.findall(r"f32\[1,2,2,16,(\d+)\]", text)) == {"256"}

@@ -43,7 +43,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int = 0
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=128)  # choices per prompt; choice k samples with seed + k
 
 
 class CompletionRequest(_Sampling):
@@ -105,10 +105,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             check_prompts(prompts, max_seq_len)
         except ValueError as err:
             raise ApiError(400, str(err), "context_length_exceeded", "prompt") from None
+        if len(prompts) * req.n > engine.config.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={req.n} is {len(prompts) * req.n} sequences, more than "
+                                f"this server queues ({engine.config.max_queue}); lower n or send fewer prompts",
+                           "too_many_choices", "n")
         stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        # Choice i * n + k of prompt i: the engine prefills the prompt once and copies it to the other k.
         return [Job(prompt, min(max_tokens or max_seq_len, max_seq_len - len(prompt)),
-                    lambda event, i=i: emit(i, event), temperature, top_p, stops, tuple(ctx), req.seed)
-                for i, (prompt, ctx) in enumerate(zip(prompts, contexts))]
+                    lambda event, i=i * req.n + k: emit(i, event), temperature, top_p, stops, tuple(ctx), req.seed + k)
+                for i, (prompt, ctx) in enumerate(zip(prompts, contexts)) for k in range(req.n)]
 
     async def run(request: Request, jobs: list[Job], events: asyncio.Queue) -> AsyncIterator[tuple[int, Event]]:
         """Submit `jobs` and yield their (index, event)s until each has finished; cancel them if the client leaves."""
@@ -145,12 +150,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 loop.call_soon_threadsafe(events.put_nowait, (i, event))
         return emit
 
-    def usage(jobs: list[Job], completion_tokens: int) -> dict[str, int]:
-        prompt_tokens = sum(len(j.prompt) for j in jobs)
+    def usage(jobs: list[Job], completion_tokens: int, n: int) -> dict[str, int]:
+        prompt_tokens = sum(len(j.prompt) for j in jobs[::n])  # each prompt once, as OpenAI counts `n` choices
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def respond(request: Request, jobs: list[Job], events: asyncio.Queue, stream: bool,
+    async def respond(request: Request, jobs: list[Job], events: asyncio.Queue, stream: bool, n: int,
                       head: dict[str, Any], choice: Callable[[int, str, str | None], dict[str, Any]],
                       first: list[dict[str, Any]] = ()) -> Any:
         """A JSON body with every choice's full text, or an SSE stream of chunks built by `choice`."""
@@ -161,7 +166,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 if event.finish_reason is not None:
                     reasons[i], tokens = event.finish_reason, tokens + event.completion_tokens
             return {**head, "choices": [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))],
-                    "usage": usage(jobs, tokens)}
+                    "usage": usage(jobs, tokens, n)}
         chunks = run(request, jobs, events)
         first_event = await anext(chunks, None)  # errors (busy, bad model) surface before the stream starts
 
@@ -192,7 +197,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                         1.0 if req.top_p is None else req.top_p, emitter(events))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        return await respond(request, jobs, events, req.stream, head,
+        return await respond(request, jobs, events, req.stream, req.n, head,
                              lambda i, text, reason: {"index": i, "text": text, "finish_reason": reason,
                                                       "logprobs": None})
 
@@ -208,12 +213,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                         CHAT_TOP_P if req.top_p is None else req.top_p, emitter(events))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            return await respond(request, jobs, events, True, {**head, "object": "chat.completion.chunk"},
+            return await respond(request, jobs, events, True, req.n, {**head, "object": "chat.completion.chunk"},
                                  lambda i, text, reason: {"index": i, "delta": {"content": text} if text else {},
                                                           "finish_reason": reason},
-                                 first=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}])
-        return await respond(request, jobs, events, False, {**head, "object": "chat.completion"},
+                                 first=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None} for i in range(req.n)])
+        return await respond(request, jobs, events, False, req.n, {**head, "object": "chat.completion"},
                              lambda i, text, reason: {"index": i, "message": {"role": "assistant", "content": text},
                                                       "finish_reason": reason})
 

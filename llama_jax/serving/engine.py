@@ -72,7 +72,7 @@ class BatchingConfig:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 
 
-Admission = tuple[int, "Job", int]  # (slot, job, how many of its prompt's last ids run there)
+Admission = tuple[int, "Job", int, int]  # (slot, job, the slot whose ids it reuses, how many of its last ids run)
 
 
 class QueueFull(Exception):
@@ -213,10 +213,11 @@ def _admit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array,
 
 
 def _readmit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Array, row: jax.Array,
-             held_from: jax.Array, reused: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
-             sampled: bool, span: int) -> tuple[Slots, jax.Array]:
-    """Place a prompt in slot `row` whose first `reused` ids that slot still holds from its last request (from
-    column `held_from`), running only its last `T` ids `[1, T]`; return the slots and the first sampled token.
+             source: jax.Array, held_from: jax.Array, reused: jax.Array, temperature: jax.Array, top_p: jax.Array,
+             seed: jax.Array, sampled: bool, span: int) -> tuple[Slots, jax.Array]:
+    """Place a prompt in slot `row` whose first `reused` ids slot `source` holds (from column `held_from`): the
+    same slot, from its last request, or another one, running or admitted just before, with the same prefix.
+    Only its last `T` ids `[1, T]` run; return the slots and the first sampled token.
 
     The kept keys and values move so they end where the prompt's last `T` ids begin, `T` columns before `index`
     (their positions count from the new first column, as before from the old one). Only the `span` columns before
@@ -233,7 +234,7 @@ def _readmit(graphdef: nnx.GraphDef, params: Any, slots: Slots, tokens: jax.Arra
     columns = (start - (first - held_from) + jnp.arange(span)) % slots.cache.slots
 
     def moved(x: jax.Array, lead: int) -> jax.Array:
-        return jnp.take(jax.lax.dynamic_index_in_dim(x, row, axis=lead), columns, axis=lead + 2)
+        return jnp.take(jax.lax.dynamic_index_in_dim(x, source, axis=lead), columns, axis=lead + 2)
 
     cache = replace(slots.cache.map(moved), index=span - t)
     mask = (jnp.arange(span) >= first - start)[None, None, :]
@@ -353,13 +354,15 @@ class Engine:
         wide as the longest one needs; fresh when idle, else grown (rows at the end, columns on the left), never
         shrunk while busy."""
         max_seq_len = self.model.cfg.max_seq_len
-        for _, job, _ in joining:
+        for _, job, _, _ in joining:
             job.max_tokens = min(job.max_tokens, max_seq_len - len(job.prompt))
-        need = max((len(job.prompt) + job.max_tokens for _, job, _ in joining), default=0)
+        need = max((len(job.prompt) + job.max_tokens for _, job, _, _ in joining), default=0)
         busy = [slot for slot, job in enumerate(self._busy) if job is not None and not job.finished]
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
-        idle = not set(busy) - {slot for slot, _, _ in joining}
-        reusing = any(run < len(job.prompt) for _, job, run in joining)  # keep the cache it reuses
+        joining_slots = {slot for slot, _, _, _ in joining}
+        idle = not set(busy) - joining_slots
+        # keep the cache a joiner reuses (a slot admitted with it is prefilled into whichever cache there is)
+        reusing = any(run < len(job.prompt) and source not in joining_slots for _, job, source, run in joining)
         if slots is None or idle and not reusing and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
@@ -371,15 +374,14 @@ class Engine:
         return slots, grown, index
 
     def _admissions(self, rows: int) -> list[Admission] | None:
-        """Waiting jobs with the free slots they take (`_choose_slot`, `rows` being stepped now) and how many of
-        their ids to run there; blocks while idle; None once closed."""
+        """Waiting jobs with the free slots they take (`_choose_slot`, `rows` being stepped now), the slots whose ids
+        they reuse and how many of their ids to run; blocks while idle; None once closed."""
         with self._cv:
             for slot, job in enumerate(self._busy):
                 if job is not None and (job.finished or job.cancelled):
                     job.finished = True
                     self._busy[slot] = None
-                    # Every id sampled but the last was fed back: the slot's columns hold them after the prompt.
-                    self._held[slot] = job.prompt + (job.text.ids[:-1] if job.text is not None else [])
+                    self._held[slot] = self._fed(job)
                     self._frees += 1
                     self._freed_at[slot] = self._frees
             idle = not self.running
@@ -392,14 +394,22 @@ class Engine:
                 while len(self._waiting) < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cv.wait(left)
             free = [slot for slot, job in enumerate(self._busy) if job is None]
+            holding = [self._held[slot] if job is None else self._fed(job) for slot, job in enumerate(self._busy)]
             joining = []
             while free and self._waiting:
                 job = self._waiting.popleft()
-                slot, run = self._choose_slot(free, job.prompt, rows)
+                slot, source, run = self._choose_slot(free, job.prompt, rows, holding)
                 free.remove(slot)
-                joining.append((slot, job, run))
+                holding[slot] = job.prompt  # what its prefill leaves there, for a later joiner with that prefix
+                joining.append((slot, job, source, run))
                 self._busy[slot] = job
             return joining
+
+    @staticmethod
+    def _fed(job: Job) -> list[int]:
+        """The ids a busy or just-freed slot's columns hold from its `pad`: the prompt, and every sampled id but the
+        last (each was fed back to sample the next)."""
+        return job.prompt + (job.text.ids[:-1] if job.text is not None else [])
 
     def _prefill(self, graphdef: nnx.GraphDef, params: Any, slots: Slots, joining: list[Admission],
                  window: Window) -> Slots:
@@ -408,17 +418,17 @@ class Engine:
         load, which dominated a 32-client benchmark round when prompts were prefilled in groups). A continuing
         prompt reads the last `window.need` columns: its length fits them, and `index` is never below them."""
         length_cap = self.model.cfg.max_seq_len
-        held_from = np.asarray(slots.pad)  # no admission below moves another slot's columns
-        for slot, job, run in joining:
+        for slot, job, source, run in joining:
             self._held[slot] = []
-            if held_from[slot] < 0:  # what it held has left the window on the left
+            held_from = np.asarray(slots.pad)[source]  # read after the admissions before, which set their slots'
+            if held_from < 0:  # what it held has left the window on the left
                 run = len(job.prompt)
             sampling = (np.float32(job.temperature), np.float32(job.top_p), np.uint32(job.seed or 0))
             if run < len(job.prompt):
                 tokens = np.asarray([job.prompt[len(job.prompt) - run:]], np.int32)
-                slots, first = readmit_jit(graphdef, params, slots, tokens, np.int32(slot), held_from[slot],
-                                           np.int32(len(job.prompt) - run), *sampling, sampled=job.temperature > 0,
-                                           span=window.need)
+                slots, first = readmit_jit(graphdef, params, slots, tokens, np.int32(slot), np.int32(source),
+                                           held_from, np.int32(len(job.prompt) - run), *sampling,
+                                           sampled=job.temperature > 0, span=window.need)
             else:
                 tokens, pad = left_pad([job.prompt], min(bucket(len(job.prompt), MIN_PROMPT_BUCKET), length_cap))
                 slots, first = admit_jit(graphdef, params, slots, tokens, pad, np.int32(slot), *sampling,
@@ -429,13 +439,22 @@ class Engine:
         self.batched_requests += len(joining)
         return slots
 
-    def _choose_slot(self, free: list[int], prompt: list[int], rows: int) -> tuple[int, int]:
-        """The free slot whose held ids leave the least of `prompt` to run; else one inside the `rows` stepped now,
-        holding nothing, else the least recently freed (so the dialogs held last stay), lowest first. Returns it
-        and how many ids to run there (if its held ids are still in the window)."""
-        runs = {slot: self._to_run(prompt, self._held[slot], 0) for slot in free}
-        slot = min(free, key=lambda s: (runs[s], s >= rows, bool(self._held[s]), self._freed_at[s], s))
-        return slot, runs[slot]
+    def _choose_slot(self, free: list[int], prompt: list[int], rows: int,
+                     holding: list[list[int]]) -> tuple[int, int, int]:
+        """The slot, the slot to reuse ids from and how many ids to run (if those are still in the window).
+
+        The source is the slot whose ids (`holding`: a free slot's kept dialog, a busy slot's prompt and fed ids)
+        leave the least of `prompt` to run, a free one on a tie; a free source is taken itself (a dialog's next
+        turn). Otherwise the prompt goes to a free slot inside the `rows` stepped now, holding nothing, else the
+        least recently freed (so the dialogs held last stay), lowest first, copying what a busy source shares
+        with it (a shared system prompt, or another of `n` samples).
+        """
+        runs = [self._to_run(prompt, ids, 0) for ids in holding]
+        source = min(range(len(holding)), key=lambda s: (runs[s], s not in free, s))
+        if runs[source] < len(prompt) and source in free:
+            return source, source, runs[source]
+        slot = min(free, key=lambda s: (s >= rows, bool(self._held[s]), self._freed_at[s], s))
+        return slot, source, runs[source]
 
     @staticmethod
     def _to_run(prompt: list[int], held: list[int], held_from: int) -> int:
