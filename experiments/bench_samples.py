@@ -17,8 +17,10 @@ tokens, 64 new); a quick smoke run:
 from __future__ import annotations
 
 import argparse
+import itertools
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from bench_decode import random_model
@@ -61,10 +63,9 @@ def batches(model: Llama, prompts: int, samples: int, prompt_len: int) -> dict[s
     return {"shared": [p for p in distinct[:prompts] for _ in range(samples)], "every": distinct}
 
 
-def bench(model: Llama, rows: dict[str, list[list[int]]], new_tokens: int, repeats: int,
-          engine: Engine | None = None) -> dict[str, float]:
-    """Best milliseconds to the first token and for the whole batch of each way, through `generate` or `engine`."""
-    run = (lambda r, n: timed(model, r, n)) if engine is None else (lambda r, n: engine_timed(engine, r, n))
+def bench(rows: dict[str, list[list[int]]], run: Callable[[list[list[int]], int], float], new_tokens: int,
+          repeats: int) -> dict[str, float]:
+    """Best milliseconds to the first token and for the whole batch of each way, `run(rows, new tokens)` timing one."""
     times: dict[str, list[tuple[float, float]]] = {way: [] for way in rows}
     for _ in range(repeats + 1):  # the first round compiles
         for way, batch in rows.items():
@@ -106,7 +107,7 @@ def main() -> None:
     for preset, cfg in configs:
         model = random_model(cfg, ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype))
         rows = batches(model, args.prompts, args.samples, args.prompt_len)
-        ways = {"generate": lambda: bench(model, rows, args.new_tokens, args.repeats)}
+        ways = {"generate": lambda: bench(rows, lambda r, n: timed(model, r, n), args.new_tokens, args.repeats)}
         if tokenizer is not None:
             ways["engine"] = lambda: _engine_bench(model, tokenizer, rows, args.new_tokens, args.repeats)
         for way, measure in ways.items():
@@ -122,9 +123,17 @@ def main() -> None:
 
 def _engine_bench(model: Llama, tokenizer: Tokenizer, rows: dict[str, list[list[int]]], new_tokens: int,
                   repeats: int) -> dict[str, float]:
+    """`bench` through the engine; each call's rows begin with an id of their own, so that no row reuses what a slot
+    kept from an earlier call (every call would then run 16 ids a row)."""
     engine = Engine(model, tokenizer, BatchingConfig(max_batch=len(rows["every"]), batch_wait_ms=50)).start()
+    calls = itertools.count(1)
+
+    def run(batch: list[list[int]], n: int) -> float:
+        first = 3 + next(calls) % (model.cfg.vocab_size - 3)
+        return engine_timed(engine, [[first, *row[1:]] for row in batch], n)
+
     try:
-        return bench(model, rows, new_tokens, repeats, engine)
+        return bench(rows, run, new_tokens, repeats)
     finally:
         engine.close()
 
