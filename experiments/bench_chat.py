@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 from bench_decode import random_model
-from peers import record
+from peers import add_model_arguments, presets, record
 
-from llama_jax.config import ExecutionConfig, LlamaConfig
+from llama_jax.config import ExecutionConfig
 from llama_jax.inference.generate import generate
 from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.model import Llama
@@ -103,26 +103,16 @@ def _row(preset: str, way: str, history: int, message: int, new_tokens: int, r: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
-    parser.add_argument("--layers", type=int, help="override each preset's layer count")
+    add_model_arguments(parser)
     parser.add_argument("--history", type=int, help="dialog tokens already run (default: fill the context)")
     parser.add_argument("--message", type=int, default=32, help="the new user message's tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="reply tokens decoded")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
-    parser.add_argument("--tokenizer", help="sentencepiece .model: also time the server's engine (sets the vocabulary)")
-    parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
-    vocab = {} if tokenizer is None else {"vocab_size": tokenizer.vocab_size}
     if min(args.message, args.new_tokens, args.repeats) < 1:
         parser.error("--message, --new-tokens and --repeats must be at least 1")
     runs = []
-    for preset in args.models.split(","):
-        try:
-            cfg = LlamaConfig.preset(preset, **vocab, **({} if args.layers is None else {"n_layers": args.layers}))
-        except ValueError as err:
-            parser.error(str(err))
+    for preset, cfg in presets(parser, args, tokenizer and tokenizer.vocab_size):
         history = cfg.max_seq_len - args.message - args.new_tokens if args.history is None else args.history
         if history < 1 or history + args.message + args.new_tokens > cfg.max_seq_len:
             parser.error(f"history {history} + message {args.message} + new {args.new_tokens} must fit {preset}'s "

@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 from bench_decode import random_model
-from peers import record
+from peers import add_model_arguments, presets, record
 
-from llama_jax.config import ExecutionConfig, LlamaConfig
+from llama_jax.config import ExecutionConfig
 from llama_jax.inference.generate import generate
 from llama_jax.model import Llama
 from llama_jax.serving.engine import BatchingConfig, Engine, Job
@@ -76,31 +76,20 @@ def bench(rows: dict[str, list[list[int]]], run: Callable[[list[list[int]], int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
-    parser.add_argument("--layers", type=int, help="override each preset's layer count")
+    add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=4, help="distinct prompts per batch")
     parser.add_argument("--samples", type=int, default=4, help="samples of each prompt")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
-    parser.add_argument("--tokenizer", help="sentencepiece .model: also time the server's engine (sets the vocabulary)")
-    parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args()
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
-    vocab = {} if tokenizer is None else {"vocab_size": tokenizer.vocab_size}
     if min(args.prompts, args.samples, args.prompt_len, args.new_tokens, args.repeats) < 1:
         parser.error("--prompts, --samples, --prompt-len, --new-tokens and --repeats must be at least 1")
-    configs = []
-    for preset in args.models.split(","):
-        try:
-            cfg = LlamaConfig.preset(preset, **vocab, **({} if args.layers is None else {"n_layers": args.layers}))
-        except ValueError as err:
-            parser.error(str(err))
+    configs = presets(parser, args, tokenizer and tokenizer.vocab_size)
+    for preset, cfg in configs:
         if args.prompt_len + args.new_tokens > cfg.max_seq_len:
             parser.error(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} must fit {preset}'s "
                          f"context of {cfg.max_seq_len} tokens; lower them")
-        configs.append((preset, cfg))
     print(f"{'model':<12} {'via':<9} {'rows':>5} {'prompt':>6} {'new':>4}  {'first token ms: shared / every':<31} "
           f"{'ratio':>6}  {'batch ms: shared / every':<25} {'ratio':>6}")
     size = f"{args.prompts}x{args.samples}"

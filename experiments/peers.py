@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gc
 import json
@@ -35,6 +36,29 @@ def jax_peak_gib() -> float | None:
     """Peak bytes in use on the first device since start (None where the backend does not count, e.g. CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the inference benchmarks that time random-weight presets, optionally through the engine."""
+    parser.add_argument("--models", default="stories15m,stories110m", help="comma-separated LlamaConfig presets")
+    parser.add_argument("--layers", type=int, help="override each preset's layer count")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one (best is kept)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--tokenizer", help="sentencepiece .model: also time the server's engine (sets the vocabulary)")
+    parser.add_argument("--json", help="append each result as a JSON line to this file")
+
+
+def presets(parser: argparse.ArgumentParser, args: argparse.Namespace,
+            vocab_size: int | None) -> list[tuple[str, LlamaConfig]]:
+    """`--models` as configs (`--layers` and the tokenizer's vocabulary applied); an unknown one is a usage error."""
+    overrides = {k: v for k, v in (("n_layers", args.layers), ("vocab_size", vocab_size)) if v is not None}
+    configs = []
+    for preset in args.models.split(","):
+        try:
+            configs.append((preset, LlamaConfig.preset(preset, **overrides)))
+        except ValueError as err:
+            parser.error(str(err))
+    return configs
 
 
 def record(path: str | None, **row: Any) -> None:
