@@ -69,19 +69,22 @@ def drop_outside_top_p(logits: jax.Array, top_p: jax.Array | float,
         top_probs = jnp.take_along_axis(probs, top_index, axis=-1)
         covered = jnp.all(~active | (jnp.sum(top_probs, axis=-1, keepdims=True) > top_p))
 
-        def least_kept(sorted_logits: jax.Array, sorted_probs: jax.Array) -> jax.Array:
-            """The least logit the nucleus keeps, from logits sorted descending and their probabilities."""
-            kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs <= top_p
-            return jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-
         def by_sorting() -> jax.Array:
             order = jnp.argsort(-logits, axis=-1)
-            return least_kept(jnp.take_along_axis(logits, order, axis=-1), jnp.take_along_axis(probs, order, axis=-1))
+            return _least_kept(jnp.take_along_axis(logits, order, axis=-1), jnp.take_along_axis(probs, order, axis=-1),
+                               top_p)
 
-        least = jax.lax.cond(covered, lambda: least_kept(top_logits, top_probs), by_sorting)
+        least = jax.lax.cond(covered, lambda: _least_kept(top_logits, top_probs, top_p), by_sorting)
         return jnp.where(active & (logits < least), -jnp.inf, logits)
 
     return jax.lax.cond(jnp.any(active), nucleus, lambda: logits)  # a server batch of top_p 1 rows: nothing to do
+
+
+def _least_kept(sorted_logits: jax.Array, sorted_probs: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """The least logit the nucleus keeps, from logits sorted descending and their probabilities (Meta's rule: a
+    token stays while the mass before it is at most p)."""
+    kept = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs <= top_p
+    return jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
 
 
 def greedy(logits: jax.Array) -> jax.Array:

@@ -394,8 +394,10 @@ class Engine:
                 while len(self._waiting) < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cv.wait(left)
             free = [slot for slot, job in enumerate(self._busy) if job is None]
+            joining: list[Admission] = []
+            if not (free and self._waiting):  # the common case between two decode steps
+                return joining
             holding = [self._held[slot] if job is None else self._fed(job) for slot, job in enumerate(self._busy)]
-            joining = []
             while free and self._waiting:
                 job = self._waiting.popleft()
                 slot, source, run = self._choose_slot(free, job.prompt, rows, holding)
@@ -420,11 +422,10 @@ class Engine:
         length_cap = self.model.cfg.max_seq_len
         for slot, job, source, run in joining:
             self._held[slot] = []
-            held_from = np.asarray(slots.pad)[source]  # read after the admissions before, which set their slots'
-            if held_from < 0:  # what it held has left the window on the left
-                run = len(job.prompt)
             sampling = (np.float32(job.temperature), np.float32(job.top_p), np.uint32(job.seed or 0))
-            if run < len(job.prompt):
+            # The source's first column, read after the admissions before (which set their slots'); below 0, what it
+            # held has left the window on the left and the whole prompt runs.
+            if run < len(job.prompt) and (held_from := np.asarray(slots.pad)[source]) >= 0:
                 tokens = np.asarray([job.prompt[len(job.prompt) - run:]], np.int32)
                 slots, first = readmit_jit(graphdef, params, slots, tokens, np.int32(slot), np.int32(source),
                                            held_from, np.int32(len(job.prompt) - run), *sampling,
