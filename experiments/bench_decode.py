@@ -1,8 +1,8 @@
 """Prefill and decode throughput of `llama_jax.generate`'s compiled programs, with random weights.
 
 For each model shape and batch size: prefill tokens/s (B x prompt tokens in one pass) and decode tokens/s (B tokens
-per step of the jitted `while_loop`, greedy, no EOS so every step runs), after one warm-up run that compiles, and
-the step's floor: the bytes it must read (every weight, the whole preallocated cache) over a measured bandwidth.
+per step of the jitted `while_loop`, greedy unless `--temperature` (and `--top-p`) sample, no EOS so every step
+runs), after one warm-up run that compiles, and the step's floor: the bytes it must read (every weight, the whole preallocated cache) over a measured bandwidth.
 Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shapes, batch 1 and 16, prompt 128,
 128 new tokens) on whatever devices jax sees; a quick smoke run:
 `python experiments/bench_decode.py --models tiny --batch-sizes 1 --prompt-len 8 --new-tokens 8`.
@@ -54,8 +54,6 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-
-
 def step_bytes(model: Llama, batch: int, slots: int) -> int:
     """Bytes one decode step must read: every weight once, and the keys/values of every cache slot."""
     cfg = model.cfg
@@ -99,7 +97,7 @@ def random_model(cfg: LlamaConfig, execution: ExecutionConfig) -> Llama:
 
 
 def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: int, new_tokens: int,
-          repeats: int) -> tuple[dict, Llama]:
+          repeats: int, sampling: Sampling = Sampling()) -> tuple[dict, Llama]:
     """Best-of-`repeats` seconds for prefill and for the decode loop of one (model, batch) setting."""
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + new {new_tokens} exceeds the context of {cfg.max_seq_len}")
@@ -109,7 +107,7 @@ def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: 
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     pad = np.zeros((batch,), np.int32)
     n_out = bucket(new_tokens, 1)
-    args = dict(sampling=Sampling(), slots=prompt_len + n_out, n_out=n_out)
+    args = dict(sampling=sampling, slots=prompt_len + n_out, n_out=n_out)
     eos, max_new = jnp.int32(PAD), jnp.int32(new_tokens)
 
     def prefill():
@@ -185,6 +183,8 @@ def main() -> None:
                         help="timed runs after the compiling one, and runs of each llama2.c binary (best is kept)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the peers always are)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (1 = off)")
     parser.add_argument("--compare-torch", action="store_true", help="also time HF generate with a static cache")
     parser.add_argument("--llama2c", metavar="PATH", help="also time this llama2.c `run` binary (batch 1 rows)")
     parser.add_argument("--llama2c-runq", metavar="PATH", help="also time this llama2.c int8 `runq` binary (batch 1)")
@@ -194,6 +194,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from prefill)")
+    try:
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+    except ValueError as err:
+        parser.error(f"--temperature / --top-p: {err}")
     configs = {}
     for preset in args.models.split(","):
         try:
@@ -207,7 +211,7 @@ def main() -> None:
     devices = jax.devices()
     bandwidth = measured_bandwidth(0.25 if jax.default_backend() == "cpu" else 1.0)
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); prompt {args.prompt_len}, "
-          f"new {args.new_tokens}, greedy, {args.dtype}, quant {args.quant}; measured memory bandwidth "
+          f"new {args.new_tokens}, {sampling}, {args.dtype}, quant {args.quant}; measured memory bandwidth "
           f"{bandwidth / 1e9:,.0f} GB/s")
     header = (f"{'model':<12} {'params':>8} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} "
               f"{'floor ms':>8} {'matmuls ms':>10}")
@@ -217,7 +221,7 @@ def main() -> None:
         execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.dtype, attention=args.attention,
                                     quant=args.quant, quant_group_size=args.quant_group_size)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats)
+            r, model = bench(cfg, execution, batch, args.prompt_len, args.new_tokens, args.repeats, sampling)
             slots = args.prompt_len + bucket(args.new_tokens, 1)
             r["floor_ms"] = 1e3 * step_bytes(model, batch, slots) / bandwidth
             r["matmul_ms"] = matmul_ms(model, batch) if args.quant == "none" else None
@@ -241,7 +245,8 @@ def main() -> None:
                 line += f"  {name} {rate:,.1f} tok/s{step}, ratio {r['decode_tok_s'] / rate:.2f}"
             print(line, flush=True)
             record(args.json, kind="decode", model=preset, layers=cfg.n_layers, batch=batch, dtype=args.dtype,
-                   quant=args.quant, prompt=args.prompt_len, new=args.new_tokens, device=devices[0].device_kind,
+                   quant=args.quant, prompt=args.prompt_len, new=args.new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, device=devices[0].device_kind,
                    xla_flags=os.environ.get("XLA_FLAGS", ""), **r, **peers)
 
 

@@ -70,6 +70,7 @@ def test_gpu_check_smoke_fills_every_row_of_its_table():
 @pytest.mark.parametrize("args, message", [
     (["--models", "stories15m", "--prompt-len", "128", "--new-tokens", "256"], "exceeds stories15m's context of 256"),
     (["--models", "stories15m,nope"], "unknown model preset 'nope'"),
+    (["--temperature", "-1"], "--temperature / --top-p: temperature must be >= 0"),
 ])
 def test_bench_decode_rejects_bad_arguments_in_one_line(args, message):
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_decode.py"), *args], capture_output=True, text=True,

@@ -212,9 +212,10 @@ def test_sharded_generation_matches_and_cache_is_sharded(hf_dirs):
 def test_bench_decode_runs_in_short_form():
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench_decode.py"
     run = subprocess.run([sys.executable, str(script), "--models", "tiny", "--batch-sizes", "2", "--prompt-len", "8",
-                          "--new-tokens", "4", "--repeats", "1"],
+                          "--new-tokens", "4", "--repeats", "1", "--temperature", "1", "--top-p", "0.9"],
                          capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=300)
     assert run.returncode == 0, run.stderr
+    assert "temperature=1.0, top_p=0.9" in run.stdout.splitlines()[0]
     row = run.stdout.strip().splitlines()[-1].split()
     assert row[:3] == ["tiny", "1.0M", "2"] and all(float(v.replace(",", "")) > 0 for v in row[3:])
 

@@ -100,12 +100,48 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Draw one token id per row of `[batch, vocab]` logits."""
     if sampling.greedy:
         return greedy(logits)
-    return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, sampling)
+    return draw(filtered, jax.random.uniform(key, (filtered.shape[0], 1)))
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """One token per row of `[batch, vocab]` logits, each row with its own temperature, top_p and PRNG key (a
     continuously batched server mixes requests): argmax where temperature is 0, as `sample` does."""
     scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    drawn = jax.vmap(jax.random.categorical)(keys, drop_outside_top_p(scaled, top_p[:, None]))
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, (1,)))(keys)
+    drawn = draw(drop_outside_top_p(scaled, top_p[:, None]), uniform)
     return jnp.where(temperature > 0, drawn, greedy(logits)).astype(jnp.int32)
+
+
+# Tokens per block of `draw`'s two-level search. On a 2-core AMD EPYC, 16 x 32,000 logits: `jax.random.categorical`
+# (a Gumbel noise per vocabulary entry; its random bits alone 2.9 ms) took 7.3-8.7 ms, more than half a stories15m
+# decode step at that batch; `draw` 0.4 ms (one uniform per row; a flat cumulative sum over the vocabulary 1.7 ms).
+DRAW_BLOCK = 128
+
+
+def draw(logits: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Sample each row of `[batch, vocab]` logits (-inf = never) by inverting its cumulative distribution at
+    `uniform` (`[batch, 1]` in [0, 1)): the block of DRAW_BLOCK tokens whose cumulative mass passes u x total, then
+    the token inside it. The same distribution as `jax.random.categorical`, from one random number per row instead of
+    one per token; both resolve probabilities to about 1e-7 (float32 uniforms, Gumbel noise)."""
+    batch, vocab = logits.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    padded = jnp.pad(logits, ((0, 0), (0, blocks * DRAW_BLOCK - vocab)), constant_values=-jnp.inf)
+    weights = jnp.exp(padded - jnp.max(logits, axis=-1, keepdims=True)).reshape(batch, blocks, DRAW_BLOCK)
+    block_mass = jnp.sum(weights, axis=-1)
+    mass_through = jnp.cumsum(block_mass, axis=-1)
+    target = uniform * mass_through[:, -1:]
+    block = _interval(mass_through, block_mass, target)
+    mass_before = jnp.take_along_axis(mass_through - block_mass, block[:, None], axis=-1)
+    inside = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
+    token = _interval(jnp.cumsum(inside, axis=-1), inside, target - mass_before)
+    return (block * DRAW_BLOCK + token).astype(jnp.int32)
+
+
+def _interval(mass_through: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the first entry whose inclusive cumulative mass exceeds `target`, kept among the entries with mass
+    (float rounding of the partial sums may point just past the last one or, inside a block, before the first)."""
+    index = jax.lax.broadcasted_iota(jnp.int32, mass.shape, mass.ndim - 1)
+    first = jnp.min(jnp.where(mass > 0, index, mass.shape[-1] - 1), axis=-1)
+    last = jnp.max(jnp.where(mass > 0, index, 0), axis=-1)
+    return jnp.clip(jnp.sum(mass_through <= target, axis=-1, dtype=jnp.int32), first, last)
