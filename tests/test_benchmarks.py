@@ -179,16 +179,19 @@ def test_bench_samples_rejects_a_prompt_past_the_context_in_one_line():
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 
-def test_bench_sampling_times_the_nucleus_from_candidates_and_from_a_full_sort(tmp_path):
-    results = tmp_path / "top_p.jsonl"
+def test_bench_sampling_times_the_nucleus_and_the_draw_against_what_they_replaced(tmp_path):
+    results = tmp_path / "sampling.jsonl"
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_sampling.py"), "--batch", "4", "--vocab", "1000",
                           "--spreads", "3", "--top-p", "0.9", "--repeats", "2", "--json", str(results)],
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert run.returncode == 0, run.stderr
-    [row] = [json.loads(line) for line in results.read_text().splitlines()]
-    assert (row["batch"], row["vocab"], row["spread"], row["top_p"]) == (4, 1000, 3.0, 0.9)
-    assert 1 < row["kept"] < 1000 and row["candidates_ms"] > 0 and row["full_sort_ms"] > 0
-    assert f"{row['full_sort_ms'] / row['candidates_ms']:.1f}x" in run.stdout.splitlines()[-1]
+    top_p, drawn = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (top_p["batch"], top_p["vocab"], top_p["spread"], top_p["top_p"]) == (4, 1000, 3.0, 0.9)
+    assert 1 < top_p["kept"] < 1000 and top_p["halving_ms"] > 0 and top_p["full_sort_ms"] > 0
+    assert drawn["kind"] == "draw" and drawn["draw_ms"] > 0 and drawn["categorical_ms"] > 0
+    lines = run.stdout.splitlines()
+    assert f"{top_p['full_sort_ms'] / top_p['halving_ms']:.1f}x" in lines[2]
+    assert f"{drawn['categorical_ms'] / drawn['draw_ms']:.1f}x" in lines[-1]
     bad = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_sampling.py"), "--top-p", "1"],
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert bad.returncode == 2 and "every value must lie in (0, 1)" in bad.stderr.splitlines()[-1]
