@@ -2,7 +2,8 @@
 
 For each model shape and batch size: prefill tokens/s (B x prompt tokens in one pass) and decode tokens/s (B tokens
 per step of the jitted `while_loop`, greedy unless `--temperature` (and `--top-p`) sample, no EOS so every step
-runs), after one warm-up run that compiles, and the step's floor: the bytes it must read (every weight, the whole preallocated cache) over a measured bandwidth.
+runs), after one warm-up run that compiles, and the step's floor: the bytes it must read (every weight, the whole
+preallocated cache) over a measured bandwidth.
 Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shapes, batch 1 and 16, prompt 128,
 128 new tokens) on whatever devices jax sees; a quick smoke run:
 `python experiments/bench_decode.py --models tiny --batch-sizes 1 --prompt-len 8 --new-tokens 8`.

@@ -4,7 +4,8 @@ Saves a random-weight model of the chosen shape (default `stories15m`, vocabular
 starts the server as a subprocess on 127.0.0.1, and for each concurrency level runs `--warmup-rounds` unmeasured
 rounds (they compile the shapes that level reaches; which slot counts a burst passes through depends on arrival
 times, so one round may not meet them all) and then `--rounds` rounds in which every client sends one non-streaming
-greedy completion of `--max-tokens` tokens (random weights rarely emit EOS, so each request decodes them all).
+completion of `--max-tokens` tokens (random weights rarely emit EOS, so each request decodes them all), greedy unless
+`--temperature` (and `--top-p`) ask to sample.
 `python experiments/bench_serve.py --tokenizer tokenizer.model`; a smoke run:
 `python experiments/bench_serve.py --tokenizer tok.model --shape tiny --concurrency 1 2 --max-tokens 4 --rounds 1`.
 """
@@ -53,7 +54,7 @@ def _start_server(checkpoint: Path, tokenizer: str, port: int, max_batch: int) -
     raise RuntimeError("server did not answer /health within 120 s")
 
 
-async def _round(url: str, clients: int, max_tokens: int, prompt_words: int, offset: int
+async def _round(url: str, clients: int, max_tokens: int, prompt_words: int, offset: int, sampling: dict[str, float]
                  ) -> tuple[float, list[float], int]:
     """Wall seconds, per-request latencies and completion tokens of `clients` simultaneous requests."""
     async with httpx.AsyncClient(timeout=600) as http:
@@ -61,7 +62,7 @@ async def _round(url: str, clients: int, max_tokens: int, prompt_words: int, off
             words = [WORDS[(offset + i + k) % len(WORDS)] for k in range(prompt_words)]
             start = time.perf_counter()
             r = await http.post(url, json={"model": "bench", "prompt": " ".join(words), "max_tokens": max_tokens,
-                                           "temperature": 0})
+                                           "seed": offset * clients + i, **sampling})
             r.raise_for_status()
             return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
 
@@ -79,7 +80,12 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=24)
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per concurrency level")
     p.add_argument("--warmup-rounds", type=int, default=2, help="unmeasured rounds first, per level")
+    p.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sent with every request (1 = off)")
     args = p.parse_args()
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"--temperature {args.temperature} / --top-p {args.top_p}: temperature must be >= 0, top_p in (0, 1]")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
 
     tok = Tokenizer(args.tokenizer)
     cfg = LlamaConfig.preset(args.shape, vocab_size=tok.vocab_size)
@@ -89,16 +95,18 @@ def main() -> None:
         server = _start_server(checkpoint, args.tokenizer, port, max(args.concurrency))
         url = f"http://127.0.0.1:{port}/v1/completions"
         print(f"{args.shape} ({cfg.num_params() / 1e6:.1f}M params), {args.max_tokens} new tokens per request, "
-              f"~{len(tok.encode(' '.join(WORDS[:args.prompt_words])))}-token prompts, greedy")
+              f"~{len(tok.encode(' '.join(WORDS[:args.prompt_words])))}-token prompts, "
+              f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top_p {args.top_p}'}")
         print("| clients | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |")
         print("|---|---|---|---|---|")
         try:
             for clients in args.concurrency:
                 for _ in range(args.warmup_rounds):  # compiles
-                    asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, 0))
+                    asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, 0, sampling))
                 wall, latencies, tokens = 0.0, [], 0
                 for r in range(args.rounds):
-                    seconds, lat, n = asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, r + 1))
+                    seconds, lat, n = asyncio.run(_round(url, clients, args.max_tokens, args.prompt_words, r + 1,
+                                                         sampling))
                     wall, latencies, tokens = wall + seconds, latencies + lat, tokens + n
                 p50, p99 = np.percentile(latencies, [50, 99])
                 print(f"| {clients} | {len(latencies) / wall:.2f} | {tokens / wall:.0f} | {p50:.2f} | {p99:.2f} |",

@@ -290,14 +290,16 @@ def test_a_request_for_the_rest_of_the_context_steps_over_the_context_and_a_quar
 
 @pytest.mark.e2e
 def test_benchmark_script_runs_the_cli_server(tmp_path):
-    """experiments/bench_serve.py, shortened: `python -m llama_jax serve` in a subprocess under 1 and 4 clients."""
+    """experiments/bench_serve.py, shortened: `python -m llama_jax serve` in a subprocess under 1 and 4 clients,
+    sampling."""
     make_tiny_lm(tmp_path)
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_serve.py"), "--tokenizer", str(tmp_path / "tok.model"),
          "--shape", "tiny", "--concurrency", "1", "4", "--max-tokens", "4", "--prompt-words", "6", "--rounds", "1",
-         "--warmup-rounds", "1"],
+         "--warmup-rounds", "1", "--temperature", "0.8", "--top-p", "0.9"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].endswith("temperature 0.8, top_p 0.9")
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 |") or
             line.startswith("| 4 |")]
     assert [int(r[1]) for r in rows] == [1, 4]
