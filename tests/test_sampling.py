@@ -187,12 +187,15 @@ def test_sampling_draws_one_random_number_per_row_not_per_token():
 
 def test_nucleus_keeps_the_top_token_and_its_ties():
     """However small p is, the most likely token stays, with every token tied with the last one kept; tokens of
-    probability 0 (-inf) never join."""
+    probability 0 (-inf) never join; bf16 logits (exact here) are filtered as float32 ones."""
     from llama_jax.inference.sampling import drop_outside_top_p
 
     logits = jnp.asarray([[1.0, 3.0, 3.0, 3.0, 0.0, -jnp.inf], [5.0, -jnp.inf, 1.0, 2.0, 2.0, 0.0]])
     for top_p, kept in [(1e-6, [[0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]),
                         (0.9, [[0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0]]),
                         (0.999, [[1, 1, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1]])]:
-        got = np.isfinite(np.asarray(jax.jit(drop_outside_top_p)(logits, jnp.full((2, 1), top_p))))
-        np.testing.assert_array_equal(got, np.asarray(kept, bool), err_msg=f"top_p {top_p}")
+        for dtype in (jnp.float32, jnp.bfloat16):
+            got = jax.jit(drop_outside_top_p)(logits.astype(dtype), jnp.full((2, 1), top_p))
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(np.isfinite(np.asarray(got, np.float32)), np.asarray(kept, bool),
+                                          err_msg=f"top_p {top_p}, {dtype}")

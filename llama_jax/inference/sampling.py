@@ -64,7 +64,7 @@ def drop_outside_top_p(logits: jax.Array, top_p: jax.Array | float) -> jax.Array
     active = jnp.asarray(top_p) < 1.0
 
     def nucleus() -> jax.Array:
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
 
         def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -119,8 +119,8 @@ def draw(logits: jax.Array, uniform: jax.Array) -> jax.Array:
     one per token; both resolve probabilities to about 1e-7 (float32 uniforms, Gumbel noise)."""
     batch, vocab = logits.shape
     blocks = -(-vocab // DRAW_BLOCK)
-    padded = jnp.pad(logits, ((0, 0), (0, blocks * DRAW_BLOCK - vocab)), constant_values=-jnp.inf)
-    weights = jnp.exp(padded - jnp.max(logits, axis=-1, keepdims=True)).reshape(batch, blocks, DRAW_BLOCK)
+    padded = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, blocks * DRAW_BLOCK - vocab)), constant_values=-jnp.inf)
+    weights = jnp.exp(padded - jnp.max(padded, axis=-1, keepdims=True)).reshape(batch, blocks, DRAW_BLOCK)
     block_mass = jnp.sum(weights, axis=-1)
     mass_through = jnp.cumsum(block_mass, axis=-1)
     target = uniform * mass_through[:, -1:]
