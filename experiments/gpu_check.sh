@@ -4,8 +4,9 @@
 #   full remat, AdamW) against HF torch, decode of the full llama2-7b in bf16 at batch 1 (prompt 128) against HF
 #   generate with a static cache, the same at batch 16 on its own (in one 150 s section with its HF peer it did not
 #   finish on an H200), random init of llama2-7b, the train step saving every projection's output (`--remat
-#   save_dots`: no projection recomputed; the table compares it with the HF row of the same shape), and the train step
-#   with the XLA attention baseline.
+#   save_dots`: no projection recomputed; the table compares it with the HF row of the same shape), the train step
+#   with the XLA attention baseline, and last, if time is left, batch-16 decoding sampled at Meta's chat defaults
+#   (temperature 0.6, top_p 0.9: the draw and the nucleus's halvings on the GPU).
 # Each section is its own python process under `timeout`, so one failure or hang costs only that row; a section
 # that would start after the time budget (GPU_CHECK_BUDGET_S, default 340 s) is skipped. The table comes last.
 #   experiments/gpu_check.sh            # on the GPU machine (jax+CUDA, flax, optax, torch, transformers installed)
@@ -55,6 +56,7 @@ if [ "$SMOKE" = 1 ]; then
   section init 300 experiments/bench_init.py --preset tiny --layers 2
   section train-save-dots 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat save_dots --scan
   section train-xla 300 experiments/bench_train.py "${MODEL[@]}" --batch 2 --seq 64 --steps 1 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
+  section decode-sampled 300 experiments/bench_decode.py --models tiny --layers 2 --batch-sizes 4 --prompt-len 8 --new-tokens 3 --repeats 1 --temperature 0.6 --top-p 0.9
 else
   MODEL=(--models llama2-7b --layers 8)
   section attention 60 experiments/check_attention.py --impls cudnn --batch 1 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128
@@ -64,6 +66,7 @@ else
   section init 60 experiments/bench_init.py --preset llama2-7b
   section train-save-dots 75 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 5 --warmup 2 --dtype bfloat16 --remat save_dots --scan
   section train-xla 90 experiments/bench_train.py "${MODEL[@]}" --batch 4 --seq 4096 --steps 3 --warmup 1 --dtype bfloat16 --remat full --scan --attention xla
+  section decode-sampled 80 experiments/bench_decode.py --models llama2-7b --batch-sizes 16 --prompt-len 128 --new-tokens 128 --repeats 2 --dtype bfloat16 --temperature 0.6 --top-p 0.9
 fi
 
 echo "== table ($(( $(date +%s) - START )) s)"

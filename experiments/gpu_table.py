@@ -31,8 +31,9 @@ def row(r: dict) -> str:
         peers = [f"{name} {r[name]:,.1f} tok/s" for name in ("hf_static", "llama2c") if r.get(name)]
         ratios = [f"{r['decode_tok_s'] / r[name]:.2f}x" for name in ("hf_static", "llama2c") if r.get(name)]
         flags = f" [XLA_FLAGS={r['xla_flags']}]" if r.get("xla_flags") else ""
+        sampled = f", temperature {r['temperature']}, top_p {r['top_p']}" if r.get("temperature") else ""
         return (f"| decode {r['model']} {r['layers']} layers, {r['dtype']}, batch {r['batch']}, prompt {r['prompt']}"
-                f"{flags} | {r['decode_tok_s']:,.1f} tok/s, {r['ms_per_step']:.2f} ms/step (floor "
+                f"{sampled}{flags} | {r['decode_tok_s']:,.1f} tok/s, {r['ms_per_step']:.2f} ms/step (floor "
                 f"{r['floor_ms']:.2f} ms, {r['floor_ms'] / r['ms_per_step']:.0%}) | {', '.join(peers) or '—'} | "
                 f"{', '.join(ratios) or '—'} |")
     if kind == "init":

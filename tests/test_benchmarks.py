@@ -54,9 +54,11 @@ def test_gpu_check_smoke_fills_every_row_of_its_table():
     assert "FAILED" not in table and "SKIPPED" not in table, run.stdout[-3000:]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "| work |" not in line]
     kinds = [line.split()[1] for line in rows]
-    assert kinds == ["attention", "attention", "train", "decode", "decode", "random", "random", "train", "train"], table
+    assert kinds == ["attention", "attention", "train", "decode", "decode", "random", "random", "train", "train",
+                     "decode"], table
     assert rows[0].count("PASS") == 1 and rows[1].count("PASS") == 1
     assert "HF torch" in rows[2] and "hf_static" in rows[3] and "batch 4" in rows[4] and "attention xla" in rows[8]
+    assert "temperature" not in rows[4] and "batch 4, prompt 8, temperature 0.6, top_p 0.9" in rows[9]
     # The save_dots row is timed without HF and compared with the full-remat row's HF run of the same shape.
     assert "remat save_dots" in rows[7] and "HF torch (the remat full row's)" in rows[7]
     hf_rate = float(rows[2].split("HF torch ")[1].split()[0].replace(",", ""))
