@@ -12,7 +12,7 @@
 #   experiments/gpu_check.sh            # on the GPU machine (jax+CUDA, flax, optax, torch, transformers installed)
 #   experiments/gpu_check.sh --smoke    # tiny shapes on any machine (what the CPU test runs)
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 PY="${PYTHON:-python}"
