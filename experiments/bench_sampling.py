@@ -13,13 +13,12 @@ Defaults: batch 16, vocabulary 32,000, spreads 6, 4 and 3, top_p 0.9 and 0.95.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from peers import record
+from peers import record, timed
 
 from llama_jax.inference.sampling import draw, drop_outside_top_p
 
@@ -40,9 +39,7 @@ def best_ms(ways: dict[str, Callable], args: tuple, repeats: int) -> dict[str, f
     times: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(repeats):
         for way, fn in ways.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[way].append(1e3 * (time.perf_counter() - start))
+            times[way].append(1e3 * timed(lambda: jax.block_until_ready(fn(*args)), steps=1, warmup=0))
     return {way: min(t) for way, t in times.items()}
 
 

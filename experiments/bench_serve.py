@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import Llama, LlamaConfig, Tokenizer, save_pretrained
+from llama_jax.inference.sampling import Sampling
 
 WORDS = "the king said that all the world is a stage and every man plays his part in time".split()
 
@@ -83,8 +84,10 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="sent with every request (1 = off)")
     args = p.parse_args()
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error(f"--temperature {args.temperature} / --top-p {args.top_p}: temperature must be >= 0, top_p in (0, 1]")
+    try:
+        Sampling(temperature=args.temperature, top_p=args.top_p)
+    except ValueError as err:
+        p.error(f"--temperature / --top-p: {err}")
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
 
     tok = Tokenizer(args.tokenizer)

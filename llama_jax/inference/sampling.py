@@ -103,7 +103,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     uniform = jax.vmap(lambda key: jax.random.uniform(key, (1,)))(keys)
     drawn = draw(drop_outside_top_p(scaled, top_p[:, None]), uniform)
-    return jnp.where(temperature > 0, drawn, greedy(logits)).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy(logits))
 
 
 # Tokens per block of `draw`'s two-level search. On a 2-core AMD EPYC, 16 x 32,000 logits: `jax.random.categorical`
