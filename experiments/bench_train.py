@@ -24,7 +24,9 @@ import numpy as np
 from peers import (hf_model, jax_peak_gib, record, releasing_torch, timed, torch_device, torch_peak_gib,
                    torch_sync)
 
-from llama_jax.config import ATTENTION, PRESETS, REMAT_POLICIES, Config, ExecutionConfig, LlamaConfig, MeshConfig
+from llama_jax.attention import check_setting
+from llama_jax.config import (ATTENTION, PRESETS, REMAT_POLICIES, Config, ConfigError, ExecutionConfig, LlamaConfig,
+                             MeshConfig)
 from llama_jax.sharding import make_mesh
 from llama_jax.chips import chip_for_device_kind
 from llama_jax.training.metrics import measured_matmul_flops, peak_flops_per_device
@@ -113,6 +115,11 @@ def main() -> None:
                      "round, so a second torch round would not fit; rerun the script instead")
 
     devices = jax.devices()
+    for name in args.models:
+        try:
+            check_setting(args.attention, devices[0].platform, args.dtype, LlamaConfig(**MODELS[name]).head_dim)
+        except ConfigError as err:
+            parser.error(f"--attention {args.attention}: {err}")
     spec = peak_flops_per_device(args.peak_flops_per_device, args.dtype) * len(devices)
     ceiling = matmul_ceiling(args.dtype) * len(devices)
     known = chip_for_device_kind(devices[0].device_kind) is not None

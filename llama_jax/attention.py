@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import ATTENTION as IMPLEMENTATIONS
+from llama_jax.config import ATTENTION as IMPLEMENTATIONS, ConfigError
 from llama_jax.einsum import einsum
 from llama_jax.sharding import active_spec, current_platform, shard_map_logical
 
-AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+CUDNN_PLATFORMS = ("gpu", "cuda")
+AUTO = {**dict.fromkeys(CUDNN_PLATFORMS, "cudnn"), "tpu": "splash"}
 # `causal_chunks`: how many chunks, of at least how many query rows for float32 and for 16-bit compute (measured in
 # bf16, whose products run in XLA:CPU's bf16 kernels, so the products a chunk skips save less than its copies cost),
 # and more chunks where one would pass CPU_CHUNK_ROWS_MAX rows.
@@ -227,24 +228,42 @@ def choose(implementation: str, q: jax.Array, kernel_ok: bool, strict: bool = Tr
     shape or dtype raises when `strict`, so a requested kernel is never silently skipped in training. A prefill
     (`strict=False`) must run whatever its prompt's length, so it takes the reference there, as `auto` does.
     """
-    name = resolve(implementation, current_platform())
+    platform = current_platform()
+    name = resolve(implementation, platform)
     if name == "xla" or not kernel_ok:
         return "xla"
-    problem = _kernel_problem(name, q)
+    problem = _kernel_problem(name, platform, q.dtype, q.shape[-1], q.shape[1])
     if problem is None:
         return name
     if implementation == "auto" or not strict:
         return "xla"
-    raise ValueError(f"attention='{name}' {problem}; use attention=auto or xla")
+    raise ValueError(_unusable(name, problem))
 
 
-def _kernel_problem(name: str, q: jax.Array) -> str | None:
-    if name == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"needs bfloat16 or float16 compute, got {q.dtype}; set dtype=bfloat16"
-    if name == "cudnn" and (q.shape[-1] % 8 or q.shape[-1] > CUDNN_MAX_HEAD_DIM):
-        return f"needs a head dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if name == "splash" and q.shape[1] % 128:
-        return f"needs a sequence length that is a multiple of 128, got {q.shape[1]}"
+def check_setting(implementation: str, platform: str, dtype: jnp.dtype | str, head_dim: int) -> None:
+    """Raise before any data is prepared or anything compiled when `implementation` names a kernel that cannot
+    train this model on `platform` at all (JAX's own error for cuDNN on a CPU was a long traceback at the first
+    step); a sequence length a kernel cannot take is found where the shapes are known (`choose`)."""
+    name = resolve(implementation, platform)
+    problem = None if name == "xla" else _kernel_problem(name, platform, jnp.dtype(dtype), head_dim)
+    if problem is not None and implementation != "auto":
+        raise ConfigError(_unusable(name, problem))
+
+
+def _unusable(name: str, problem: str) -> str:
+    return f"attention='{name}' {problem}; use attention=auto or xla"
+
+
+def _kernel_problem(name: str, platform: str, dtype: jnp.dtype, head_dim: int, seq_len: int | None = None
+                    ) -> str | None:
+    if name == "cudnn" and platform not in CUDNN_PLATFORMS:
+        return f"needs an NVIDIA GPU (cuDNN), but this program runs on {platform}"
+    if name == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bfloat16 or float16 compute, got {dtype}; set dtype=bfloat16"
+    if name == "cudnn" and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
+        return f"needs a head dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    if name == "splash" and seq_len is not None and seq_len % 128:
+        return f"needs a sequence length that is a multiple of 128, got {seq_len}"
     return None
 
 

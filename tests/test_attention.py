@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from llama_jax import KVCache, Llama, LlamaConfig
-from llama_jax.attention import Visibility, attention, causal_chunks, choose, xla_attention
-from llama_jax.config import MeshConfig
+from llama_jax.attention import (Visibility, _kernel_problem, attention, causal_chunks, check_setting, choose,
+                                 xla_attention)
+from llama_jax.config import Config, ConfigError, ExecutionConfig, MeshConfig
 from llama_jax.sharding import make_mesh
+from llama_jax.training.step import Trainer
 
 B, T, N, K, H = 2, 128, 4, 2, 16
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -131,15 +133,31 @@ def test_choose_resolves_auto_and_rejects_what_a_kernel_cannot_take():
     q32, q16 = jnp.zeros((1, 128, 4, 16)), jnp.zeros((1, 100, 4, 16), jnp.bfloat16)
     assert choose("auto", q32, True) == "xla"  # on CPU
     assert choose("splash", q32, False) == "xla"  # the cache path
-    with pytest.raises(ValueError, match="needs bfloat16 or float16"):
-        choose("cudnn", q32, True)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU .cuDNN., but this program runs on cpu"):
+        choose("cudnn", jnp.zeros((1, 128, 4, 16), jnp.bfloat16), True)
     with pytest.raises(ValueError, match="multiple of 128"):
         choose("splash", q16, True)
-    with pytest.raises(ValueError, match="head dim that is a multiple of 8"):
-        choose("cudnn", jnp.zeros((1, 128, 4, 20), jnp.bfloat16), True)
     assert choose("cudnn", jnp.zeros((1, 16, 4, 20), jnp.bfloat16), True, strict=False) == "xla"  # a prefill
+    assert _kernel_problem("cudnn", "gpu", jnp.bfloat16, 128, 100) is None
+    assert "needs bfloat16 or float16" in _kernel_problem("cudnn", "gpu", jnp.float32, 128)
+    assert "head dim that is a multiple of 8" in _kernel_problem("cudnn", "cuda", jnp.float16, 20)
+    assert "head dim that is a multiple of 8" in _kernel_problem("cudnn", "gpu", jnp.bfloat16, 256)
     with pytest.raises(ValueError, match="not one of"):
         choose("flash", q32, True)
+
+
+def test_a_kernel_that_cannot_train_the_model_here_is_refused_before_anything_runs():
+    check_setting("auto", "cpu", "float32", 64)
+    check_setting("xla", "gpu", "float32", 256)
+    check_setting("cudnn", "gpu", "bfloat16", 128)
+    check_setting("splash", "tpu", "float32", 256)  # splash's sequence limit is checked per call
+    with pytest.raises(ConfigError, match="attention='cudnn' needs an NVIDIA GPU .cuDNN., but this program runs on"):
+        check_setting("cudnn", "cpu", "bfloat16", 64)
+    with pytest.raises(ConfigError, match="needs bfloat16 or float16 compute, got float32"):
+        check_setting("cudnn", "gpu", "float32", 64)
+    execution = ExecutionConfig(attention="cudnn", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):  # before any data or step
+        Trainer(Config(model=LlamaConfig.preset("tiny"), execution=execution), make_mesh(MeshConfig()))
 
 
 def test_packed_rows_equal_their_segments_run_alone():

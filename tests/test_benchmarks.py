@@ -107,6 +107,14 @@ def test_bench_train_rounds_must_be_positive():
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 
+def test_bench_train_refuses_a_kernel_this_machine_cannot_run():
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train.py"), "--models", "tiny", "--attention", "cudnn",
+                          "--dtype", "bfloat16"], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert run.returncode == 2 and "attention='cudnn' needs an NVIDIA GPU" in run.stderr.splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
 def test_bench_decode_keeps_llama2cs_best_of_its_repeats(tmp_path):
     """llama2.c runs `--repeats` times beside our timed loops, and its best rate is the peer's (a 2-core machine's
     single runs spread by 1.5x); the stand-in reports 100, 300, 200 tokens/s on its three runs."""

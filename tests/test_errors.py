@@ -178,6 +178,7 @@ def test_mismatched_resume_is_refused_untouched_and_a_corrected_rerun_continues(
     ("train model.n_heads=3", "divisible by model.n_heads"),
     ("train data.seq_len=64", "max_seq_len"),
     ("train train.batch_size=0", "batch size 0"),
+    ("train execution.attention=cudnn execution.dtype=bfloat16", "attention='cudnn' needs an NVIDIA GPU"),
     ("generate --checkpoint {tmp} --tokenizer {tok} --prompt a", "not a known checkpoint layout"),
     ("generate --checkpoint {hf} --tokenizer {tmp} --prompt a", "tokenizer model not found"),
     ("generate --checkpoint {hf} --tokenizer {tok} --prompt a --max-new-tokens -3", "max_new_tokens"),

@@ -171,10 +171,11 @@ def train(cfg: Config) -> TrainResult:
         run_dir = as_path(cfg.checkpoint.dir)
         mesh = make_mesh(cfg.mesh)
         check_model_fits(cfg.model, mesh)
+        trainer = Trainer(cfg, mesh)  # checks the settings before data is prepared
         tokenizer = provision_tokenizer(cfg, run_dir)
         data = build_train_data(cfg, tokenizer, mesh=mesh)
         validation = build_validation_data(cfg, tokenizer, mesh=mesh)
-        return run_training(cfg, Trainer(cfg, mesh), data, validation, tokenizer, cfg.train.init_from)
+        return run_training(cfg, trainer, data, validation, tokenizer, cfg.train.init_from)
 
 
 def run_training(cfg: Config, trainer: Trainer, data: Any, validation: Any, tokenizer: Tokenizer,

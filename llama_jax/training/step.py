@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import lora
+from llama_jax.attention import check_setting
 from llama_jax.compression.masks import apply_masks, keep_pruned, masks_of
 from llama_jax.config import Config, ConfigError, ExecutionConfig
 from llama_jax.dropout import training_key
@@ -123,6 +124,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh, objective: Objective = NEXT_TOKEN):
         self.cfg, self.mesh, self.objective = cfg, mesh, objective
+        check_setting(cfg.execution.attention, mesh.devices.flat[0].platform, cfg.execution.dtype, cfg.model.head_dim)
         self.lora = cfg.lora.rank > 0
         if cfg.execution.quant != "none" and not self.lora:
             raise ConfigError(f"execution.quant={cfg.execution.quant} keeps the weights quantized and frozen; train "
