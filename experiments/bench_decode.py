@@ -8,8 +8,9 @@ Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shape
 128 new tokens) on whatever devices jax sees; a quick smoke run:
 `python experiments/bench_decode.py --models tiny --batch-sizes 1 --prompt-len 8 --new-tokens 8`.
 
-`--compare-torch` times HF `generate` (greedy, static KV cache, same weights' shape, same device) on the same batch,
-prompt and new tokens; its tokens/s count the whole call (prefill included). `--llama2c PATH` times a llama2.c `run`
+`--compare-torch` times HF `generate` (static KV cache, same weights' shape, same device) on the same batch,
+prompt and new tokens; its tokens/s count the whole call (prefill included). The peers decode as ours does: greedy,
+or sampled at the same `--temperature` / `--top-p` (HF with its default top-k 50 turned off; llama2.c's `-t` / `-p`). `--llama2c PATH` times a llama2.c `run`
 binary that you built (batch 1 only: it decodes one sequence) on our llama2c export of the same random weights, with
 a synthetic byte-level `tokenizer.bin` and a prompt of the same length, `--repeats` times, keeping its best run as
 ours keeps its best loop; llama2.c's own "achieved tok/s" counts every position it runs (prompt positions go one
@@ -130,27 +131,31 @@ def bench(cfg: LlamaConfig, execution: ExecutionConfig, batch: int, prompt_len: 
 
 
 @releasing_torch
-def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-    """Tokens/s of HF `generate` (greedy, static cache) for `batch` random prompts, prefill included."""
+def bench_torch(cfg: LlamaConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                sampling: Sampling = Sampling()) -> float:
+    """Tokens/s of HF `generate` (static cache; greedy, or sampled as `sampling` says) for `batch` random prompts,
+    prefill included."""
     import torch
 
     device = torch_device()
     hf = hf_model(cfg, dtype, device).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+    drawing = (dict(do_sample=False) if sampling.greedy else
+               dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
 
     def run() -> None:
         with torch.no_grad():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+                        min_new_tokens=new_tokens, cache_implementation="static", pad_token_id=0, **drawing)
         torch_sync(device)
 
     return batch * new_tokens / min(timed(run, 1, 1 if i == 0 else 0) for i in range(repeats))
 
 
 def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int, version: int = 0,
-                  repeats: int = 1) -> float:
+                  repeats: int = 1, sampling: Sampling = Sampling()) -> float:
     """llama2.c's best reported tokens/s of `repeats` runs on one export of `model` (version 0 float32 for `run`,
-    version 2 int8 for `runq`), prompt of `prompt_len` tokens."""
+    version 2 int8 for `runq`), prompt of `prompt_len` tokens, greedy or sampled as `sampling` says."""
     if not Path(binary).is_file():
         raise FileNotFoundError(f"{binary} does not exist; build llama2.c's `run` / `runq` (make runomp) first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +168,8 @@ def bench_llama2c(binary: str, model: Llama, prompt_len: int, new_tokens: int, v
         prompt = "a" * (prompt_len - 2)  # + BOS + the dummy prefix = prompt_len tokens
         rates = []
         for _ in range(repeats):
-            run = subprocess.run([binary, str(Path(out) / "model.bin"), "-z", str(Path(tmp) / TOKENIZER), "-t", "0",
+            run = subprocess.run([binary, str(Path(out) / "model.bin"), "-z", str(Path(tmp) / TOKENIZER),
+                                  "-t", str(sampling.temperature), "-p", str(sampling.top_p),
                                   "-n", str(prompt_len + new_tokens), "-i", prompt],
                                  capture_output=True, text=True, timeout=600)
             found = re.search(r"achieved tok/s: ([\d.]+)", run.stderr + run.stdout)
@@ -184,7 +190,7 @@ def main() -> None:
                         help="timed runs after the compiling one, and runs of each llama2.c binary (best is kept)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     parser.add_argument("--attention", default="auto", choices=ATTENTION)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the peers always are)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the peers sample alike)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (1 = off)")
     parser.add_argument("--compare-torch", action="store_true", help="also time HF generate with a static cache")
     parser.add_argument("--llama2c", metavar="PATH", help="also time this llama2.c `run` binary (batch 1 rows)")
@@ -231,14 +237,15 @@ def main() -> None:
                     f"{'—' if r['matmul_ms'] is None else format(r['matmul_ms'], '.2f'):>10}")
             peers = {}
             if args.compare_torch:
-                peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats)
+                peers["hf_static"] = bench_torch(cfg, args.dtype, batch, args.prompt_len, args.new_tokens, args.repeats,
+                                                 sampling)
             # llama2.c's binaries run as often as our loop is timed, and keep their best too.
             if args.llama2c and batch == 1:
                 peers["llama2c"] = bench_llama2c(args.llama2c, model, args.prompt_len, args.new_tokens,
-                                                 repeats=args.repeats)
+                                                 repeats=args.repeats, sampling=sampling)
             if args.llama2c_runq and batch == 1:
                 peers["llama2c_runq"] = bench_llama2c(args.llama2c_runq, model, args.prompt_len, args.new_tokens, 2,
-                                                      repeats=args.repeats)
+                                                      repeats=args.repeats, sampling=sampling)
             for name, rate in peers.items():
                 # llama2.c's tokens/s counts prompt tokens, each a one-token forward pass: its ms/step is comparable
                 # with our step and the floor (HF's rate includes prefill).

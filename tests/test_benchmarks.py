@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from llama_jax import Llama, LlamaConfig
+from llama_jax.inference.sampling import Sampling
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -32,15 +33,42 @@ def test_bench_decode_times_a_llama2c_binary_on_our_export(tmp_path, monkeypatch
         header = np.fromfile(model, np.int32, 7).tolist()
         tokenizer = open(args["-z"], "rb").read()
         assert header == [{cfg.dim}, {cfg.hidden_dim}, 1, {cfg.n_heads}, {cfg.n_kv_heads}, 300, {cfg.max_seq_len}]
-        assert args["-n"] == "12" and args["-i"] == "a" * 6 and args["-t"] == "0", args
+        assert args["-n"] == "12" and args["-i"] == "a" * 6, args
         assert b"<0x61>" in tokenizer and np.frombuffer(tokenizer[:4], np.uint32)[0] == 6
+        open({str(tmp_path / "sampling")!r}, "a").write(f"{{float(args['-t'])}} {{float(args['-p'])}}\\n")
         print("achieved tok/s: 123.5", file=sys.stderr)
         """))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     model = Llama(cfg, rngs=nnx.Rngs(0))
     assert bench_llama2c(str(fake), model, prompt_len=8, new_tokens=4) == 123.5
+    assert bench_llama2c(str(fake), model, 8, 4, sampling=Sampling(temperature=0.6, top_p=0.9)) == 123.5
+    assert (tmp_path / "sampling").read_text() == "0.0 1.0\n0.6 0.9\n"  # llama2.c decodes as ours does
     with pytest.raises(FileNotFoundError, match="make runomp"):
         bench_llama2c(str(tmp_path / "missing"), model, 8, 4)
+
+
+@pytest.mark.parametrize("sampling, expected", [
+    (Sampling(), dict(do_sample=False)),
+    (Sampling(temperature=0.6, top_p=0.9), dict(do_sample=True, temperature=0.6, top_p=0.9, top_k=0)),
+])
+def test_bench_decode_hf_peer_decodes_as_ours_does(monkeypatch, sampling, expected):
+    """HF `generate` greedy, or sampled at our temperature / top_p with its default top-k 50 turned off."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import bench_decode
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        hf = real(*args, **kwargs)
+        generate = hf.generate
+        hf.generate = lambda *a, **kw: calls.append(kw) or generate(*a, **kw)
+        return hf
+
+    real = bench_decode.hf_model
+    monkeypatch.setattr(bench_decode, "hf_model", recording)
+    cfg = LlamaConfig.preset("tiny", n_layers=1)
+    assert bench_decode.bench_torch(cfg, "float32", 1, 4, 3, 1, sampling) > 0
+    assert calls and all(expected.items() <= call.items() for call in calls), calls
 
 
 @pytest.mark.e2e
