@@ -10,11 +10,11 @@ Defaults: `python experiments/bench_decode.py` (stories15m and stories110m shape
 
 `--compare-torch` times HF `generate` (static KV cache, same weights' shape, same device) on the same batch,
 prompt and new tokens; its tokens/s count the whole call (prefill included). The peers decode as ours does: greedy,
-or sampled at the same `--temperature` / `--top-p` (HF with its default top-k 50 turned off; llama2.c's `-t` / `-p`). `--llama2c PATH` times a llama2.c `run`
-binary that you built (batch 1 only: it decodes one sequence) on our llama2c export of the same random weights, with
-a synthetic byte-level `tokenizer.bin` and a prompt of the same length, `--repeats` times, keeping its best run as
-ours keeps its best loop; llama2.c's own "achieved tok/s" counts every position it runs (prompt positions go one
-token at a time there). `--llama2c-runq PATH` does the same for llama2.c's
+or sampled at the same `--temperature` / `--top-p` (HF with its default top-k 50 turned off; llama2.c's `-t` / `-p`).
+`--llama2c PATH` times a llama2.c `run` binary that you built (batch 1 only: it decodes one sequence) on our llama2c
+export of the same random weights, with a synthetic byte-level `tokenizer.bin` and a prompt of the same length,
+`--repeats` times, keeping its best run as ours keeps its best loop; llama2.c's own "achieved tok/s" counts every
+position it runs (prompt positions go one token at a time there). `--llama2c-runq PATH` does the same for llama2.c's
 int8 `runq` on our version-2 (Q8_0) export. `--quant int8|int4` times weight-only quantized weights
 (`execution.quant`); the floor then counts their packed bytes. `matmuls ms` (float weights) is the same weights'
 matrix products alone, chained in one jitted loop: the part of a step the backend's matrix kernels take by

@@ -136,8 +136,8 @@ def test_bench_train_rounds_must_be_positive():
 
 
 def test_bench_train_refuses_a_kernel_this_machine_cannot_run():
-    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train.py"), "--models", "tiny", "--attention", "cudnn",
-                          "--dtype", "bfloat16"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train.py"), "--models", "tiny",
+                          "--attention", "cudnn", "--dtype", "bfloat16"], capture_output=True, text=True,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert run.returncode == 2 and "attention='cudnn' needs an NVIDIA GPU" in run.stderr.splitlines()[-1], run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
