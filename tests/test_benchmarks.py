@@ -47,6 +47,7 @@ def test_bench_decode_times_a_llama2c_binary_on_our_export(tmp_path, monkeypatch
         bench_llama2c(str(tmp_path / "missing"), model, 8, 4)
 
 
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("sampling, expected", [
     (Sampling(), dict(do_sample=False)),
     (Sampling(temperature=0.6, top_p=0.9), dict(do_sample=True, temperature=0.6, top_p=0.9, top_k=0)),
