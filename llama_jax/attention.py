@@ -9,7 +9,7 @@ by an explicit `Visibility.mask` (`[B, T, S]`, True = may attend; left padding o
 - `xla`: scores materialised as `[B, K, R, T, S]` float32, then softmax; the reference, runs anywhere. On CPU,
   cache-less causal self-attention runs it in query chunks (`causal_chunks`).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, a fused flash kernel (bf16/fp16 only).
-- `splash`: the Pallas splash-attention kernel for TPU (runs in interpret mode elsewhere, for tests), sharded with
+- `splash`: the Pallas splash-attention kernel for TPU (interpreted on CPU, for tests; refused on GPU), sharded with
   `shard_map` over the mesh's batch and head axes.
 - `auto`: cudnn on GPU, splash on TPU, xla otherwise.
 
@@ -262,6 +262,8 @@ def _kernel_problem(name: str, platform: str, dtype: jnp.dtype, head_dim: int, s
         return f"needs bfloat16 or float16 compute, got {dtype}; set dtype=bfloat16"
     if name == "cudnn" and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
         return f"needs a head dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    if name == "splash" and platform in CUDNN_PLATFORMS:  # a TPU recipe run on a GPU
+        return f"is the TPU kernel: on {platform} Pallas would interpret it, far slower than cudnn"
     if name == "splash" and seq_len is not None and seq_len % 128:
         return f"needs a sequence length that is a multiple of 128, got {seq_len}"
     return None

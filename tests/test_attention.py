@@ -155,6 +155,9 @@ def test_a_kernel_that_cannot_train_the_model_here_is_refused_before_anything_ru
         check_setting("cudnn", "cpu", "bfloat16", 64)
     with pytest.raises(ConfigError, match="needs bfloat16 or float16 compute, got float32"):
         check_setting("cudnn", "gpu", "float32", 64)
+    with pytest.raises(ConfigError, match="attention='splash' is the TPU kernel: on gpu Pallas would interpret it"):
+        check_setting("splash", "gpu", "bfloat16", 128)  # the TPU recipes name splash
+    check_setting("splash", "cpu", "float32", 16)  # interpret mode on CPU is how its tests run it
     execution = ExecutionConfig(attention="cudnn", dtype="bfloat16")
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):  # before any data or step
         Trainer(Config(model=LlamaConfig.preset("tiny"), execution=execution), make_mesh(MeshConfig()))
