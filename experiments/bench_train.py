@@ -115,9 +115,11 @@ def main() -> None:
                      "round, so a second torch round would not fit; rerun the script instead")
 
     devices = jax.devices()
-    for name in args.models:
+    overrides = {} if args.layers is None else {"n_layers": args.layers}
+    models = {name: LlamaConfig(**{**MODELS[name], **overrides}) for name in args.models}
+    for model in models.values():
         try:
-            check_setting(args.attention, devices[0].platform, args.dtype, LlamaConfig(**MODELS[name]).head_dim)
+            check_setting(args.attention, devices[0].platform, args.dtype, model.head_dim)
         except ConfigError as err:
             parser.error(f"--attention {args.attention}: {err}")
     spec = peak_flops_per_device(args.peak_flops_per_device, args.dtype) * len(devices)
@@ -126,9 +128,7 @@ def main() -> None:
     print(f"devices: {len(devices)} x {devices[0].device_kind}; spec peak {spec:.3e} FLOP/s"
           f"{'' if known or args.peak_flops_per_device else f' (timed {args.dtype} matmul)'}; "
           f"measured {args.dtype} matmul {ceiling:.3e} FLOP/s", flush=True)
-    for name in args.models:
-        overrides = {} if args.layers is None else {"n_layers": args.layers}
-        model = LlamaConfig(**{**MODELS[name], **overrides})
+    for name, model in models.items():
         execution = ExecutionConfig(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
                                     scan_layers=args.scan, attention=args.attention)
         rates, torch_rates = [], []

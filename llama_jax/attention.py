@@ -245,8 +245,10 @@ def check_setting(implementation: str, platform: str, dtype: jnp.dtype | str, he
     train this model on `platform` at all (JAX's own error for cuDNN on a CPU was a long traceback at the first
     step); a sequence length a kernel cannot take is found where the shapes are known (`choose`)."""
     name = resolve(implementation, platform)
-    problem = None if name == "xla" else _kernel_problem(name, platform, jnp.dtype(dtype), head_dim)
-    if problem is not None and implementation != "auto":
+    if implementation == "auto" or name == "xla":  # `auto` takes the reference wherever a kernel cannot run
+        return
+    problem = _kernel_problem(name, platform, jnp.dtype(dtype), head_dim)
+    if problem is not None:
         raise ConfigError(_unusable(name, problem))
 
 
