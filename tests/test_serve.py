@@ -410,6 +410,38 @@ def test_a_continuing_request_reuses_its_slots_cache_and_matches_generate(tmp_pa
     assert "".join(texts[-1]) == "".join(fresh_texts) and len(runs) == 4
 
 
+def test_a_dialogs_next_turn_on_an_idle_engine_keeps_its_slot_when_the_window_grows(tmp_path, monkeypatch):
+    """The engine is idle when a chat client sends its next turn, which needs a wider window than the first: the
+    cache grows on the left, keeping the slot's dialog, and only the added ids run. Starting afresh there (as an idle
+    engine otherwise does) dropped the dialog while the turn still ran only its last ids: the reply was garbage."""
+    _, _, model, tok = make_tiny_lm(tmp_path, max_seq_len=128)
+    runs, readmit_jit = [], engine_module.readmit_jit
+
+    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
+        runs.append((tokens.shape[1], int(row), int(source)))
+        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    first = tok.encode(TEXT[4], bos=True)
+    reply = generate(model, [first], max_new_tokens=4, eos_id=tok.eos_id)[0]
+    second = first + reply + tok.encode(TEXT[1])  # 4 + 37 ids fit 64 columns; this turn + 40 needs 128
+    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    turns, texts = ((first, 4), (second, 40)), [[], []]
+    try:
+        for (ids, max_tokens), text in zip(turns, texts):
+            done = threading.Event()
+            engine.submit(Job(ids, max_tokens, lambda e, text=text, done=done: (
+                text.append(e.text), e.finish_reason and done.set()), context=tuple(ids[-1:])))
+            assert done.wait(120)
+    finally:
+        engine.close()
+    assert len(first) + 4 <= 64 < len(second) + 40 <= 128
+    assert runs == [(64, 0, 0)] and len(second) > 64  # the turn ran the 64-id bucket of what it added, in slot 0
+    for (ids, max_tokens), text in zip(turns, texts):
+        new = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
+        assert "".join(text) == continuation(tok, ids[-1:], new)
+
+
 def test_requests_sharing_a_prefix_copy_it_from_the_slot_that_holds_it(tmp_path, monkeypatch):
     """Three samples of one prompt arriving together (a request with `n` = 3) prefill it once: the second and third
     copy the first's slot and run 16 of its ids; a request extending the prompt, sent while the first decodes, copies

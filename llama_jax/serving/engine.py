@@ -362,8 +362,10 @@ class Engine:
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
         joining_slots = {slot for slot, _, _, _ in joining}
         idle = not set(busy) - joining_slots
-        # keep the cache a joiner reuses (a slot admitted with it is prefilled into whichever cache there is)
-        reusing = any(run < len(job.prompt) and source not in joining_slots for _, job, source, run in joining)
+        # keep the cache a joiner reuses: its own slot's (a dialog's next turn) or a running one's; a slot admitted
+        # with it is prefilled into whichever cache there is
+        reusing = any(run < len(job.prompt) and (source == slot or source not in joining_slots)
+                      for slot, job, source, run in joining)
         if slots is None or idle and not reusing and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
