@@ -442,6 +442,55 @@ def test_a_dialogs_next_turn_on_an_idle_engine_keeps_its_slot_when_the_window_gr
         assert "".join(text) == continuation(tok, ids[-1:], new)
 
 
+@pytest.mark.e2e  # ~20 s (18 requests and their `generate` references): kept out of the default tier's budget
+def test_six_chat_clients_taking_turns_all_get_generates_replies(tmp_path):
+    """A seeded mix of what the tests around take one at a time: six clients in dialog, each round sending its next
+    turn (its last prompt, the reply, a few more ids: held by a free slot, or copied from another client's) or
+    starting afresh, three together on an idle engine and three joining at the first one's second token, with
+    max_tokens that grow the window, make it shift or leave it. Which slot and step each request gets varies with
+    thread timing; every greedy text must equal `generate`'s whatever they are (an idle engine dropping a held dialog
+    while its next turn ran only its last ids, fixed above, failed it at each of five seeds tried)."""
+    _, _, model, tok = make_tiny_lm(tmp_path, max_seq_len=128)
+    rng = np.random.default_rng(0)
+
+    def reply(ids: list[int], max_tokens: int) -> list[int]:
+        return generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
+
+    def turn(last: tuple[list[int], int] | None) -> tuple[list[int], int]:
+        text = TEXT[rng.integers(len(TEXT))]
+        ids = last[0] + reply(*last)[:-1] + tok.encode(text[:rng.integers(3, 20)]) if last else []
+        if not 0 < len(ids) <= 96:
+            ids = tok.encode(text[:rng.integers(5, len(text))], bos=True)
+        return ids, int(min(rng.choice([4, 12, 30]), 128 - len(ids)))
+
+    engine = Engine(model, tok, BatchingConfig(max_batch=8, batch_wait_ms=0)).start()
+    sent, texts, wave = [], [], [None] * 6
+    try:
+        for _ in range(3):
+            wave = [turn(last) for last in wave]
+            done, jobs, first = [threading.Event() for _ in wave], [], len(sent)
+
+            def emit(i: int, event: Event) -> None:
+                texts[first + i].append(event.text)
+                if i == 0 and (jobs[0].tokens >= 2 or event.finish_reason) and len(jobs) == 3:
+                    for k in range(3, 6):  # on the engine thread, between steps
+                        jobs.append(Job(*wave[k], lambda e, k=k: emit(k, e), context=tuple(wave[k][0][-1:])))
+                        engine.submit(jobs[-1])
+                if event.finish_reason is not None:
+                    done[i].set()
+
+            texts += [[] for _ in wave]
+            jobs += [Job(*wave[i], lambda e, i=i: emit(i, e), context=tuple(wave[i][0][-1:])) for i in range(3)]
+            for job in jobs[:3]:
+                engine.submit(job)
+            assert all(d.wait(120) for d in done)
+            sent += wave
+    finally:
+        engine.close()
+    for (ids, max_tokens), text in zip(sent, texts):
+        assert "".join(text) == continuation(tok, ids[-1:], reply(ids, max_tokens)), (ids, max_tokens)
+
+
 def test_requests_sharing_a_prefix_copy_it_from_the_slot_that_holds_it(tmp_path, monkeypatch):
     """Three samples of one prompt arriving together (a request with `n` = 3) prefill it once: the second and third
     copy the first's slot and run 16 of its ids; a request extending the prompt, sent while the first decodes, copies
