@@ -25,6 +25,7 @@ from llama_jax import Llama, LlamaConfig
 from llama_jax.chat import encode_dialog
 from llama_jax.inference.cache import init_cache
 from llama_jax.inference.generate import generate
+from llama_jax.inference.load import load_sharded
 from llama_jax.inference.text import continuation
 from llama_jax.serving import engine as engine_module
 from llama_jax.serving.api import create_app
@@ -249,6 +250,37 @@ def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int, **sampling
     finally:
         engine.close()
     return "".join(texts)
+
+
+def test_the_engine_serves_a_model_sharded_as_serve_loads_it(tmp_path, monkeypatch):
+    """`serve` shards the model over every device (`load_sharded`); on the 8-device test mesh (fsdp 4 x tensor 2) a
+    request, and a dialog's next turn that reuses its slot, equal `generate`'s greedy text on that model."""
+    hf, _, _, tok = make_tiny_lm(tmp_path, max_seq_len=MAX_SEQ_LEN)
+    model = load_sharded(hf, tensor=2)
+    assert dict(model.tok_embeddings[...].sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    runs, readmit_jit = [], engine_module.readmit_jit
+
+    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
+        runs.append((tokens.shape[1], int(row), int(source)))
+        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    first = tok.encode(TEXT[2], bos=True)
+    second = first + generate(model, [first], max_new_tokens=4, eos_id=tok.eos_id)[0][:-1] + tok.encode("Rome")
+    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
+    texts = [[], []]
+    try:
+        for ids, max_tokens, text in ((first, 4, texts[0]), (second, 12, texts[1])):
+            done = threading.Event()
+            engine.submit(Job(ids, max_tokens, lambda e, text=text, done=done: (
+                text.append(e.text), e.finish_reason and done.set()), context=tuple(ids[-1:])))
+            assert done.wait(120)
+    finally:
+        engine.close()
+    assert runs == [(16, 0, 0)] and len(second) > 16  # the turn ran the 16-id bucket of what it added, in slot 0
+    for (ids, max_tokens), text in zip(((first, 4), (second, 12)), texts):
+        new = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
+        assert "".join(text) == continuation(tok, ids[-1:], new)
 
 
 def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
