@@ -362,10 +362,9 @@ class Engine:
         rows = min(bucket(max(busy) + 1, 1), self.config.max_batch)
         joining_slots = {slot for slot, _, _, _ in joining}
         idle = not set(busy) - joining_slots
-        # keep the cache a joiner reuses: its own slot's (a dialog's next turn) or a running one's; a slot admitted
-        # with it is prefilled into whichever cache there is
-        reusing = any(run < len(job.prompt) and (source == slot or source not in joining_slots)
-                      for slot, job, source, run in joining)
+        # idle, the ids a joiner reuses are the dialog its own free slot holds (a copy from another joiner's slot is
+        # prefilled into whichever cache there is): keep the cache for it
+        reusing = any(run < len(job.prompt) and source == slot for slot, job, source, run in joining)
         if slots is None or idle and not reusing and (Window.fitting(need), rows) != (window, slots.token.shape[0]):
             window = Window.fitting(need)
             return self._empty_slots(window, rows), window, window.need
