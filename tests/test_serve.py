@@ -234,22 +234,42 @@ def test_engine_queue_bound_and_cancel():
     assert engine.waiting == 2
 
 
-def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int, **sampling) -> str:
-    """The text a two-slot engine streams for one request (greedy unless `sampling` says otherwise)."""
-    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
-    texts, done = [], threading.Event()
+def _record_readmits(monkeypatch) -> list[tuple[int, int, int]]:
+    """(ids run, slot, source slot) of every prompt the engine readmits from then on."""
+    runs, readmit_jit = [], engine_module.readmit_jit
 
-    def emit(event) -> None:
-        texts.append(event.text)
-        if event.finish_reason is not None:
-            done.set()
+    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
+        runs.append((tokens.shape[1], int(row), int(source)))
+        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
 
+    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    return runs
+
+
+def _one_by_one(model: Llama, tok, turns: list[tuple[list[int], int]], **sampling) -> list[str]:
+    """The texts a two-slot engine streams for requests (ids, max_tokens) sent one after the other, each once the
+    last has ended (greedy unless `sampling` says otherwise)."""
+    engine, texts = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start(), []
     try:
-        engine.submit(Job(ids, max_tokens, emit, context=tuple(ids[-1:]), **sampling))
-        assert done.wait(120)
+        for ids, max_tokens in turns:
+            pieces, done = [], threading.Event()
+            engine.submit(Job(ids, max_tokens, lambda e, pieces=pieces, done=done: (
+                pieces.append(e.text), e.finish_reason is not None and done.set()), context=tuple(ids[-1:]),
+                              **sampling))
+            assert done.wait(120)
+            texts.append("".join(pieces))
     finally:
         engine.close()
-    return "".join(texts)
+    return texts
+
+
+def _lone_request(model: Llama, tok, ids: list[int], max_tokens: int, **sampling) -> str:
+    return _one_by_one(model, tok, [(ids, max_tokens)], **sampling)[0]
+
+
+def _generated(model: Llama, tok, ids: list[int], max_tokens: int) -> str:
+    """`generate`'s greedy continuation of `ids`, as the engine streams it."""
+    return continuation(tok, ids[-1:], generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0])
 
 
 def test_the_engine_serves_a_model_sharded_as_serve_loads_it(tmp_path, monkeypatch):
@@ -258,29 +278,12 @@ def test_the_engine_serves_a_model_sharded_as_serve_loads_it(tmp_path, monkeypat
     hf, _, _, tok = make_tiny_lm(tmp_path, max_seq_len=MAX_SEQ_LEN)
     model = load_sharded(hf, tensor=2)
     assert dict(model.tok_embeddings[...].sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
-    runs, readmit_jit = [], engine_module.readmit_jit
-
-    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
-        runs.append((tokens.shape[1], int(row), int(source)))
-        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    runs = _record_readmits(monkeypatch)
     first = tok.encode(TEXT[2], bos=True)
     second = first + generate(model, [first], max_new_tokens=4, eos_id=tok.eos_id)[0][:-1] + tok.encode("Rome")
-    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
-    texts = [[], []]
-    try:
-        for ids, max_tokens, text in ((first, 4, texts[0]), (second, 12, texts[1])):
-            done = threading.Event()
-            engine.submit(Job(ids, max_tokens, lambda e, text=text, done=done: (
-                text.append(e.text), e.finish_reason and done.set()), context=tuple(ids[-1:])))
-            assert done.wait(120)
-    finally:
-        engine.close()
+    turns = [(first, 4), (second, 12)]
+    assert _one_by_one(model, tok, turns) == [_generated(model, tok, *turn) for turn in turns]
     assert runs == [(16, 0, 0)] and len(second) > 16  # the turn ran the 16-id bucket of what it added, in slot 0
-    for (ids, max_tokens), text in zip(((first, 4), (second, 12)), texts):
-        new = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
-        assert "".join(text) == continuation(tok, ids[-1:], new)
 
 
 def test_engine_steps_a_tied_model_as_generate_does(tmp_path, monkeypatch):
@@ -447,31 +450,14 @@ def test_a_dialogs_next_turn_on_an_idle_engine_keeps_its_slot_when_the_window_gr
     cache grows on the left, keeping the slot's dialog, and only the added ids run. Starting afresh there (as an idle
     engine otherwise does) dropped the dialog while the turn still ran only its last ids: the reply was garbage."""
     _, _, model, tok = make_tiny_lm(tmp_path, max_seq_len=128)
-    runs, readmit_jit = [], engine_module.readmit_jit
-
-    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
-        runs.append((tokens.shape[1], int(row), int(source)))
-        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    runs = _record_readmits(monkeypatch)
     first = tok.encode(TEXT[4], bos=True)
     reply = generate(model, [first], max_new_tokens=4, eos_id=tok.eos_id)[0]
     second = first + reply + tok.encode(TEXT[1])  # 4 + 37 ids fit 64 columns; this turn + 40 needs 128
-    engine = Engine(model, tok, BatchingConfig(max_batch=2, batch_wait_ms=0)).start()
-    turns, texts = ((first, 4), (second, 40)), [[], []]
-    try:
-        for (ids, max_tokens), text in zip(turns, texts):
-            done = threading.Event()
-            engine.submit(Job(ids, max_tokens, lambda e, text=text, done=done: (
-                text.append(e.text), e.finish_reason and done.set()), context=tuple(ids[-1:])))
-            assert done.wait(120)
-    finally:
-        engine.close()
     assert len(first) + 4 <= 64 < len(second) + 40 <= 128
+    turns = [(first, 4), (second, 40)]
+    assert _one_by_one(model, tok, turns) == [_generated(model, tok, *turn) for turn in turns]
     assert runs == [(64, 0, 0)] and len(second) > 64  # the turn ran the 64-id bucket of what it added, in slot 0
-    for (ids, max_tokens), text in zip(turns, texts):
-        new = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
-        assert "".join(text) == continuation(tok, ids[-1:], new)
 
 
 @pytest.mark.e2e  # ~20 s (18 requests and their `generate` references): kept out of the default tier's budget
@@ -530,13 +516,7 @@ def test_requests_sharing_a_prefix_copy_it_from_the_slot_that_holds_it(tmp_path,
     _, _, model, tok = make_tiny_lm(tmp_path)
     prompt = tok.encode(TEXT[5], bos=True)[:40]
     longer = prompt + tok.encode(TEXT[2])[:10]
-    runs, readmit_jit = [], engine_module.readmit_jit
-
-    def readmit(graphdef, params, slots, tokens, row, source, *args, **kwargs):
-        runs.append((tokens.shape[1], int(row), int(source)))
-        return readmit_jit(graphdef, params, slots, tokens, row, source, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "readmit_jit", readmit)
+    runs = _record_readmits(monkeypatch)
     engine = Engine(model, tok, BatchingConfig(max_batch=4, batch_wait_ms=2000)).start()
     texts, done = [[] for _ in range(4)], [threading.Event() for _ in range(4)]
 
