@@ -460,7 +460,7 @@ def test_a_dialogs_next_turn_on_an_idle_engine_keeps_its_slot_when_the_window_gr
     assert runs == [(64, 0, 0)] and len(second) > 64  # the turn ran the 64-id bucket of what it added, in slot 0
 
 
-@pytest.mark.e2e  # ~20 s (18 requests and their `generate` references): kept out of the default tier's budget
+@pytest.mark.e2e  # ~10 s (18 requests and their `generate` references): kept out of the default tier's budget
 def test_six_chat_clients_taking_turns_all_get_generates_replies(tmp_path):
     """A seeded mix of what the tests around take one at a time: six clients in dialog, each round sending its next
     turn (its last prompt, the reply, a few more ids: held by a free slot, or copied from another client's) or
@@ -469,10 +469,14 @@ def test_six_chat_clients_taking_turns_all_get_generates_replies(tmp_path):
     thread timing; every greedy text must equal `generate`'s whatever they are (an idle engine dropping a held dialog
     while its next turn ran only its last ids, fixed above, failed it at each of five seeds tried)."""
     _, _, model, tok = make_tiny_lm(tmp_path, max_seq_len=128)
-    rng = np.random.default_rng(0)
+    rng, replies = np.random.default_rng(0), {}
 
     def reply(ids: list[int], max_tokens: int) -> list[int]:
-        return generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
+        """`generate`'s reply, run once per request: the next turn and the final check both read it."""
+        key = (tuple(ids), max_tokens)
+        if key not in replies:
+            replies[key] = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
+        return replies[key]
 
     def turn(last: tuple[list[int], int] | None) -> tuple[list[int], int]:
         text = TEXT[rng.integers(len(TEXT))]
